@@ -1,0 +1,2 @@
+//! The HTTP relay.
+#![forbid(unsafe_code)]
