@@ -1,1 +1,1200 @@
+//! The store conformance suite: one set of cases, written against
+//! `dyn Store`, run on every backend the relay can use:
+//!
+//! - `memory::*`: the embedded [`MemoryStore`];
+//! - `redis::*`: [`RedisStore`] on a standalone `redis-server` started for the test;
+//! - `cluster::*`: [`RedisStore`] on a three-master Redis Cluster started for the test.
+//!
+//! Then backend-specific cases: Redis outages and restarts (`redis_only::*`),
+//! memory bounds and deterministic expiry (`memory_only::*`).
+//!
+//! Every case builds its own servers and stores, so cases are independent and
+//! run in parallel (nextest runs each in its own process). No fixed ports, no
+//! sleeps as synchronisation: waits poll with a bounded deadline.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reprise_core::{Epoch, FailReason, Outcome, Seq, StreamId};
+use reprise_store::memory::MemoryLimits;
+use reprise_store::redis::RedisOptions;
+use reprise_store::{
+    Entry, EntryBody, KeyRef, MemoryStore, RedisStore, Store, StoreError, StoreOptions, StreamMeta,
+    Watcher,
+};
+use reprise_tests::redis::{free_port, raw_command, RedisCluster, RedisServer};
+use reprise_tests::{init_tracing, with_timeout_of};
+use tokio::time::Instant;
+
+/// Bound of a single wake-up or store call in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+/// Command timeout of the Redis stores under test: outages must surface
+/// within about this.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+#[allow(dead_code)] // the servers are held only to keep them alive
+enum Servers {
+    None,
+    Redis(RedisServer),
+    Cluster(RedisCluster),
+}
+
+/// One backend instance for one test case.
+struct Fixture {
+    opts: StoreOptions,
+    store: Arc<dyn Store>,
+    /// Another instance on the same data, as a second relay would have (the
+    /// memory store is its own peer). Appends through one and watching
+    /// through the other exercises Redis pub/sub, not an in-process shortcut.
+    peer: Arc<dyn Store>,
+    servers: Servers,
+}
+
+fn options(retention: Duration, max_stream_duration: Duration) -> StoreOptions {
+    StoreOptions {
+        // A fresh prefix per case, so even a shared server would not mix cases.
+        key_prefix: format!("t{}:", &StreamId::random().to_string()[..8]),
+        retention,
+        max_stream_duration,
+    }
+}
+
+fn default_options() -> StoreOptions {
+    options(Duration::from_secs(60), Duration::from_secs(600))
+}
+
+fn redis_options() -> RedisOptions {
+    RedisOptions {
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(2),
+        command_timeout: COMMAND_TIMEOUT,
+        reconnect_min_delay: Duration::from_millis(50),
+        reconnect_max_delay: Duration::from_millis(500),
+        heartbeat_interval: Duration::from_millis(500),
+        ..RedisOptions::default()
+    }
+}
+
+async fn connect(url: &str, opts: &StoreOptions) -> Arc<dyn Store> {
+    let store = with_timeout_of(
+        WAIT,
+        "connect",
+        RedisStore::connect_with(url, opts.clone(), redis_options()),
+    )
+    .await
+    .expect("connect to the test Redis");
+    Arc::new(store)
+}
+
+impl Fixture {
+    async fn new(backend: Backend, opts: StoreOptions) -> Fixture {
+        init_tracing();
+        match backend {
+            Backend::Memory => {
+                let store: Arc<dyn Store> =
+                    Arc::new(MemoryStore::new(opts.clone(), MemoryLimits::default()));
+                Fixture {
+                    opts,
+                    peer: store.clone(),
+                    store,
+                    servers: Servers::None,
+                }
+            }
+            Backend::Redis => {
+                let server = RedisServer::start().await.expect("start redis-server");
+                let url = server.url();
+                Fixture {
+                    store: connect(&url, &opts).await,
+                    peer: connect(&url, &opts).await,
+                    opts,
+                    servers: Servers::Redis(server),
+                }
+            }
+            Backend::Cluster => {
+                let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+                let url = cluster.url();
+                Fixture {
+                    store: connect(&url, &opts).await,
+                    peer: connect(&url, &opts).await,
+                    opts,
+                    servers: Servers::Cluster(cluster),
+                }
+            }
+        }
+    }
+
+    /// Ports of every Redis process behind this fixture.
+    fn ports(&self) -> Vec<u16> {
+        match &self.servers {
+            Servers::None => Vec::new(),
+            Servers::Redis(s) => vec![s.port()],
+            Servers::Cluster(c) => c.nodes().iter().map(|n| n.port()).collect(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn sample_meta(id: StreamId) -> StreamMeta {
+    StreamMeta {
+        id,
+        epoch: Epoch::random(),
+        created_ms: now_ms(),
+        route: "/api/chat".into(),
+        headers: vec![
+            ("content-type".into(), "text/event-stream".into()),
+            ("x-vercel-ai-ui-message-stream".into(), "v1".into()),
+            ("x-note".into(), "ünïcödé ✓ \"quoted\"".into()),
+        ],
+        format: "sse".into(),
+        end: None,
+    }
+}
+
+fn ev(seq: u64, data: &str) -> Entry {
+    Entry {
+        seq: Seq(seq),
+        body: EntryBody::Event(Bytes::from(format!("data: {data}"))),
+    }
+}
+
+fn events(seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    seqs.map(|s| ev(s, &format!("event {s}"))).collect()
+}
+
+fn end(seq: u64, outcome: Outcome) -> Entry {
+    Entry {
+        seq: Seq(seq),
+        body: EntryBody::End(outcome),
+    }
+}
+
+/// A created stream with no entries.
+async fn new_stream(store: &dyn Store) -> StreamId {
+    let id = StreamId::random();
+    store.create(&sample_meta(id)).await.expect("create");
+    id
+}
+
+fn seqs(entries: &[Entry]) -> Vec<u64> {
+    entries.iter().map(|e| e.seq.0).collect()
+}
+
+fn assert_conflict(r: Result<(), StoreError>, what: &str) {
+    match r {
+        Err(StoreError::Conflict { .. }) => {}
+        other => panic!("{what}: expected Conflict, got {other:?}"),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `bound`.
+async fn eventually<F, Fut>(bound: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wakes(w: &mut Watcher, what: &str) {
+    with_timeout_of(WAIT, what, w.changed()).await;
+}
+
+/// The generic cases, each taking the backend to run on.
+mod cases {
+    use super::*;
+
+    pub async fn create_and_meta_round_trip(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        let meta = sample_meta(id);
+        f.store.create(&meta).await.unwrap();
+        assert_eq!(f.store.meta(id).await.unwrap(), Some(meta.clone()));
+        // Another instance sees the same record.
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(meta));
+        assert!(f.store.read(id, Seq::ZERO, 10).await.unwrap().is_empty());
+        assert_eq!(
+            f.store.kind(),
+            if backend == Backend::Memory {
+                "memory"
+            } else {
+                "redis"
+            }
+        );
+    }
+
+    pub async fn append_and_read_with_paging(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store.append(s, &events(1..=3)).await.unwrap();
+        f.store.append(s, &events(4..=4)).await.unwrap();
+        f.store.append(s, &events(5..=10)).await.unwrap();
+        // An empty batch is a no-op.
+        f.store.append(s, &[]).await.unwrap();
+
+        let all = f.peer.read(s, Seq::ZERO, 100).await.unwrap();
+        assert_eq!(all, events(1..=10));
+
+        let mut pages = Vec::new();
+        let mut after = Seq::ZERO;
+        loop {
+            let page = f.store.read(s, after, 3).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 3);
+            after = page.last().map(|e| e.seq).unwrap();
+            pages.push(seqs(&page));
+        }
+        assert_eq!(
+            pages,
+            vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]
+        );
+        assert!(f.store.read(s, Seq(10), 5).await.unwrap().is_empty());
+        assert!(f.store.read(s, Seq(1000), 5).await.unwrap().is_empty());
+        assert!(f.store.read(s, Seq(u64::MAX), 5).await.unwrap().is_empty());
+        assert!(f.store.read(s, Seq::ZERO, 0).await.unwrap().is_empty());
+        assert_eq!(
+            seqs(&f.store.read(s, Seq(8), usize::MAX).await.unwrap()),
+            vec![9, 10]
+        );
+
+        // One large batch is fine too.
+        f.store.append(s, &events(11..=1010)).await.unwrap();
+        let tail = f.store.read(s, Seq(10), 5000).await.unwrap();
+        assert_eq!(tail.len(), 1000);
+        assert_eq!(tail.last().map(|e| e.seq), Some(Seq(1010)));
+    }
+
+    pub async fn payload_bytes_round_trip(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+        let payloads: Vec<Bytes> = vec![
+            Bytes::from_static(b""),
+            Bytes::from_static(b"\0\r\n\xff\xfe not utf-8 \x80"),
+            Bytes::from("event: x\ndata: {\"a\":\"ünï\"}".to_string()),
+            Bytes::from(big),
+        ];
+        let batch: Vec<Entry> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Entry {
+                seq: Seq(i as u64 + 1),
+                body: EntryBody::Event(p.clone()),
+            })
+            .collect();
+        f.store.append(s, &batch).await.unwrap();
+        assert_eq!(f.peer.read(s, Seq::ZERO, 10).await.unwrap(), batch);
+    }
+
+    pub async fn end_entry_finishes_the_stream(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let outcome = Outcome::Failed {
+            reason: FailReason::UpstreamReset,
+            message: "connection reset\nby peer ✗".into(),
+        };
+        let s = new_stream(&*f.store).await;
+        f.store.append(s, &events(1..=2)).await.unwrap();
+        let mut last = events(3..=4);
+        last.push(end(5, outcome.clone()));
+        f.store.append(s, &last).await.unwrap();
+
+        let meta = f.peer.meta(s).await.unwrap().expect("meta");
+        assert_eq!(meta.end, Some((Seq(5), outcome.clone())));
+        let all = f.peer.read(s, Seq::ZERO, 100).await.unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+        assert_eq!(all.last().map(|e| &e.body), Some(&EntryBody::End(outcome)));
+        assert_eq!(f.store.read(s, Seq(4), 10).await.unwrap().len(), 1);
+
+        // A stream whose only entry is the end.
+        for o in [Outcome::Completed, Outcome::Cancelled] {
+            let s = new_stream(&*f.store).await;
+            f.store.append(s, &[end(1, o.clone())]).await.unwrap();
+            assert_eq!(
+                f.store.meta(s).await.unwrap().and_then(|m| m.end),
+                Some((Seq(1), o))
+            );
+        }
+    }
+
+    pub async fn misplaced_appends_conflict(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store.append(s, &events(1..=3)).await.unwrap();
+
+        assert_conflict(f.store.append(s, &events(2..=2)).await, "duplicate seq");
+        assert_conflict(f.peer.append(s, &events(3..=4)).await, "overlapping batch");
+        assert_conflict(f.store.append(s, &events(5..=5)).await, "gap");
+        assert_conflict(
+            f.store.append(s, &[ev(4, "a"), ev(6, "b")]).await,
+            "batch with a hole",
+        );
+        assert_conflict(
+            f.store
+                .append(s, &[end(4, Outcome::Completed), ev(5, "late")])
+                .await,
+            "end not last",
+        );
+        assert_conflict(f.store.append(s, &[ev(0, "zero")]).await, "seq 0");
+        // Rejected batches wrote nothing.
+        assert_eq!(
+            seqs(&f.store.read(s, Seq::ZERO, 100).await.unwrap()),
+            vec![1, 2, 3]
+        );
+
+        f.store
+            .append(s, &[ev(4, "d"), end(5, Outcome::Completed)])
+            .await
+            .unwrap();
+        assert_conflict(
+            f.store.append(s, &events(6..=6)).await,
+            "append after the end",
+        );
+        assert_conflict(
+            f.store.append(s, &[end(6, Outcome::Cancelled)]).await,
+            "second end",
+        );
+        let meta = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(meta.end, Some((Seq(5), Outcome::Completed)));
+
+        let unknown = StreamId::random();
+        match f.store.append(unknown, &events(1..=1)).await {
+            Err(StoreError::Conflict { stream, .. }) => assert_eq!(stream, unknown),
+            other => panic!("append to an unknown stream: {other:?}"),
+        }
+        assert!(f
+            .store
+            .read(unknown, Seq::ZERO, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    pub async fn unknown_stream_is_absent(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        assert_eq!(f.store.meta(id).await.unwrap(), None);
+        assert!(f.store.read(id, Seq::ZERO, 10).await.unwrap().is_empty());
+        let key = KeyRef {
+            route: "/api/chat".into(),
+            key: "nobody".into(),
+        };
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), None);
+    }
+
+    pub async fn key_binding_latest_wins(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let key = KeyRef {
+            route: "/api/chat".into(),
+            key: "chat-42".into(),
+        };
+        let other = KeyRef {
+            route: "/api/chat".into(),
+            key: "chat-43".into(),
+        };
+        let first = new_stream(&*f.store).await;
+        let second = new_stream(&*f.store).await;
+        f.store.bind_key(&key, first).await.unwrap();
+        assert_eq!(f.peer.resolve_key(&key).await.unwrap(), Some(first));
+        f.peer.bind_key(&key, second).await.unwrap();
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(second));
+        assert_eq!(f.store.resolve_key(&other).await.unwrap(), None);
+
+        // Ending the first stream does not disturb the binding that moved on.
+        f.store
+            .append(first, &[end(1, Outcome::Completed)])
+            .await
+            .unwrap();
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(second));
+        // Binding a stream that was never created is allowed (the relay may bind first).
+        let ghost = StreamId::random();
+        f.store.bind_key(&other, ghost).await.unwrap();
+        assert_eq!(f.store.resolve_key(&other).await.unwrap(), Some(ghost));
+    }
+
+    pub async fn odd_keys_are_safe_and_distinct(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let keys: Vec<String> = vec![
+            String::new(),
+            "\r\n".into(),
+            "a\0b".into(),
+            "\0".into(),
+            "ünïcödé ✓ 🦀".into(),
+            "x".repeat(20_000),
+            "k:1".into(),
+            "{tag}".into(),
+            "* ?[]\\".into(),
+            " space ".into(),
+            "SET k v\r\n".into(),
+        ];
+        let routes = ["/api/chat", "/api/chat:k", "/api/chat/", "a:b"];
+        let mut expected = Vec::new();
+        for route in routes {
+            for key in &keys {
+                let k = KeyRef {
+                    route: route.into(),
+                    key: key.clone(),
+                };
+                let s = StreamId::random();
+                f.store.bind_key(&k, s).await.unwrap();
+                expected.push((k, s));
+            }
+        }
+        // Route "a", key "b:c" must not collide with route "a:b", key "c".
+        let split_a = KeyRef {
+            route: "a".into(),
+            key: "b:c".into(),
+        };
+        let split_b = KeyRef {
+            route: "a:b".into(),
+            key: "c".into(),
+        };
+        let (sa, sb) = (StreamId::random(), StreamId::random());
+        f.store.bind_key(&split_a, sa).await.unwrap();
+        f.store.bind_key(&split_b, sb).await.unwrap();
+        expected.push((split_a, sa));
+        expected.push((split_b, sb));
+
+        for (k, s) in &expected {
+            assert_eq!(f.peer.resolve_key(k).await.unwrap(), Some(*s), "key {k:?}");
+        }
+        let absent = KeyRef {
+            route: "/api/chat".into(),
+            key: "\r\n ".into(),
+        };
+        assert_eq!(f.store.resolve_key(&absent).await.unwrap(), None);
+    }
+
+    pub async fn retention_expires_finished_streams_not_live_ones(backend: Backend) {
+        let retention = Duration::from_secs(1);
+        let max_duration = Duration::from_secs(3);
+        let f = Fixture::new(backend, options(retention, max_duration)).await;
+        let live_key = KeyRef {
+            route: "/r".into(),
+            key: "live".into(),
+        };
+        let done_key = KeyRef {
+            route: "/r".into(),
+            key: "done".into(),
+        };
+
+        let live_created = std::time::Instant::now();
+        let live = new_stream(&*f.store).await;
+        f.store.append(live, &events(1..=2)).await.unwrap();
+        f.store.bind_key(&live_key, live).await.unwrap();
+
+        let done = new_stream(&*f.store).await;
+        f.store.bind_key(&done_key, done).await.unwrap();
+        f.store.append(done, &events(1..=2)).await.unwrap();
+        f.store
+            .append(done, &[end(3, Outcome::Completed)])
+            .await
+            .unwrap();
+        // Still resumable right after the end.
+        assert!(f.store.meta(done).await.unwrap().is_some());
+        assert_eq!(f.store.resolve_key(&done_key).await.unwrap(), Some(done));
+
+        let store = f.store.clone();
+        eventually(
+            retention * 8,
+            "the finished stream and its binding to expire",
+            || {
+                let store = store.clone();
+                let done_key = done_key.clone();
+                async move {
+                    store.meta(done).await.unwrap().is_none()
+                        && store.read(done, Seq::ZERO, 10).await.unwrap().is_empty()
+                        && store.resolve_key(&done_key).await.unwrap().is_none()
+                }
+            },
+        )
+        .await;
+
+        // The live stream outlives the finished one's retention.
+        if live_created.elapsed() < max_duration {
+            assert!(
+                f.store.meta(live).await.unwrap().is_some(),
+                "live stream vanished early"
+            );
+            assert_eq!(f.store.read(live, Seq::ZERO, 10).await.unwrap().len(), 2);
+            assert_eq!(f.store.resolve_key(&live_key).await.unwrap(), Some(live));
+        }
+        // A producer that vanished: its records go after max duration + retention.
+        eventually(
+            (max_duration + retention) * 4,
+            "the abandoned live stream to expire",
+            || {
+                let store = store.clone();
+                async move {
+                    store.meta(live).await.unwrap().is_none()
+                        && store.read(live, Seq::ZERO, 10).await.unwrap().is_empty()
+                }
+            },
+        )
+        .await;
+        assert!(
+            live_created.elapsed() >= max_duration,
+            "live stream expired after {:?}, before max_stream_duration",
+            live_created.elapsed()
+        );
+    }
+
+    pub async fn watcher_wakes_on_append(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let mut w = f.store.watch(s).await.unwrap();
+        f.peer.append(s, &events(1..=1)).await.unwrap();
+        wakes(&mut w, "a wake-up after an append").await;
+        // An append between two waits is not lost.
+        f.peer.append(s, &events(2..=3)).await.unwrap();
+        wakes(&mut w, "a wake-up for an append made before waiting").await;
+        f.peer
+            .append(s, &[end(4, Outcome::Completed)])
+            .await
+            .unwrap();
+        wakes(&mut w, "a wake-up for the end").await;
+        assert_eq!(
+            seqs(&f.store.read(s, Seq(1), 10).await.unwrap()),
+            vec![2, 3, 4]
+        );
+
+        // Watching a stream that does not exist yet works too.
+        let later = StreamId::random();
+        let mut w = f.store.watch(later).await.unwrap();
+        f.peer.create(&sample_meta(later)).await.unwrap();
+        f.peer.append(later, &events(1..=1)).await.unwrap();
+        wakes(&mut w, "a wake-up on a stream created after watching").await;
+    }
+
+    pub async fn watchers_share_and_release(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let quiet = new_stream(&*f.store).await;
+        let mut a = f.store.watch(s).await.unwrap();
+        let mut b = f.store.watch(s).await.unwrap();
+        f.peer.append(s, &events(1..=1)).await.unwrap();
+        wakes(&mut a, "first watcher").await;
+        wakes(&mut b, "second watcher").await;
+
+        drop(a);
+        f.peer.append(s, &events(2..=2)).await.unwrap();
+        wakes(&mut b, "the remaining watcher after another one left").await;
+
+        // Leave and come back at once, many times: a late unsubscribe must
+        // never cancel a newer watcher's subscription.
+        for i in 0..20u64 {
+            drop(b);
+            b = f.store.watch(s).await.unwrap();
+            f.peer.append(s, &events(3 + i..=3 + i)).await.unwrap();
+            wakes(&mut b, "a watcher re-created right after the last one left").await;
+        }
+
+        // Appends elsewhere do not wake this stream's watcher.
+        let mut q = f.store.watch(quiet).await.unwrap();
+        f.peer.append(s, &events(23..=23)).await.unwrap();
+        wakes(&mut b, "the busy stream's watcher").await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), q.changed())
+                .await
+                .is_err(),
+            "a watcher woke for another stream's append"
+        );
+    }
+
+    pub async fn ping_answers(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let rtt = f.store.ping().await.unwrap();
+        assert!(rtt < WAIT);
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(super::Backend::Memory).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(super::Backend::Redis).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(super::Backend::Cluster).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    create_and_meta_round_trip,
+    append_and_read_with_paging,
+    payload_bytes_round_trip,
+    end_entry_finishes_the_stream,
+    misplaced_appends_conflict,
+    unknown_stream_is_absent,
+    key_binding_latest_wins,
+    odd_keys_are_safe_and_distinct,
+    retention_expires_finished_streams_not_live_ones,
+    watcher_wakes_on_append,
+    watchers_share_and_release,
+    ping_answers,
+);
+
+/// Parses a RESP2 array of bulk strings (`KEYS` replies).
+fn resp_strings(reply: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let line = |at: usize| -> Option<(String, usize)> {
+        let end = reply[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((
+            String::from_utf8_lossy(&reply[at..end]).into_owned(),
+            end + 2,
+        ))
+    };
+    let Some((head, next)) = line(0) else {
+        return out;
+    };
+    at = at.max(next);
+    let n: usize = head.trim_start_matches('*').parse().unwrap_or(0);
+    for _ in 0..n {
+        let Some((len, next)) = line(at) else { break };
+        let len: usize = len.trim_start_matches('$').parse().unwrap_or(0);
+        out.push(reply[next..next + len].to_vec());
+        at = next + len + 2;
+    }
+    out
+}
+
+async fn pttl(port: u16, key: &[u8]) -> i64 {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let reply = raw_command(port, &["PTTL", &key]).await.unwrap();
+    String::from_utf8_lossy(&reply)
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap()
+}
+
+/// Every key the Redis backend writes has an expiry and lives in the
+/// documented layout.
+async fn every_key_has_a_ttl(backend: Backend) {
+    let f = Fixture::new(backend, default_options()).await;
+    let key = KeyRef {
+        route: "/api/chat".into(),
+        key: "k\r\n".into(),
+    };
+    let live = new_stream(&*f.store).await;
+    f.store.bind_key(&key, live).await.unwrap();
+    f.store.append(live, &events(1..=3)).await.unwrap();
+    let done = new_stream(&*f.store).await;
+    f.store.append(done, &events(1..=1)).await.unwrap();
+    f.store
+        .append(done, &[end(2, Outcome::Cancelled)])
+        .await
+        .unwrap();
+    // Watching creates no keys.
+    let _w = f.store.watch(live).await.unwrap();
+
+    let prefix = &f.opts.key_prefix;
+    let mut names = Vec::new();
+    for port in f.ports() {
+        let reply = raw_command(port, &["KEYS", &format!("{prefix}*")])
+            .await
+            .unwrap();
+        for name in resp_strings(&reply) {
+            let ttl = pttl(port, &name).await;
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            assert!(ttl > 0, "{shown} has no expiry (PTTL {ttl})");
+            names.push(shown);
+        }
+    }
+    names.sort();
+    let mut expected = vec![
+        format!("{prefix}{{{live}}}:m"),
+        format!("{prefix}{{{live}}}:e"),
+        format!("{prefix}{{{done}}}:m"),
+        format!("{prefix}{{{done}}}:e"),
+        format!("{prefix}k:L2FwaS9jaGF0:aw0K"),
+    ];
+    expected.sort();
+    assert_eq!(names, expected);
+}
+
+/// Redis-only cases: layout, outages, restarts, connection bounds.
+mod redis_only {
+    use super::*;
+
+    type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_key_has_a_ttl_standalone() {
+        every_key_has_a_ttl(Backend::Redis).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_key_has_a_ttl_cluster() {
+        every_key_has_a_ttl(Backend::Cluster).await
+    }
+
+    fn standalone(f: &mut Fixture) -> &mut RedisServer {
+        match &mut f.servers {
+            Servers::Redis(s) => s,
+            _ => panic!("not a standalone fixture"),
+        }
+    }
+
+    /// The case older relays fail: after Redis restarts, live tails must
+    /// keep receiving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_survives_a_redis_restart() {
+        let mut f = Fixture::new(Backend::Redis, default_options()).await;
+        let s = StreamId::random();
+        let meta = sample_meta(s);
+        f.peer.create(&meta).await.unwrap();
+        let mut w = f.store.watch(s).await.unwrap();
+        f.peer.append(s, &events(1..=1)).await.unwrap();
+        wakes(&mut w, "a wake-up before the restart").await;
+
+        standalone(&mut f).restart().await.unwrap();
+        // The subscriber reconnects, subscribes again and wakes every tail,
+        // since notifications sent meanwhile are lost.
+        wakes(&mut w, "the wake-up that follows a reconnection").await;
+
+        // The data went with the old server: the producer starts over.
+        let peer = f.peer.clone();
+        let m = meta.clone();
+        eventually(WAIT, "the producer's store to reconnect", || {
+            let peer = peer.clone();
+            let m = m.clone();
+            async move { peer.create(&m).await.is_ok() }
+        })
+        .await;
+        for seq in 1..=3 {
+            f.peer.append(s, &events(seq..=seq)).await.unwrap();
+            wakes(&mut w, "a wake-up for an append after the restart").await;
+        }
+        assert_eq!(
+            seqs(&f.store.read(s, Seq::ZERO, 10).await.unwrap()),
+            vec![1, 2, 3]
+        );
+
+        // And the subscription really is back on the server.
+        let port = standalone(&mut f).port();
+        let channel = format!("{}{{{s}}}:n", f.opts.key_prefix);
+        let reply = raw_command(port, &["PUBSUB", "SHARDNUMSUB", &channel])
+            .await
+            .unwrap();
+        assert!(
+            reply.ends_with(b":1\r\n"),
+            "expected one subscriber on {channel}: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+
+    /// While Redis is down every call fails with `Unavailable` within about
+    /// the command timeout; after it returns, calls succeed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outage_is_unavailable_then_recovers() {
+        let mut f = Fixture::new(Backend::Redis, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store.append(s, &events(1..=1)).await.unwrap();
+        let key = KeyRef {
+            route: "/r".into(),
+            key: "k".into(),
+        };
+        // Start the subscriber before the outage.
+        let _w = f.store.watch(s).await.unwrap();
+
+        standalone(&mut f).kill();
+        let bound = COMMAND_TIMEOUT * 3 + Duration::from_secs(1);
+        let store = f.store.clone();
+        let calls: Vec<(&str, Call)> = vec![
+            (
+                "create",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.create(&sample_meta(StreamId::random())).await }
+                }),
+            ),
+            (
+                "append",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.append(s, &events(2..=2)).await }
+                }),
+            ),
+            (
+                "meta",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.meta(s).await.map(drop) }
+                }),
+            ),
+            (
+                "read",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.read(s, Seq::ZERO, 10).await.map(drop) }
+                }),
+            ),
+            (
+                "bind_key",
+                Box::pin({
+                    let st = store.clone();
+                    let k = key.clone();
+                    async move { st.bind_key(&k, s).await }
+                }),
+            ),
+            (
+                "resolve_key",
+                Box::pin({
+                    let st = store.clone();
+                    let k = key.clone();
+                    async move { st.resolve_key(&k).await.map(drop) }
+                }),
+            ),
+            (
+                "ping",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.ping().await.map(drop) }
+                }),
+            ),
+            (
+                "watch",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.watch(StreamId::random()).await.map(drop) }
+                }),
+            ),
+        ];
+        // All at once, as a busy relay would issue them.
+        let timed = calls.into_iter().map(|(name, call)| async move {
+            let started = Instant::now();
+            let r = with_timeout_of(WAIT, name, call).await;
+            (name, r, started.elapsed())
+        });
+        for (name, r, took) in futures::future::join_all(timed).await {
+            match r {
+                Err(e @ StoreError::Unavailable(_)) => assert!(e.is_retryable()),
+                other => panic!("{name} during the outage: expected Unavailable, got {other:?}"),
+            }
+            assert!(
+                took <= bound,
+                "{name} took {took:?} to fail (bound {bound:?})"
+            );
+        }
+
+        standalone(&mut f).start_again().await.unwrap();
+        let st = store.clone();
+        eventually(WAIT, "the store to answer again", || {
+            let st = st.clone();
+            async move { st.ping().await.is_ok() }
+        })
+        .await;
+        // Data is gone with the old process; everything works on new data,
+        // including the function library, which is loaded again on demand.
+        let s2 = new_stream(&*f.store).await;
+        f.store.append(s2, &events(1..=2)).await.unwrap();
+        f.store.bind_key(&key, s2).await.unwrap();
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(s2));
+        assert_eq!(f.store.read(s2, Seq::ZERO, 10).await.unwrap().len(), 2);
+        let mut w = f.store.watch(s2).await.unwrap();
+        f.peer.append(s2, &events(3..=3)).await.unwrap();
+        wakes(&mut w, "a watcher created after the outage").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_to_a_dead_port_fails_fast() {
+        init_tracing();
+        let port = free_port().unwrap();
+        let started = Instant::now();
+        let r = with_timeout_of(
+            WAIT,
+            "connect to a dead port",
+            RedisStore::connect_with(
+                &format!("redis://127.0.0.1:{port}"),
+                default_options(),
+                redis_options(),
+            ),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            r.err()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A peer that accepts TCP connections but never answers (a wedged
+    /// server, a wrong port behind a proxy) must not hang `connect`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_to_a_silent_server_times_out() {
+        init_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let ropts = redis_options();
+        let bound = ropts.connect_timeout * 2 + ropts.command_timeout + Duration::from_secs(1);
+        let started = Instant::now();
+        let r = with_timeout_of(
+            WAIT * 2,
+            "connect to a silent server",
+            RedisStore::connect_with(
+                &format!("redis://127.0.0.1:{port}"),
+                default_options(),
+                ropts,
+            ),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            r.err()
+        );
+        assert!(started.elapsed() <= bound, "took {:?}", started.elapsed());
+        hold.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_urls_are_rejected_without_echoing_secrets() {
+        init_tracing();
+        for url in ["", "http://127.0.0.1:1", "redis://user:s3cr3t@[::1"] {
+            let r = RedisStore::connect_with(url, default_options(), redis_options()).await;
+            match r {
+                Err(StoreError::Unavailable(msg)) => assert!(!msg.contains("s3cr3t"), "{msg}"),
+                Err(other) => panic!("{url:?}: {other:?}"),
+                Ok(_) => panic!("{url:?} was accepted"),
+            }
+        }
+    }
+
+    /// The URL forms the relay documents work: password in the URL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn password_in_url() {
+        init_tracing();
+        let server = RedisServer::start().await.unwrap();
+        raw_command(server.port(), &["CONFIG", "SET", "requirepass", "p@ss"])
+            .await
+            .unwrap();
+        let wrong =
+            RedisStore::connect_with(&server.url(), default_options(), redis_options()).await;
+        assert!(
+            matches!(wrong, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            wrong.err()
+        );
+        let url = format!("redis://:p%40ss@127.0.0.1:{}", server.port());
+        let store = RedisStore::connect_with(&url, default_options(), redis_options())
+            .await
+            .unwrap();
+        let s = new_stream(&store).await;
+        store.append(s, &events(1..=1)).await.unwrap();
+        let mut w = store.watch(s).await.unwrap();
+        store.append(s, &events(2..=2)).await.unwrap();
+        wakes(&mut w, "a watcher on an authenticated connection").await;
+    }
+}
+
+/// Memory-only cases: the byte bound, eviction, expiry on a paused clock.
+mod memory_only {
+    use super::*;
+
+    fn store(max_bytes: usize, opts: StoreOptions) -> MemoryStore {
+        MemoryStore::new(opts, MemoryLimits { max_bytes })
+    }
+
+    fn blob(seq: u64, len: usize) -> Entry {
+        Entry {
+            seq: Seq(seq),
+            body: EntryBody::Event(Bytes::from(vec![b'x'; len])),
+        }
+    }
+
+    #[tokio::test]
+    async fn full_when_only_live_streams_hold_the_memory() {
+        let st = store(20_000, default_options());
+        let s = new_stream(&st).await;
+        let mut seq = 0;
+        let err = loop {
+            seq += 1;
+            match st.append(s, &[blob(seq, 4000)]).await {
+                Ok(()) => assert!(seq < 10, "the bound was never hit"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(st.used_bytes() <= 20_000);
+        // What was stored is intact and the stream can still be ended.
+        assert_eq!(
+            st.read(s, Seq::ZERO, 100).await.unwrap().len() as u64,
+            seq - 1
+        );
+        st.append(s, &[end(seq, Outcome::Completed)]).await.unwrap();
+        // A batch larger than the whole store never fits.
+        let t = new_stream(&st).await;
+        assert!(matches!(
+            st.append(t, &[blob(1, 30_000)]).await,
+            Err(StoreError::Full(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn finished_streams_are_evicted_oldest_first() {
+        let st = store(20_000, default_options());
+        let a = new_stream(&st).await;
+        st.append(a, &[blob(1, 5000), end(2, Outcome::Completed)])
+            .await
+            .unwrap();
+        let b = new_stream(&st).await;
+        st.append(b, &[blob(1, 5000), end(2, Outcome::Completed)])
+            .await
+            .unwrap();
+        let key = KeyRef {
+            route: "/r".into(),
+            key: "a".into(),
+        };
+        st.bind_key(&key, a).await.unwrap();
+
+        let live = new_stream(&st).await;
+        st.append(live, &[blob(1, 5000)]).await.unwrap();
+        assert!(st.meta(a).await.unwrap().is_some());
+        // No room for another 5000 bytes: the oldest finished stream goes.
+        st.append(live, &[blob(2, 5000)]).await.unwrap();
+        assert!(
+            st.meta(a).await.unwrap().is_none(),
+            "oldest finished stream kept"
+        );
+        assert!(st.read(a, Seq::ZERO, 10).await.unwrap().is_empty());
+        assert_eq!(
+            st.resolve_key(&key).await.unwrap(),
+            None,
+            "binding to an evicted stream kept"
+        );
+        assert!(
+            st.meta(b).await.unwrap().is_some(),
+            "newer finished stream evicted first"
+        );
+        // Then the next one.
+        st.append(live, &[blob(3, 5000)]).await.unwrap();
+        assert!(st.meta(b).await.unwrap().is_none());
+        // Then only the live stream is left: full.
+        assert!(matches!(
+            st.append(live, &[blob(4, 5000)]).await,
+            Err(StoreError::Full(_))
+        ));
+        assert_eq!(st.read(live, Seq::ZERO, 10).await.unwrap().len(), 3);
+    }
+
+    /// Expiry on tokio's paused clock: exact deadlines, no waiting.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_deadlines_on_a_paused_clock() {
+        let retention = Duration::from_secs(30);
+        let max_duration = Duration::from_secs(300);
+        let st = store(1 << 20, options(retention, max_duration));
+        let key = KeyRef {
+            route: "/r".into(),
+            key: "k".into(),
+        };
+        let live = new_stream(&st).await;
+        st.append(live, &events(1..=1)).await.unwrap();
+        let done = new_stream(&st).await;
+        st.bind_key(&key, done).await.unwrap();
+        st.append(done, &[ev(1, "a"), end(2, Outcome::Completed)])
+            .await
+            .unwrap();
+        let used = st.used_bytes();
+        assert!(used > 0);
+
+        tokio::time::advance(retention - Duration::from_millis(1)).await;
+        assert!(st.meta(done).await.unwrap().is_some());
+        assert_eq!(st.resolve_key(&key).await.unwrap(), Some(done));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            st.meta(done).await.unwrap().is_none(),
+            "finished stream outlived its retention"
+        );
+        assert!(st.read(done, Seq::ZERO, 10).await.unwrap().is_empty());
+        assert_eq!(st.resolve_key(&key).await.unwrap(), None);
+        assert_conflict(
+            st.append(done, &events(3..=3)).await,
+            "append to an expired stream",
+        );
+
+        // The live stream lasts max duration + retention from its creation.
+        tokio::time::advance(max_duration - Duration::from_millis(1)).await;
+        assert!(
+            st.meta(live).await.unwrap().is_some(),
+            "live stream expired early"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(st.meta(live).await.unwrap().is_none());
+
+        // The sweep task reclaims the memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(st.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_stops_the_sweeper() {
+        let st = store(
+            1 << 20,
+            options(Duration::from_millis(20), Duration::from_millis(20)),
+        );
+        let s = new_stream(&st).await;
+        st.append(s, &events(1..=1)).await.unwrap();
+        let mut w = st.watch(s).await.unwrap();
+        drop(st);
+        // The watcher outlives the store without panicking; it just never wakes.
+        assert!(tokio::time::timeout(Duration::from_millis(50), w.changed())
+            .await
+            .is_err());
+    }
+}

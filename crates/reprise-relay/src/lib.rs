@@ -1,2 +1,33 @@
-//! The HTTP relay.
+//! The HTTP relay: a reverse proxy that records SSE responses into the store
+//! and serves resumes.
+//!
+//! Where a request goes, in order:
+//! - [`server`]: accepts connections, owns shared state and shutdown;
+//! - [`proxy`]: dispatches each request (own endpoints, resume, forward);
+//! - [`routes`]: matches a path to a route and builds the upstream URI;
+//! - [`upstream`]: the HTTP(S) client and reverse-proxy header rules;
+//! - [`recorder`]: producer (upstream body → log) and writer (log → store);
+//! - [`live`]: one stream's in-memory log, shared by producer and readers;
+//! - [`hub`]: this instance's logs, and loaders that follow the store;
+//! - [`reader`]: the response body that sends a client a stream;
+//! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
+//! - [`admin`]: `/_reprise/...` endpoints.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod live;
+pub mod proxy;
+pub mod reader;
+pub mod recorder;
+pub mod resume;
+pub mod retry;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{open_store, run, serve, Relay, StartError};

@@ -1,1 +1,1037 @@
-pub struct RedisStore;
+//! The Redis backend: streams kept in Redis (or Valkey) 7+, standalone or
+//! cluster, through fred.
+//!
+//! The producer's appends, the readers' replays and the live tails' wake-ups
+//! of every relay instance meet here, so any instance can serve any resume.
+//!
+//! # Key layout
+//!
+//! With `P` the configured `key_prefix` and `<sid>` the stream id (22 URL-safe
+//! characters), every key of one stream carries the hash tag `{<sid>}` so that
+//! they live in one cluster slot and one function call can touch them all:
+//!
+//! | key | type | content |
+//! |-----|------|---------|
+//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any) |
+//! | `P{<sid>}:e` | stream | entries with explicit ids `<seq>-0`; field `e` = event bytes, or field `x` = outcome JSON for the terminal entry |
+//! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq |
+//! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
+//!
+//! Lifetimes: metadata and entries expire `max_stream_duration + retention`
+//! after creation while live, and `retention` after the end. A binding
+//! expires `max_stream_duration + retention` after it was set; when its stream
+//! ends it is shortened to `retention` if it still points there.
+//!
+//! # Commands
+//!
+//! `append` is one `FCALL` per batch (library [`LIBRARY_NAME`], loaded at
+//! connect and again whenever a server answers that it is missing, e.g. after a
+//! restart). The function checks that the stream exists, is not finished and
+//! that the batch starts right after the last stored seq, then runs one `XADD`
+//! per entry, the expiry updates and one `SPUBLISH`, atomically: a rejected
+//! batch writes nothing. The batch that ends a stream costs one more round
+//! trip when a key binding points at the stream (to shorten it; best effort).
+//! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
+//!
+//! Appends are sent with fred's fail-fast option and a single write attempt:
+//! an append issued while disconnected fails at once with `Unavailable`
+//! instead of being queued and replayed later behind the caller's back.
+//!
+//! # Live tails
+//!
+//! One [`SubscriberClient`] per store, created at the first `watch`, holds one
+//! `SSUBSCRIBE` per watched stream however many readers watch it. After that
+//! connection comes back from any disconnection (a Redis restart, a failover)
+//! every channel is subscribed again and every watcher is woken, because
+//! notifications sent while disconnected are lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use fred::clients::{Pool, SubscriberClient};
+use fred::error::{Error as FredError, ErrorKind};
+use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
+use fred::types::Message;
+use tokio::sync::{watch, OnceCell};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
+
+use reprise_core::{Epoch, Outcome, Seq, StreamId};
+
+use crate::memory::validate_batch;
+use crate::{Entry, EntryBody, KeyRef, Store, StoreError, StoreOptions, StreamMeta, Watcher};
+
+/// Name of the Redis function library this version of Reprise loads. The
+/// version suffix lets instances of two Reprise versions share one Redis
+/// during a rolling upgrade.
+pub const LIBRARY_NAME: &str = "reprise_store_1";
+
+const FN_APPEND: &str = "reprise_store_1_append";
+const FN_NOTE_BINDING: &str = "reprise_store_1_note_binding";
+const FN_END_BINDING: &str = "reprise_store_1_end_binding";
+
+/// Error prefix the library uses for batches that do not follow the stream.
+const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
+
+const LIBRARY: &str = r#"#!lua name=reprise_store_1
+
+-- Append a batch of entries to a stream, atomically.
+-- KEYS: metadata hash, entries stream, notification shard channel.
+-- ARGV: first seq, last seq, live TTL ms, retention ms, end record JSON or '',
+--       then for each entry: its id, its field name, its value.
+-- Returns the key binding pointing at the stream when the batch ends it.
+local function append(keys, args)
+  local meta, entries, channel = keys[1], keys[2], keys[3]
+  if redis.call('EXISTS', meta) == 0 then
+    return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
+  end
+  if redis.call('HEXISTS', meta, 'end') == 1 then
+    return redis.error_reply('REPRISE_CONFLICT stream already ended')
+  end
+  local stored = 0
+  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
+  if #top > 0 then
+    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
+  end
+  if stored + 1 ~= tonumber(args[1]) then
+    return redis.error_reply('REPRISE_CONFLICT append at seq ' .. args[1] ..
+      ' but the stream has ' .. stored .. ' entries')
+  end
+  for i = 6, #args, 3 do
+    redis.call('XADD', entries, args[i], args[i + 1], args[i + 2])
+  end
+  if stored == 0 then
+    -- The entries expire with the metadata, whose life started at creation.
+    local ttl = redis.call('PTTL', meta)
+    if ttl <= 0 then ttl = args[3] end
+    redis.call('PEXPIRE', entries, ttl)
+  end
+  local binding = false
+  if args[5] ~= '' then
+    redis.call('HSET', meta, 'end', args[5])
+    redis.call('PEXPIRE', meta, args[4])
+    redis.call('PEXPIRE', entries, args[4])
+    binding = redis.call('HGET', meta, 'k')
+  end
+  redis.call('SPUBLISH', channel, args[2])
+  return binding
+end
+
+-- Remember which key binding points at a stream, if the stream exists.
+-- KEYS: metadata hash. ARGV: binding key name.
+local function note_binding(keys, args)
+  if redis.call('EXISTS', keys[1]) == 1 then
+    redis.call('HSET', keys[1], 'k', args[1])
+    return 1
+  end
+  return 0
+end
+
+-- Shorten a key binding to the retention if it still points at the stream.
+-- KEYS: binding key. ARGV: stream id, retention ms.
+local function end_binding(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then
+    return redis.call('PEXPIRE', keys[1], args[2], 'LT')
+  end
+  return 0
+end
+
+redis.register_function('reprise_store_1_append', append)
+redis.register_function('reprise_store_1_note_binding', note_binding)
+redis.register_function('reprise_store_1_end_binding', end_binding)
+"#;
+
+/// Connection settings of the Redis backend.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Connections used for commands (appends, reads, bindings).
+    pub pool_size: usize,
+    /// Bound of one TCP (and TLS) connection attempt, and with
+    /// `command_timeout` of the whole [`RedisStore::connect`].
+    pub connect_timeout: Duration,
+    /// Bound of one command, queueing while reconnecting included. A connection
+    /// that leaves a command unanswered for twice this is dropped and re-made.
+    pub command_timeout: Duration,
+    /// First delay between reconnection attempts after a connection is lost.
+    /// Attempts never stop; the delay doubles up to `reconnect_max_delay`.
+    pub reconnect_min_delay: Duration,
+    /// Longest delay between reconnection attempts.
+    pub reconnect_max_delay: Duration,
+    /// Interval of the `PING` on the subscriber connection, which otherwise
+    /// only receives and would not notice a silently dead peer.
+    pub heartbeat_interval: Duration,
+    /// Commands each pooled connection queues while disconnected before
+    /// failing new ones with `Unavailable`.
+    pub max_command_buffer: usize,
+    /// Notifications buffered between the subscriber connection and the
+    /// task that wakes watchers; when it overflows every watcher is woken.
+    pub notification_buffer: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            reconnect_min_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(10),
+            max_command_buffer: 100_000,
+            notification_buffer: 4096,
+        }
+    }
+}
+
+/// The Redis-backed [`Store`].
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    /// Cancels the background tasks (client shutdown, subscriber tasks) when
+    /// the store is dropped.
+    _shutdown: DropGuard,
+}
+
+struct Inner {
+    pool: Pool,
+    /// Builds the subscriber client with the same settings as the pool.
+    builder: Builder,
+    opts: StoreOptions,
+    ropts: RedisOptions,
+    /// Options of appends: fail fast when disconnected, never replay.
+    write_opts: Options,
+    /// The shared subscriber, created by the first `watch`.
+    notifier: OnceCell<Arc<Notifier>>,
+    shutdown: CancellationToken,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s.as_bytes())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Maps a fred error to the store's error kinds.
+fn map_err(e: FredError) -> StoreError {
+    let details = e.details();
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::Protocol | ErrorKind::NotFound => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ if details.starts_with("WRONGTYPE") => StoreError::Corrupt(e.to_string()),
+        _ if details.starts_with("OOM") => StoreError::Full(e.to_string()),
+        // IO, timeouts, cancellations while disconnected, cluster
+        // reconfiguration, LOADING, and anything else the server refuses.
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+struct StreamKeys {
+    meta: String,
+    entries: String,
+    channel: String,
+}
+
+impl RedisStore {
+    /// Connects with default [`RedisOptions`]. `url` uses fred's syntax:
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://…` (TLS),
+    /// `redis-cluster://host:port?node=host:port&node=…`.
+    ///
+    /// Fails with [`StoreError::Unavailable`] if the server cannot be reached
+    /// within the connect bound. Once connected, lost connections are re-made
+    /// in the background forever.
+    pub async fn connect(url: &str, opts: StoreOptions) -> Result<RedisStore, StoreError> {
+        Self::connect_with(url, opts, RedisOptions::default()).await
+    }
+
+    /// Connects with explicit connection settings.
+    pub async fn connect_with(
+        url: &str,
+        opts: StoreOptions,
+        ropts: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
+        // The URL may carry a password: never put it in an error or a log.
+        let config = Config::from_url(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {}", e.details())))?;
+        if opts.key_prefix.contains(['{', '}']) {
+            tracing::warn!("key_prefix contains braces: every stream will share one cluster slot");
+        }
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = ropts.connect_timeout;
+                c.internal_command_timeout = ropts.command_timeout;
+                c.max_command_buffer_len = ropts.max_command_buffer;
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(ropts.command_timeout.saturating_mul(2)),
+                    interval: (ropts.command_timeout / 4).max(Duration::from_millis(50)),
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = ropts.command_timeout;
+                p.broadcast_channel_capacity = ropts.notification_buffer.max(1);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(
+                0, // never give up once connected
+                u32::try_from(ropts.reconnect_min_delay.as_millis()).unwrap_or(u32::MAX),
+                u32::try_from(ropts.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX),
+                2,
+            ));
+        let pool = builder
+            .build_pool(ropts.pool_size.max(1))
+            .map_err(map_err)?;
+
+        let setup = async {
+            // `fail_fast` (fred's default) makes a refused first connection an error, not a retry loop.
+            pool.init().await?;
+            let () = pool.ping(None).await?;
+            let _: Value = pool.next().function_load_cluster(true, LIBRARY).await?;
+            Ok::<(), FredError>(())
+        };
+        let bound = ropts
+            .connect_timeout
+            .saturating_mul(2)
+            .saturating_add(ropts.command_timeout);
+        let result = match tokio::time::timeout(bound, setup).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "cannot connect to Redis: {e}"
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "cannot connect to Redis: no answer within {bound:?}"
+            ))),
+        };
+        if let Err(e) = result {
+            // Stop any connection attempt still running in the background.
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
+            });
+            return Err(e);
+        }
+
+        let shutdown = CancellationToken::new();
+        let write_opts = Options {
+            fail_fast: true,
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        let inner = Arc::new(Inner {
+            pool: pool.clone(),
+            builder,
+            opts,
+            ropts,
+            write_opts,
+            notifier: OnceCell::new(),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(
+            {
+                let token = shutdown.clone();
+                async move {
+                    token.cancelled().await;
+                    let _ = pool.quit().await;
+                }
+            }
+            .instrument(tracing::debug_span!("redis_store_shutdown")),
+        );
+        Ok(RedisStore {
+            inner,
+            _shutdown: shutdown.drop_guard(),
+        })
+    }
+
+    fn keys(&self, stream: StreamId) -> StreamKeys {
+        stream_keys(&self.inner.opts.key_prefix, stream)
+    }
+
+    fn binding_key(&self, key: &KeyRef) -> String {
+        format!(
+            "{}k:{}:{}",
+            self.inner.opts.key_prefix,
+            b64(&key.route),
+            b64(&key.key)
+        )
+    }
+
+    fn live_ttl_ms(&self) -> i64 {
+        millis(
+            self.inner
+                .opts
+                .max_stream_duration
+                .saturating_add(self.inner.opts.retention),
+        )
+    }
+
+    fn retention_ms(&self) -> i64 {
+        millis(self.inner.opts.retention)
+    }
+
+    /// Calls a function of [`LIBRARY`], loading the library once if the
+    /// server lost it (restart, new node).
+    async fn fcall(
+        &self,
+        write: bool,
+        func: &str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, FredError> {
+        let call = || async {
+            if write {
+                self.inner
+                    .pool
+                    .next()
+                    .with_options(&self.inner.write_opts)
+                    .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
+                    .await
+            } else {
+                self.inner
+                    .pool
+                    .next()
+                    .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
+                    .await
+            }
+        };
+        match call().await {
+            Err(e) if e.details().contains("Function not found") => {
+                tracing::info!("reloading the Redis function library");
+                let _: Value = self
+                    .inner
+                    .pool
+                    .next()
+                    .function_load_cluster(true, LIBRARY)
+                    .await?;
+                call().await
+            }
+            other => other,
+        }
+    }
+
+    async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
+        self.inner
+            .notifier
+            .get_or_try_init(|| Notifier::start(&self.inner))
+            .await
+    }
+}
+
+fn stream_keys(prefix: &str, stream: StreamId) -> StreamKeys {
+    StreamKeys {
+        meta: format!("{prefix}{{{stream}}}:m"),
+        entries: format!("{prefix}{{{stream}}}:e"),
+        channel: format!("{prefix}{{{stream}}}:n"),
+    }
+}
+
+/// The stream a notification channel name belongs to.
+fn channel_stream(prefix: &str, channel: &str) -> Option<StreamId> {
+    channel
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:n")?
+        .parse()
+        .ok()
+}
+
+fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<StreamMeta, StoreError> {
+    let mut take = |field: &str| {
+        h.remove(field)
+            .ok_or_else(|| corrupt(format!("stream {stream}: metadata lacks `{field}`")))
+    };
+    let id: StreamId = take("id")?.parse().map_err(corrupt)?;
+    let epoch = Epoch(take("epoch")?.parse().map_err(corrupt)?);
+    let created_ms: u64 = take("created_ms")?.parse().map_err(corrupt)?;
+    let route = take("route")?;
+    let format = take("format")?;
+    let headers: Vec<(String, String)> =
+        serde_json::from_str(&take("headers")?).map_err(corrupt)?;
+    let end: Option<(Seq, Outcome)> = match h.remove("end") {
+        Some(s) => Some(serde_json::from_str(&s).map_err(corrupt)?),
+        None => None,
+    };
+    Ok(StreamMeta {
+        id,
+        epoch,
+        created_ms,
+        route,
+        headers,
+        format,
+        end,
+    })
+}
+
+/// Decodes one `XRANGE` item: `[id, [field, value]]`.
+fn parse_entry(item: Value) -> Result<Entry, StoreError> {
+    let Value::Array(mut parts) = item else {
+        return Err(corrupt("stream entry is not an array"));
+    };
+    if parts.len() != 2 {
+        return Err(corrupt("stream entry is not [id, fields]"));
+    }
+    let fields = parts.pop().unwrap_or(Value::Null);
+    let id = parts
+        .pop()
+        .and_then(|v| v.into_string())
+        .ok_or_else(|| corrupt("stream entry id"))?;
+    let seq = id
+        .strip_suffix("-0")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Seq)
+        .ok_or_else(|| corrupt(format!("stream entry id {id:?} is not <seq>-0")))?;
+    let mut fields = match fields {
+        Value::Array(f) if f.len() == 2 => f.into_iter(),
+        _ => return Err(corrupt(format!("entry {id}: expected one field"))),
+    };
+    let name = fields
+        .next()
+        .and_then(|v| v.into_string())
+        .unwrap_or_default();
+    let value = fields
+        .next()
+        .and_then(|v| v.into_bytes())
+        .ok_or_else(|| corrupt(format!("entry {id}: value")))?;
+    let body = match name.as_str() {
+        "e" => EntryBody::Event(value),
+        "x" => EntryBody::End(serde_json::from_slice(&value).map_err(corrupt)?),
+        other => return Err(corrupt(format!("entry {id}: unknown field {other:?}"))),
+    };
+    Ok(Entry { seq, body })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        let k = self.keys(meta.id);
+        let headers = serde_json::to_string(&meta.headers).map_err(corrupt)?;
+        let mut fields: Vec<(&str, String)> = vec![
+            ("id", meta.id.to_string()),
+            ("epoch", meta.epoch.0.to_string()),
+            ("created_ms", meta.created_ms.to_string()),
+            ("route", meta.route.clone()),
+            ("format", meta.format.clone()),
+            ("headers", headers),
+        ];
+        if let Some(end) = &meta.end {
+            fields.push(("end", serde_json::to_string(end).map_err(corrupt)?));
+        }
+        // Replace, not merge: a re-created id must not keep an old `end`.
+        let p = self.inner.pool.next().pipeline();
+        let () = p.del(&k.meta).await.map_err(map_err)?;
+        let () = p.hset(&k.meta, fields).await.map_err(map_err)?;
+        let () = p
+            .pexpire(&k.meta, self.live_ttl_ms(), None)
+            .await
+            .map_err(map_err)?;
+        let _: Vec<Value> = p.all().await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        validate_batch(stream, entries)?;
+        let k = self.keys(stream);
+        let end_record = match &last.body {
+            EntryBody::End(outcome) => {
+                serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
+            }
+            EntryBody::Event(_) => String::new(),
+        };
+        let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len());
+        args.push(first.seq.0.to_string().into());
+        args.push(last.seq.0.to_string().into());
+        args.push(self.live_ttl_ms().into());
+        args.push(self.retention_ms().into());
+        args.push(end_record.into());
+        for e in entries {
+            args.push(format!("{}-0", e.seq.0).into());
+            match &e.body {
+                EntryBody::Event(b) => {
+                    args.push("e".into());
+                    args.push(Value::Bytes(b.clone()));
+                }
+                EntryBody::End(o) => {
+                    args.push("x".into());
+                    args.push(serde_json::to_string(o).map_err(corrupt)?.into());
+                }
+            }
+        }
+        let keys = vec![k.meta, k.entries, k.channel];
+        let binding = match self.fcall(true, FN_APPEND, keys, args).await {
+            Ok(v) => v,
+            Err(e) if e.details().contains(CONFLICT_MARK) => {
+                let detail = e.details();
+                let detail = detail[detail.find(CONFLICT_MARK).unwrap_or(0)..]
+                    .trim_start_matches(CONFLICT_MARK)
+                    .trim()
+                    .to_string();
+                return Err(StoreError::Conflict { stream, detail });
+            }
+            Err(e) => return Err(map_err(e)),
+        };
+
+        // Same-process tails need not wait for the notification's round trip.
+        if let Some(n) = self.inner.notifier.get() {
+            n.bump(stream, last.seq.0);
+        }
+
+        if let Some(binding) = binding.into_string() {
+            // Only ever our own key names; anything else is left alone.
+            if binding.starts_with(&format!("{}k:", self.inner.opts.key_prefix)) {
+                let args: Vec<Value> = vec![stream.to_string().into(), self.retention_ms().into()];
+                if let Err(e) = self.fcall(false, FN_END_BINDING, vec![binding], args).await {
+                    tracing::debug!(stream.id = %stream, cause = %e, "could not shorten the key binding");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+        let k = self.keys(stream);
+        let h: HashMap<String, String> = self.inner.pool.hgetall(&k.meta).await.map_err(map_err)?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        parse_meta(stream, h).map(Some)
+    }
+
+    async fn read(
+        &self,
+        stream: StreamId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let Some(from) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let k = self.keys(stream);
+        // COUNT is a signed 64-bit integer, which fred wants strictly below i64::MAX.
+        let count = u64::try_from(limit)
+            .unwrap_or(u64::MAX)
+            .min(i64::MAX as u64 - 1);
+        let items: Value = self
+            .inner
+            .pool
+            .xrange(&k.entries, format!("{from}-0"), "+", Some(count))
+            .await
+            .map_err(map_err)?;
+        match items {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(items) => items.into_iter().map(parse_entry).collect(),
+            other => Err(corrupt(format!("XRANGE answered {:?}", other.kind()))),
+        }
+    }
+
+    async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        let name = self.binding_key(key);
+        let k = self.keys(stream);
+        let set = self.inner.pool.set::<(), _, _>(
+            &name,
+            stream.to_string(),
+            Some(Expiration::PX(self.live_ttl_ms())),
+            None,
+            false,
+        );
+        let note = self.fcall(
+            false,
+            FN_NOTE_BINDING,
+            vec![k.meta],
+            vec![name.clone().into()],
+        );
+        let (set, note) = tokio::join!(set, note);
+        set.map_err(map_err)?;
+        note.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+        let v: Option<String> = self
+            .inner
+            .pool
+            .get(self.binding_key(key))
+            .await
+            .map_err(map_err)?;
+        v.map(|s| {
+            s.parse()
+                .map_err(|_| corrupt(format!("key binding holds {s:?}")))
+        })
+        .transpose()
+    }
+
+    async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
+        let n = self.notifier().await?;
+        n.watch(stream).await
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = Instant::now();
+        let () = self.inner.pool.ping(None).await.map_err(map_err)?;
+        Ok(start.elapsed())
+    }
+}
+
+/// The store's one subscriber connection and the watchers it wakes.
+struct Notifier {
+    client: SubscriberClient,
+    prefix: String,
+    topics: Mutex<HashMap<StreamId, Topic>>,
+}
+
+/// One watched stream.
+struct Topic {
+    refs: usize,
+    /// Whether `SSUBSCRIBE` succeeded (and no `SUNSUBSCRIBE` followed).
+    subscribed: bool,
+    tx: watch::Sender<u64>,
+    /// Serializes this stream's subscribe and unsubscribe calls, so that a
+    /// late unsubscribe never cancels a newer watcher's subscription.
+    op: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Notifier {
+    async fn start(inner: &Inner) -> Result<Arc<Notifier>, StoreError> {
+        let client = inner.builder.build_subscriber_client().map_err(map_err)?;
+        // Take the receivers before connecting so nothing is missed.
+        let messages = client.message_rx();
+        let reconnects = client.reconnect_rx();
+        let bound = inner
+            .ropts
+            .connect_timeout
+            .saturating_add(inner.ropts.command_timeout);
+        match tokio::time::timeout(bound, client.init()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(map_err(e)),
+            Err(_) => {
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), c.quit()).await;
+                });
+                return Err(StoreError::Unavailable(
+                    "subscriber connection timed out".into(),
+                ));
+            }
+        }
+        let n = Arc::new(Notifier {
+            client,
+            prefix: inner.opts.key_prefix.clone(),
+            topics: Mutex::new(HashMap::new()),
+        });
+        let token = inner.shutdown.child_token();
+        tokio::spawn(
+            route_messages(n.clone(), messages, token.clone())
+                .instrument(tracing::debug_span!("redis_notify")),
+        );
+        tokio::spawn(
+            resubscribe_on_reconnect(n.clone(), reconnects, token.clone(), inner.ropts.clone())
+                .instrument(tracing::debug_span!("redis_resubscribe")),
+        );
+        let heartbeat = inner.ropts.heartbeat_interval;
+        tokio::spawn(
+            {
+                let n = n.clone();
+                async move {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = n.client.enable_heartbeat(heartbeat, false) => {}
+                    }
+                    let _ = n.client.quit().await;
+                }
+            }
+            .instrument(tracing::debug_span!("redis_subscriber")),
+        );
+        Ok(n)
+    }
+
+    fn channel(&self, stream: StreamId) -> String {
+        stream_keys(&self.prefix, stream).channel
+    }
+
+    fn bump(&self, stream: StreamId, seq: u64) {
+        if let Some(t) = lock(&self.topics).get(&stream) {
+            t.tx.send_modify(|v| *v = (*v).max(seq));
+        }
+    }
+
+    fn bump_all(&self) {
+        for t in lock(&self.topics).values() {
+            t.tx.send_modify(|_| {});
+        }
+    }
+
+    async fn watch(self: &Arc<Self>, stream: StreamId) -> Result<Watcher, StoreError> {
+        let (rx, op) = {
+            let mut topics = lock(&self.topics);
+            let t = topics.entry(stream).or_insert_with(|| Topic {
+                refs: 0,
+                subscribed: false,
+                tx: watch::Sender::new(0),
+                op: Arc::new(tokio::sync::Mutex::new(())),
+            });
+            t.refs += 1;
+            (t.tx.subscribe(), t.op.clone())
+        };
+        // From here on, dropping the guard (also on error) releases the topic.
+        let guard = TopicGuard {
+            notifier: self.clone(),
+            stream,
+        };
+        let _op = op.lock().await;
+        let subscribed = lock(&self.topics)
+            .get(&stream)
+            .is_some_and(|t| t.subscribed);
+        if !subscribed {
+            self.client
+                .ssubscribe(self.channel(stream))
+                .await
+                .map_err(map_err)?;
+            if let Some(t) = lock(&self.topics).get_mut(&stream) {
+                t.subscribed = true;
+            }
+        }
+        Ok(Watcher::new(rx, Some(Box::new(guard))))
+    }
+
+    fn release(self: &Arc<Self>, stream: StreamId) {
+        let op = {
+            let mut topics = lock(&self.topics);
+            let Some(t) = topics.get_mut(&stream) else {
+                return;
+            };
+            t.refs = t.refs.saturating_sub(1);
+            if t.refs > 0 {
+                return;
+            }
+            t.op.clone()
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            lock(&self.topics).remove(&stream);
+            return;
+        };
+        let n = self.clone();
+        rt.spawn(async move {
+            let _op = op.lock().await;
+            let subscribed = match lock(&n.topics).get(&stream) {
+                Some(t) if t.refs == 0 => t.subscribed,
+                _ => return,
+            };
+            if subscribed {
+                if let Err(e) = n.client.sunsubscribe(n.channel(stream)).await {
+                    tracing::debug!(stream.id = %stream, cause = %e, "SUNSUBSCRIBE failed");
+                }
+            }
+            let mut topics = lock(&n.topics);
+            if let Some(t) = topics.get_mut(&stream) {
+                if t.refs == 0 {
+                    topics.remove(&stream);
+                } else {
+                    // A watcher arrived meanwhile; it subscribes again after us.
+                    t.subscribed = false;
+                }
+            }
+        });
+    }
+
+    /// Subscribes again to every watched stream, one `SSUBSCRIBE` per slot.
+    async fn resubscribe_all(&self) -> Result<usize, FredError> {
+        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for (stream, t) in lock(&self.topics).iter() {
+            if t.subscribed {
+                let channel = self.channel(*stream);
+                by_slot
+                    .entry(fred::util::redis_keyslot(channel.as_bytes()))
+                    .or_default()
+                    .push(channel);
+            }
+        }
+        let mut count = 0;
+        for (_, channels) in by_slot {
+            count += channels.len();
+            self.client.ssubscribe(channels).await?;
+        }
+        Ok(count)
+    }
+}
+
+/// Keeps one watcher's interest in a stream.
+struct TopicGuard {
+    notifier: Arc<Notifier>,
+    stream: StreamId,
+}
+
+impl Drop for TopicGuard {
+    fn drop(&mut self) {
+        self.notifier.release(self.stream);
+    }
+}
+
+async fn route_messages(
+    n: Arc<Notifier>,
+    mut rx: tokio::sync::broadcast::Receiver<Message>,
+    token: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let msg = tokio::select! {
+            _ = token.cancelled() => return,
+            msg = rx.recv() => msg,
+        };
+        match msg {
+            Ok(m) => {
+                let Some(stream) = channel_stream(&n.prefix, &m.channel) else {
+                    continue;
+                };
+                let seq = m
+                    .value
+                    .as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                n.bump(stream, seq);
+            }
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "notification buffer overflowed; waking every watcher"
+                );
+                n.bump_all();
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn resubscribe_on_reconnect(
+    n: Arc<Notifier>,
+    mut rx: tokio::sync::broadcast::Receiver<Server>,
+    token: CancellationToken,
+    ropts: RedisOptions,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // Retry until the subscriptions are back; a failure must not leave the
+    // tails deaf until the next reconnection.
+    let mut pending = false;
+    let mut delay = ropts.reconnect_min_delay;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            ev = rx.recv() => match ev {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    pending = true;
+                    delay = ropts.reconnect_min_delay;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep(delay), if pending => {}
+        }
+        if !pending {
+            continue;
+        }
+        match n.resubscribe_all().await {
+            Ok(count) => {
+                pending = false;
+                tracing::info!(
+                    channels = count,
+                    "subscriber reconnected; resubscribed and woke every watcher"
+                );
+                // Notifications sent while disconnected are lost: make every tail re-read.
+                n.bump_all();
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "resubscribing after reconnection failed; retrying");
+                delay = delay.saturating_mul(2).min(ropts.reconnect_max_delay);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn channel_names_round_trip() {
+        let s = StreamId::random();
+        let k = stream_keys("reprise:", s);
+        assert_eq!(k.meta, format!("reprise:{{{s}}}:m"));
+        assert_eq!(channel_stream("reprise:", &k.channel), Some(s));
+        assert_eq!(channel_stream("other:", &k.channel), None);
+        assert_eq!(channel_stream("reprise:", &k.meta), None);
+    }
+
+    #[test]
+    fn binding_parts_cannot_collide() {
+        // ':' separates route from key and never occurs in base64url.
+        assert_ne!(
+            format!("{}:{}", b64("a:b"), b64("c")),
+            format!("{}:{}", b64("a"), b64("b:c"))
+        );
+        assert!(!b64("\r\n\0{}").contains([':', '{', '}']));
+    }
+
+    #[test]
+    fn error_mapping() {
+        let e = FredError::new(ErrorKind::IO, "connection reset");
+        assert!(matches!(map_err(e), StoreError::Unavailable(_)));
+        let e = FredError::new(ErrorKind::Timeout, "timed out");
+        assert!(matches!(map_err(e), StoreError::Unavailable(_)));
+        let e = FredError::new(ErrorKind::Parse, "bad frame");
+        assert!(matches!(map_err(e), StoreError::Corrupt(_)));
+        let e = FredError::new(ErrorKind::Unknown, "OOM command not allowed");
+        assert!(matches!(map_err(e), StoreError::Full(_)));
+    }
+
+    #[test]
+    fn entry_parsing_rejects_foreign_records() {
+        let good = Value::Array(vec![
+            "7-0".into(),
+            Value::Array(vec![
+                "e".into(),
+                Value::Bytes(Bytes::from_static(b"\0\xff")),
+            ]),
+        ]);
+        let e = parse_entry(good).unwrap();
+        assert_eq!(e.seq, Seq(7));
+        assert_eq!(e.body, EntryBody::Event(Bytes::from_static(b"\0\xff")));
+        for bad in [
+            Value::Array(vec![
+                "7-1".into(),
+                Value::Array(vec!["e".into(), "x".into()]),
+            ]),
+            Value::Array(vec![
+                "7-0".into(),
+                Value::Array(vec!["z".into(), "x".into()]),
+            ]),
+            Value::Array(vec![
+                "7-0".into(),
+                Value::Array(vec!["x".into(), "not json".into()]),
+            ]),
+            Value::Array(vec!["7-0".into()]),
+            "nope".into(),
+        ] {
+            assert!(matches!(parse_entry(bad), Err(StoreError::Corrupt(_))));
+        }
+    }
+}

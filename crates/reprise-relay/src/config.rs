@@ -1,0 +1,382 @@
+//! Configuration: the TOML file shape, its defaults, and validation.
+//!
+//! Loaded once at start-up (`Config::from_toml`), overridden by CLI flags and
+//! env vars in the binary, then checked by [`Config::validate`]. Every key is
+//! documented in `docs/config.md`; `config/reprise.toml` is a commented example.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// A secret string (a Redis URL with a password): `Debug` and `Display` mask it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself: only for handing to the client library that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// A Redis URL with any user info replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Errors found while loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the relay listens on.
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub streams: StreamsConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            streams: StreamsConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// `[store]`: where streams are kept.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Redis URL in fred's syntax; `None` selects the embedded in-memory store.
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// How long a finished stream stays resumable.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Memory bound of the embedded store (payload bytes of all streams).
+    pub memory_max_bytes: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis_url: None,
+            key_prefix: "reprise:".to_string(),
+            retention: Duration::from_secs(24 * 3600),
+            memory_max_bytes: ByteSize::mib(256),
+        }
+    }
+}
+
+/// `[limits]`: bounds on input, all enforced without buffering past them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest upstream SSE line.
+    pub max_line: ByteSize,
+    /// Largest upstream SSE event.
+    pub max_event: ByteSize,
+    /// Most events recorded in one stream.
+    pub max_stream_events: u64,
+    /// Most bytes recorded in one stream.
+    pub max_stream_bytes: ByteSize,
+    /// Largest request body buffered to extract a JSON key.
+    pub max_request_body: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_line: ByteSize::mib(1),
+            max_event: ByteSize::mib(4),
+            max_stream_events: 1_000_000,
+            max_stream_bytes: ByteSize::mib(64),
+            max_request_body: ByteSize::mib(16),
+        }
+    }
+}
+
+/// `[timeouts]`: how long Reprise waits for an upstream.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// TCP (and TLS) connect to the upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending the request to the upstream's response headers.
+    #[serde(with = "humantime_serde")]
+    pub response: Duration,
+    /// Longest silence between two chunks of a streamed upstream body.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// Longest a stream may be recorded.
+    #[serde(with = "humantime_serde")]
+    pub max_stream_duration: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight streams may continue.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: Duration::from_secs(10),
+            response: Duration::from_secs(120),
+            idle: Duration::from_secs(300),
+            max_stream_duration: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[streams]`: how readers are served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// A `: keep-alive` comment is sent to a reader after this much silence.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A reader of a stream produced by another instance re-reads the store
+    /// at least this often, even without a notification.
+    #[serde(with = "humantime_serde")]
+    pub tail_poll_interval: Duration,
+    /// How long a finished stream stays cached in this instance's memory for
+    /// fast resumes, after its last entry is stored.
+    #[serde(with = "humantime_serde")]
+    pub hot_linger: Duration,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            heartbeat: Duration::from_secs(15),
+            tail_poll_interval: Duration::from_secs(1),
+            hot_linger: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a route finds the key (e.g. chat id) that names its latest stream.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum KeySource {
+    /// A JSON pointer (RFC 6901) into the JSON request body, e.g. `/id`.
+    Json(String),
+    /// A request header, e.g. `x-chat-id`.
+    Header(String),
+    /// A query parameter, e.g. `chat`.
+    Query(String),
+}
+
+/// `[[routes]]`: one upstream behind a path prefix.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix, matched on segment boundaries; the longest match wins.
+    pub path: String,
+    /// Upstream base URL (`http://` or `https://`). If it has a path, that
+    /// path replaces the route prefix; otherwise the request path is kept.
+    pub upstream: String,
+    /// Where the route's key comes from, if streams are resumable by key.
+    #[serde(default)]
+    pub key: Option<KeySource>,
+    /// Resume URL template containing `{key}`, e.g. `/api/chat/{key}/stream`.
+    #[serde(default)]
+    pub resume: Option<String>,
+    /// Record SSE responses (default true); `false` makes a plain pass-through route.
+    #[serde(default = "default_true")]
+    pub record: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    pub fn from_file(path: &str) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks what serde cannot: consistent routes and sane bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.routes.is_empty() {
+            return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !r.path.starts_with('/') {
+                return bad(format!("{at}.path must start with '/': {:?}", r.path));
+            }
+            if r.path.starts_with("/_reprise") {
+                return bad(format!("{at}.path: /_reprise is reserved for Reprise's own endpoints"));
+            }
+            if !seen.insert(normalize_prefix(&r.path)) {
+                return bad(format!("{at}.path {:?} is defined twice", r.path));
+            }
+            match r.upstream.parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http") | Some("https")) && u.authority().is_some() => {
+                    if u.query().is_some() {
+                        return bad(format!("{at}.upstream must not have a query string"));
+                    }
+                }
+                _ => return bad(format!("{at}.upstream must be an http:// or https:// URL: {:?}", r.upstream)),
+            }
+            if let Some(KeySource::Json(p)) = &r.key {
+                if !p.is_empty() && !p.starts_with('/') {
+                    return bad(format!("{at}.key.json must be a JSON pointer starting with '/': {p:?}"));
+                }
+            }
+            if let Some(t) = &r.resume {
+                if r.key.is_none() {
+                    return bad(format!("{at}.resume needs {at}.key: the template resumes a key's latest stream"));
+                }
+                if !t.starts_with('/') || t.matches("{key}").count() != 1 {
+                    return bad(format!("{at}.resume must start with '/' and contain {{key}} exactly once: {t:?}"));
+                }
+                if t.starts_with("/_reprise") {
+                    return bad(format!("{at}.resume: /_reprise is reserved"));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_line.as_u64() < 1024 || l.max_event.as_u64() < 1024 {
+            return bad("limits.max_line and limits.max_event must be at least 1 KiB".into());
+        }
+        if l.max_stream_events == 0 || l.max_stream_bytes.as_u64() < l.max_event.as_u64() {
+            return bad("limits.max_stream_bytes must be at least limits.max_event, max_stream_events > 0".into());
+        }
+        if self.store.retention.is_zero() {
+            return bad("store.retention must be more than 0".into());
+        }
+        if self.streams.heartbeat.is_zero() || self.streams.tail_poll_interval.is_zero() {
+            return bad("streams.heartbeat and streams.tail_poll_interval must be more than 0".into());
+        }
+        if self.store.key_prefix.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return bad("store.key_prefix must not contain spaces or control characters".into());
+        }
+        Ok(())
+    }
+}
+
+/// `/api/chat/` and `/api/chat` are the same prefix.
+pub(crate) fn normalize_prefix(p: &str) -> &str {
+    if p.len() > 1 {
+        p.trim_end_matches('/')
+    } else {
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../config/reprise.toml");
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let c = Config::from_toml(EXAMPLE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.key_prefix, "reprise:");
+        assert_eq!(c.store.retention, Duration::from_secs(24 * 3600));
+        assert_eq!(c.routes[0].key, Some(KeySource::Json("/id".into())));
+    }
+
+    #[test]
+    fn key_sources_parse() {
+        let c = Config::from_toml(
+            r#"
+            [[routes]]
+            path = "/a"
+            upstream = "http://127.0.0.1:1"
+            key = { header = "x-chat-id" }
+            [[routes]]
+            path = "/b"
+            upstream = "https://example.com/v1"
+            key = { query = "chat" }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes[0].key, Some(KeySource::Header("x-chat-id".into())));
+        assert_eq!(c.routes[1].key, Some(KeySource::Query("chat".into())));
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_with_a_reason() {
+        for (text, needle) in [
+            ("lissen = \"1\"", "unknown field"),
+            ("[store]\nretention = \"forever\"", "retention"),
+            ("", "no routes"),
+            ("[[routes]]\npath = \"api\"\nupstream = \"http://x\"", "start with '/'"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"ftp://x\"", "http:// or https://"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nresume = \"/a/{key}\"", "needs"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { json = \"/id\" }\nresume = \"/a/stream\"", "{key}"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { cookie = \"c\" }", "unknown variant"),
+            ("[[routes]]\npath = \"/_reprise/x\"\nupstream = \"http://x\"", "reserved"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\n[[routes]]\npath = \"/a/\"\nupstream = \"http://y\"", "twice"),
+        ] {
+            let err = Config::from_toml(text).and_then(|c| c.validate()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let s = Secret::new("redis://user:hunter2@host:6379");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(redact_url(s.expose()), "redis://***@host:6379");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

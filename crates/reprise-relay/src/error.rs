@@ -1,0 +1,94 @@
+//! Errors of the relay layer and the one place they become HTTP responses.
+
+use http::{header, HeaderValue, Response, StatusCode};
+use reprise_store::StoreError;
+use serde_json::json;
+
+use crate::body::{full, Body};
+
+/// Seconds a client is told to wait before retrying a 503.
+const RETRY_AFTER_SECS: u64 = 2;
+
+/// What went wrong while handling a request, before its response started.
+/// After a stream's response has started, failures are recorded in the
+/// stream and signalled in-band instead (see `reprise_core::outcome`).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The client sent something invalid (a malformed id, a bad query value).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// The named stream does not exist (or is not the caller's).
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    /// The request body is larger than `limits.max_request_body`.
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// No route matches the path.
+    #[error("no route for this path")]
+    NoRoute,
+    /// The upstream could not be reached or broke before answering.
+    #[error("upstream unavailable: {0}")]
+    Upstream(String),
+    /// The upstream did not answer in time.
+    #[error("upstream timed out: {0}")]
+    UpstreamTimeout(String),
+    /// The store is unreachable: retry later.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A bug or an invariant broken in the store's data.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for RelayError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => RelayError::StoreUnavailable(m),
+            other => RelayError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl RelayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RelayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            RelayError::NotFound { .. } | RelayError::NoRoute => StatusCode::NOT_FOUND,
+            RelayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            RelayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RelayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Machine-readable code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RelayError::BadRequest { code, .. } | RelayError::NotFound { code, .. } => code,
+            RelayError::PayloadTooLarge { .. } => "payload_too_large",
+            RelayError::NoRoute => "no_route",
+            RelayError::Upstream(_) => "upstream_unavailable",
+            RelayError::UpstreamTimeout(_) => "upstream_timeout",
+            RelayError::StoreUnavailable(_) => "store_unavailable",
+            RelayError::Internal(_) => "internal",
+        }
+    }
+
+    /// `{"error": {"code": "...", "message": "..."}}` with the matching status.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut resp = Response::new(full(body.to_string()));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
+    }
+}

@@ -1,0 +1,216 @@
+//! The hub: this instance's registry of [`LiveStream`]s, and the loader that
+//! fills one from the store when the stream is not produced here.
+//!
+//! A reader never talks to the store itself. It asks the hub for the stream:
+//! - produced on this instance → the recorder's log, in-process, no Redis trip;
+//! - otherwise → one loader task per stream per instance pages the entries
+//!   out of the store into a log, then follows new appends (store watcher
+//!   plus a poll interval), until the terminal entry. Every local reader of
+//!   that stream shares it, so N readers cost one store reader, and a resume
+//!   storm on a finished stream reads the store once.
+//!
+//! Logs stay in the hub while readers are attached and for `hot_linger`
+//! after the stream ended, then are dropped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reprise_core::{FailReason, Outcome, StreamId};
+use reprise_store::{Store, StreamMeta};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::live::{LiveStream, ReaderGuard};
+use crate::retry::Backoff;
+
+/// Entries read from the store per call.
+pub const STORE_PAGE: usize = 1000;
+
+/// Registry of the streams this instance holds in memory.
+#[derive(Default)]
+pub struct Hub {
+    streams: Mutex<HashMap<StreamId, Arc<LiveStream>>>,
+}
+
+impl Hub {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Arc<LiveStream>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: StreamId) -> Option<Arc<LiveStream>> {
+        self.map().get(&id).cloned()
+    }
+
+    /// Registers a stream produced on this instance.
+    pub fn insert(&self, live: Arc<LiveStream>) {
+        self.map().insert(live.id, live);
+    }
+
+    /// Removes `live` if it is still the registered log for its id.
+    pub fn remove(&self, live: &Arc<LiveStream>) {
+        let mut map = self.map();
+        if map.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            map.remove(&live.id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The log for a stream known to exist in the store (`meta`), starting a
+    /// loader if this instance does not hold it yet. The caller is attached
+    /// as a reader before the registry lock is released, so a loader never
+    /// leaves while a reader is joining.
+    pub fn open(self: &Arc<Self>, meta: &StreamMeta, ctx: LoaderCtx) -> (Arc<LiveStream>, ReaderGuard) {
+        let mut map = self.map();
+        if let Some(l) = map.get(&meta.id) {
+            if l.epoch == meta.epoch {
+                let guard = l.attach();
+                return (l.clone(), guard);
+            }
+        }
+        let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone());
+        let guard = live.attach();
+        map.insert(meta.id, live.clone());
+        drop(map);
+        let span = tracing::debug_span!("loader", stream.id = %meta.id);
+        let hub = self.clone();
+        let task_live = live.clone();
+        ctx.tasks
+            .clone()
+            .spawn(async move { load(hub, task_live, ctx).await }.instrument(span));
+        (live, guard)
+    }
+
+    /// Attaches a reader to a stream held here, if any.
+    pub fn attach(&self, id: StreamId) -> Option<(Arc<LiveStream>, ReaderGuard)> {
+        let map = self.map();
+        let l = map.get(&id)?;
+        Some((l.clone(), l.attach()))
+    }
+
+    /// Removes `live` if no reader is attached; true if it was removed (or
+    /// was no longer registered).
+    fn remove_if_idle(&self, live: &Arc<LiveStream>) -> bool {
+        let mut map = self.map();
+        if live.reader_count() > 0 {
+            return false;
+        }
+        if map.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            map.remove(&live.id);
+        }
+        true
+    }
+}
+
+/// What a loader needs.
+#[derive(Clone)]
+pub struct LoaderCtx {
+    pub store: Arc<dyn Store>,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub stop: CancellationToken,
+    pub poll_interval: Duration,
+    pub linger: Duration,
+}
+
+/// Follows a stream in the store until its end; see the module docs.
+async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
+    let mut watcher = match ctx.store.watch(live.id).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::debug!(cause = %e, "no store watcher, polling only");
+            None
+        }
+    };
+    let mut backoff = Backoff::new();
+    // Polls without any attached reader; the loader stops after a few.
+    let mut idle_polls = 0u32;
+    // Consecutive reads that found nothing new.
+    let mut empty_polls = 0u32;
+    loop {
+        if ctx.stop.is_cancelled() {
+            break;
+        }
+        let after = live.last_seq();
+        match ctx.store.read(live.id, after, STORE_PAGE).await {
+            Ok(entries) if !entries.is_empty() => {
+                backoff.reset();
+                empty_polls = 0;
+                let full_page = entries.len() == STORE_PAGE;
+                if !live.append_loaded(&entries) {
+                    // The store's entries do not continue what we hold: the
+                    // stream was lost and re-created underneath us.
+                    tracing::warn!(after = after.0, "stream entries are not contiguous; ending readers");
+                    live.finish(Outcome::Failed {
+                        reason: FailReason::ProducerLost,
+                        message: "the stream's history changed in the store".into(),
+                    });
+                }
+                if live.is_ended() {
+                    break;
+                }
+                if full_page {
+                    continue;
+                }
+            }
+            Ok(_) => {
+                backoff.reset();
+                empty_polls += 1;
+                // Nothing new for a while: if the stream itself vanished
+                // (expired), end the readers instead of waiting forever.
+                if empty_polls % 10 == 0 {
+                    if let Ok(None) = ctx.store.meta(live.id).await {
+                        live.finish(Outcome::Failed {
+                            reason: FailReason::ProducerLost,
+                            message: "the stream expired before it ended".into(),
+                        });
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(cause = %e, "store read failed; retrying");
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = ctx.stop.cancelled() => break,
+                }
+                continue;
+            }
+        }
+        if live.reader_count() == 0 {
+            idle_polls += 1;
+            if idle_polls >= 3 && hub.remove_if_idle(&live) {
+                return;
+            }
+        } else {
+            idle_polls = 0;
+        }
+        let wait = async {
+            match watcher.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            _ = tokio::time::sleep(ctx.poll_interval) => {}
+            _ = ctx.stop.cancelled() => break,
+        }
+    }
+    if live.is_ended() {
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.linger) => {}
+            _ = ctx.stop.cancelled() => {}
+        }
+    }
+    // Ended (or stopping): drop the log once no reader uses it.
+    while !hub.remove_if_idle(&live) && !ctx.stop.is_cancelled() {
+        tokio::time::sleep(ctx.poll_interval).await;
+    }
+}

@@ -1,0 +1,302 @@
+//! The request path: every request enters [`handle`], which decides whether
+//! it is one of Reprise's own endpoints, a resume, or a request to forward
+//! upstream, and in the last case whether its response gets recorded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
+use reprise_core::{Cursor, Epoch, StreamId};
+use reprise_store::{KeyRef, StreamMeta};
+
+use crate::body::{full, Body, BoxError};
+use crate::config::KeySource;
+use crate::error::RelayError;
+use crate::live::LiveStream;
+use crate::resume::{self, Position, Via};
+use crate::routes::{is_unsafe_path, Route};
+use crate::server::Relay;
+use crate::{admin, reader, recorder};
+
+/// Longest key value (chat id) accepted for a key binding.
+const MAX_KEY_LEN: usize = 512;
+
+/// Response headers kept with a stream and replayed to resuming readers.
+const REPLAY_HEADERS: [&str; 3] = [
+    "content-type",
+    "x-vercel-ai-ui-message-stream",
+    "x-vercel-ai-data-stream",
+];
+
+/// Entry point of every request.
+pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    let result = dispatch(&relay, req, client).await;
+    result.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            tracing::warn!(error = %e, "request failed");
+        } else {
+            tracing::debug!(error = %e, "request refused");
+        }
+        e.into_response()
+    })
+}
+
+async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, RelayError> {
+    let path = req.uri().path().to_string();
+    if path == "/_reprise" || path.starts_with("/_reprise/") {
+        return admin::handle(relay, req).await;
+    }
+    if is_unsafe_path(&path) {
+        return Err(RelayError::BadRequest {
+            code: "invalid_path",
+            message: "paths with '.' or '..' segments or encoded slashes are refused".into(),
+        });
+    }
+    if req.method() == Method::GET {
+        if let Some((route, key)) = relay.router.match_resume(&path) {
+            let route = route.clone();
+            return resume_by_key(relay, &route, key).await;
+        }
+    }
+    let route = relay.router.match_path(&path).ok_or(RelayError::NoRoute)?.clone();
+    if let Some(cursor) = reprise_cursor(&req) {
+        return resume::resume(relay, cursor.stream(), Position::Cursor(cursor), Via::LastEventId).await;
+    }
+    forward(relay, &route, req, client).await
+}
+
+/// The request's `Last-Event-ID` header or `last_event_id` query parameter,
+/// if it names a Reprise stream. Any other value belongs to the upstream.
+fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
+    if let Some(v) = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()) {
+        if let Ok(c) = Cursor::parse(v) {
+            return Some(c);
+        }
+    }
+    let q = query_param(req.uri().query()?, "last_event_id")?;
+    Cursor::parse(&q).ok()
+}
+
+/// Value of a query parameter, percent-decoded (`+` as space).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_decode_str(&k.replace('+', " ")).decode_utf8().ok()?.into_owned();
+        if k != name {
+            return None;
+        }
+        Some(percent_decode_str(&v.replace('+', " ")).decode_utf8().ok()?.into_owned())
+    })
+}
+
+async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> Result<Response<Body>, RelayError> {
+    let key = KeyRef {
+        route: route.path.clone(),
+        key,
+    };
+    match relay.store.resolve_key(&key).await? {
+        Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key).await,
+        None => {
+            let mut resp = Response::new(crate::body::empty());
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+    }
+}
+
+/// Forwards a request upstream and relays (and maybe records) the response.
+async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, RelayError> {
+    let (parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = route
+        .upstream_uri(&pq)
+        .map_err(|e| RelayError::Internal(format!("building upstream URI: {e}")))?;
+
+    // A JSON key needs the body; other requests stream it through.
+    let (key, body): (Option<String>, Body) = match &route.key {
+        Some(KeySource::Json(pointer)) if route.record => {
+            let limit = relay.config.limits.max_request_body.as_u64();
+            let bytes = read_body(body, limit).await?;
+            (json_key(&bytes, pointer), full(bytes))
+        }
+        other => {
+            let key = match other {
+                Some(KeySource::Header(name)) => parts.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(String::from),
+                Some(KeySource::Query(name)) => parts.uri.query().and_then(|q| query_param(q, name)),
+                _ => None,
+            };
+            (key, body.map_err(|e| Box::new(e) as BoxError).boxed())
+        }
+    };
+    let key = key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
+
+    let headers = crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
+    let mut up_req = Request::new(body);
+    *up_req.method_mut() = parts.method.clone();
+    *up_req.uri_mut() = uri;
+    *up_req.headers_mut() = headers;
+
+    let timeout = relay.config.timeouts.response;
+    let resp = match tokio::time::timeout(timeout, relay.client.request(up_req)).await {
+        Err(_) => return Err(RelayError::UpstreamTimeout(format!("no response headers within {}", humantime::format_duration(timeout)))),
+        Ok(Err(e)) => {
+            let detail = error_chain(&e);
+            if detail.contains("timed out") || detail.contains("timeout") {
+                return Err(RelayError::UpstreamTimeout(detail));
+            }
+            return Err(RelayError::Upstream(detail));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (mut resp_parts, resp_body) = resp.into_parts();
+    crate::upstream::strip_hop_by_hop(&mut resp_parts.headers);
+
+    let recordable = route.record && resp_parts.status.is_success() && is_event_stream(&resp_parts.headers);
+    if !recordable {
+        tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
+        let body = resp_body.map_err(|e| Box::new(e) as BoxError).boxed();
+        return Ok(Response::from_parts(resp_parts, body));
+    }
+
+    let stream = StreamId::random();
+    let epoch = Epoch::random();
+    let headers = replay_headers(&resp_parts.headers);
+    let meta = StreamMeta {
+        id: stream,
+        epoch,
+        created_ms: now_ms(),
+        route: route.path.clone(),
+        headers: headers.clone(),
+        format: "sse".into(),
+        end: None,
+    };
+    let live = LiveStream::new(stream, epoch, headers);
+    relay.hub.insert(live.clone());
+    let key_ref = key.map(|key| KeyRef {
+        route: route.path.clone(),
+        key,
+    });
+    let registered = recorder::register(relay, &meta, key_ref.as_ref()).await;
+    recorder::spawn(relay, live.clone(), resp_body, meta, key_ref, registered);
+
+    resp_parts.headers.remove(header::CONTENT_LENGTH);
+    resume::sse_headers(&mut resp_parts.headers, stream);
+    let guard = live.attach();
+    let body = reader::body(
+        live,
+        guard,
+        reprise_core::Seq::ZERO,
+        relay.config.streams.heartbeat,
+        relay.hard_stop.clone(),
+    );
+    Ok(Response::from_parts(resp_parts, body))
+}
+
+/// Reads a request body into memory, refusing more than `limit` bytes.
+async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, RelayError> {
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(RelayError::PayloadTooLarge { limit }),
+        Err(e) => Err(RelayError::BadRequest {
+            code: "request_body_failed",
+            message: format!("reading the request body failed: {e}"),
+        }),
+    }
+}
+
+/// The string (or number) at `pointer` in a JSON body.
+fn json_key(body: &[u8], pointer: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match v.pointer(pointer)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// `text/event-stream`, uncompressed.
+fn is_event_stream(h: &HeaderMap) -> bool {
+    let sse = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("text/event-stream"))
+        .unwrap_or(false);
+    let encoded = h
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
+    if sse && encoded {
+        tracing::warn!("upstream compressed an event stream despite Accept-Encoding: identity; not recording it");
+    }
+    sse && !encoded
+}
+
+fn replay_headers(h: &HeaderMap) -> Vec<(String, String)> {
+    REPLAY_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let v = h.get(HeaderName::from_static(name))?.to_str().ok()?;
+            Some((name.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An error and its sources, joined, for messages that say what happened.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("a=1&last_event_id=x%2Ey&b", "last_event_id").as_deref(), Some("x.y"));
+        assert_eq!(query_param("chat=a+b", "chat").as_deref(), Some("a b"));
+        assert_eq!(query_param("b", "b").as_deref(), Some(""));
+        assert_eq!(query_param("a=1", "b"), None);
+    }
+
+    #[test]
+    fn json_keys() {
+        assert_eq!(json_key(br#"{"id":"c1","messages":[]}"#, "/id").as_deref(), Some("c1"));
+        assert_eq!(json_key(br#"{"chat":{"n":7}}"#, "/chat/n").as_deref(), Some("7"));
+        assert_eq!(json_key(br#"{"id":null}"#, "/id"), None);
+        assert_eq!(json_key(b"not json", "/id"), None);
+    }
+
+    #[test]
+    fn event_stream_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "Text/Event-Stream; charset=utf-8".parse().unwrap());
+        assert!(is_event_stream(&h));
+        h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        assert!(!is_event_stream(&h));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        assert!(!is_event_stream(&h));
+    }
+}

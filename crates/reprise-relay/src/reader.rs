@@ -1,0 +1,80 @@
+//! A reader: the response body that sends one client a stream's frames
+//! from a position onwards, then follows it live until its end.
+//!
+//! The original client of a stream and every resuming client are readers of
+//! the same kind; they differ only in their starting position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use reprise_core::Seq;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{Body, BoxError};
+use crate::live::{LiveStream, ReaderGuard};
+
+/// Most bytes joined into one write when a reader is catching up.
+const MAX_WRITE: usize = 64 * 1024;
+
+const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+
+struct ReaderState {
+    live: Arc<LiveStream>,
+    _guard: ReaderGuard,
+    pos: Seq,
+    rx: tokio::sync::watch::Receiver<u64>,
+    heartbeat: Duration,
+    stop: CancellationToken,
+    done: bool,
+}
+
+/// The body of a reader positioned after `after`. `stop` closes it early
+/// (shutdown); the client can then resume elsewhere.
+pub fn body(live: Arc<LiveStream>, guard: ReaderGuard, after: Seq, heartbeat: Duration, stop: CancellationToken) -> Body {
+    let rx = live.subscribe();
+    let state = ReaderState {
+        live,
+        _guard: guard,
+        pos: after,
+        rx,
+        heartbeat,
+        stop,
+        done: false,
+    };
+    let frames = stream::unfold(state, |mut st| async move {
+        let chunk = next_chunk(&mut st).await?;
+        Some((Ok::<_, BoxError>(Frame::data(chunk)), st))
+    });
+    StreamBody::new(frames).boxed()
+}
+
+async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
+    loop {
+        if st.done {
+            return None;
+        }
+        st.rx.borrow_and_update();
+        let c = st.live.collect_after(st.pos, MAX_WRITE);
+        st.pos = c.last;
+        st.done = c.ended;
+        if let Some(chunk) = c.chunk {
+            return Some(chunk);
+        }
+        if st.done {
+            return None;
+        }
+        tokio::select! {
+            r = st.rx.changed() => {
+                if r.is_err() {
+                    return None;
+                }
+            }
+            _ = tokio::time::sleep(st.heartbeat) => return Some(Bytes::from_static(HEARTBEAT)),
+            _ = st.stop.cancelled() => return None,
+        }
+    }
+}

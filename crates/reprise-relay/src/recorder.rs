@@ -1,0 +1,253 @@
+//! Recording: the producer that reads an upstream SSE body into a
+//! [`LiveStream`], and the writer that copies the log into the store.
+//!
+//! Both run as tasks of their own, detached from the client's connection:
+//! a client that hangs up stops only its reader, never the recording (the
+//! generation is paid for). The writer batches naturally: while one append
+//! is in flight, new events accumulate in the log and go in the next one.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use reprise_core::sse::{encode_fields, Limits, Parser};
+use reprise_core::{FailReason, Outcome, Seq};
+use reprise_store::{EntryBody, KeyRef, StoreError, StreamMeta};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::live::LiveStream;
+use crate::retry::Backoff;
+use crate::server::Relay;
+
+/// Most entries written to the store in one append.
+const MAX_BATCH: usize = 512;
+/// How long the response waits for the store before a stream starts anyway.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Stores the stream's metadata and key binding before the response starts,
+/// so that a client resuming on another instance right after its first event
+/// finds the stream. One attempt: if the store is unavailable the stream
+/// still starts, and the writer retries in the background.
+pub async fn register(relay: &Relay, meta: &StreamMeta, key: Option<&KeyRef>) -> Registered {
+    let meta_stored = match tokio::time::timeout(REGISTER_TIMEOUT, relay.store.create(meta)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(stream.id = %meta.id, cause = %e, "storing stream metadata failed; will retry");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(stream.id = %meta.id, "storing stream metadata timed out; will retry");
+            false
+        }
+    };
+    let key_bound = match key {
+        Some(k) if meta_stored => matches!(
+            tokio::time::timeout(REGISTER_TIMEOUT, relay.store.bind_key(k, meta.id)).await,
+            Ok(Ok(()))
+        ),
+        Some(_) => false,
+        None => true,
+    };
+    Registered { meta_stored, key_bound }
+}
+
+/// What [`register`] managed to store.
+#[derive(Clone, Copy, Debug)]
+pub struct Registered {
+    meta_stored: bool,
+    key_bound: bool,
+}
+
+/// Starts recording `body` into `live` (already registered in the hub).
+pub fn spawn(
+    relay: &Arc<Relay>,
+    live: Arc<LiveStream>,
+    body: Incoming,
+    meta: StreamMeta,
+    key: Option<KeyRef>,
+    registered: Registered,
+) {
+    let span = tracing::info_span!("stream", stream.id = %live.id, route = %meta.route);
+    let producer = produce(relay.clone(), live.clone(), body);
+    relay.producers.spawn(producer.instrument(span.clone()));
+    let busy = Busy::new(relay);
+    let writer = write(relay.clone(), live, meta, key, registered, busy);
+    relay.tasks.spawn(writer.instrument(span));
+}
+
+/// Reads the upstream body to its end and appends each event to the log.
+async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
+    let cfg = &relay.config;
+    let limits = Limits {
+        max_line: cfg.limits.max_line.as_u64() as usize,
+        max_event: cfg.limits.max_event.as_u64() as usize,
+    };
+    let max_events = cfg.limits.max_stream_events;
+    let max_bytes = cfg.limits.max_stream_bytes.as_u64() as usize;
+    let idle = cfg.timeouts.idle;
+    let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
+    let interrupt: CancellationToken = relay.interrupt.clone();
+
+    let mut parser = Parser::new(limits);
+    let mut fields = BytesMut::with_capacity(1024);
+    let mut events: u64 = 0;
+    tracing::debug!("recording started");
+    let outcome = 'read: loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(idle, body.frame()) => f,
+            _ = tokio::time::sleep_until(deadline) => break failed(
+                FailReason::UpstreamTimeout,
+                format!("stream exceeded the maximum duration of {}", humantime(cfg.timeouts.max_stream_duration)),
+            ),
+            _ = interrupt.cancelled() => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
+        };
+        let data = match frame {
+            Err(_) => break failed(FailReason::UpstreamTimeout, format!("upstream sent nothing for {}", humantime(idle))),
+            Ok(None) => {
+                if parser.finish() {
+                    tracing::debug!("upstream ended inside an event; the incomplete event was discarded");
+                }
+                break Outcome::Completed;
+            }
+            Ok(Some(Err(e))) => break failed(FailReason::UpstreamReset, format!("upstream body failed: {e}")),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => d,
+                Err(_) => continue, // trailers
+            },
+        };
+        parser.push(data);
+        loop {
+            match parser.next_event() {
+                Ok(Some(event)) => {
+                    fields.clear();
+                    encode_fields(&event, &mut fields);
+                    events += 1;
+                    if events > max_events || live.event_bytes() + fields.len() > max_bytes {
+                        break 'read failed(
+                            FailReason::StreamTooLarge,
+                            format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
+                        );
+                    }
+                    live.push_event(&fields);
+                }
+                Ok(None) => break,
+                Err(e) => break 'read failed(FailReason::UpstreamProtocol, format!("invalid upstream event stream: {e}")),
+            }
+        }
+    };
+    // Dropping the body here closes the upstream connection on failures.
+    drop(body);
+    match &outcome {
+        Outcome::Completed => tracing::info!(events, "stream completed"),
+        other => tracing::warn!(events, outcome = ?other, "stream failed"),
+    }
+    live.finish(outcome);
+}
+
+fn failed(reason: FailReason, message: String) -> Outcome {
+    Outcome::Failed { reason, message }
+}
+
+fn humantime(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Copies the log into the store: metadata, key binding, then entries in
+/// batches until the terminal entry is stored.
+async fn write(
+    relay: Arc<Relay>,
+    live: Arc<LiveStream>,
+    meta: StreamMeta,
+    key: Option<KeyRef>,
+    registered: Registered,
+    busy: Busy,
+) {
+    let store = relay.store.clone();
+    let stop = relay.hard_stop.clone();
+    let id = live.id;
+    if !registered.meta_stored && retry(&stop, || store.create(&meta)).await.is_err() {
+        return;
+    }
+    if let (Some(key), false) = (&key, registered.key_bound) {
+        if retry(&stop, || store.bind_key(key, id)).await.is_err() {
+            return;
+        }
+    }
+    let mut persisted = Seq::ZERO;
+    let mut rx = live.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let batch = live.entries_after(persisted, MAX_BATCH);
+        let Some(last) = batch.last() else {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        };
+        let last_seq = last.seq;
+        let ended = matches!(last.body, EntryBody::End(_));
+        match retry(&stop, || store.append(id, &batch)).await {
+            Ok(()) => persisted = last_seq,
+            Err(()) => return,
+        }
+        if ended {
+            break;
+        }
+    }
+    tracing::debug!(entries = persisted.0, "stream stored");
+    drop(busy);
+    // Keep the finished log in memory a little, for reconnects right after the end.
+    tokio::select! {
+        _ = tokio::time::sleep(relay.config.streams.hot_linger) => {}
+        _ = stop.cancelled() => {}
+    }
+    relay.hub.remove(&live);
+}
+
+/// Retries a store call while its error is retryable; gives up on a
+/// permanent error or when `stop` fires.
+async fn retry<F, Fut>(stop: &CancellationToken, mut call: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match call().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(cause = %e, "store write failed; retrying");
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = stop.cancelled() => return Err(()),
+                }
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "store write failed permanently; the stream's record is incomplete");
+                return Err(());
+            }
+        }
+    }
+}
+
+/// Counts a writer with entries still to store, for the shutdown sequence.
+struct Busy(Arc<Relay>);
+
+impl Busy {
+    fn new(relay: &Arc<Relay>) -> Busy {
+        relay.writers_busy.fetch_add(1, Ordering::SeqCst);
+        Busy(relay.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.writers_busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}

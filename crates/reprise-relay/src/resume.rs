@@ -1,0 +1,162 @@
+//! Resuming: deciding what a reconnecting client gets, from the store or
+//! this instance's memory, never from the upstream.
+//!
+//! | situation                                        | answer |
+//! |--------------------------------------------------|--------|
+//! | position at or past the end, nothing left        | `204` |
+//! | `<stream>.end` cursor                            | `204` |
+//! | key resume of a finished stream or unbound key    | `204` |
+//! | unknown stream on `/_reprise/streams/{id}`        | `404` |
+//! | unknown stream or other epoch via `Last-Event-ID` | `200` + `reprise-error` `history_lost` |
+//! | otherwise                                         | `200`, replay after the position, then live |
+
+use std::sync::Arc;
+
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use reprise_core::outcome::{signal_frame, Signal};
+use reprise_core::{Cursor, Epoch, Outcome, Seq, StreamId};
+
+use crate::body::{empty, full, Body};
+use crate::error::RelayError;
+use crate::live::{LiveStream, ReaderGuard};
+use crate::reader;
+use crate::server::Relay;
+
+/// Response header carrying the stream id.
+pub const STREAM_ID_HEADER: &str = "reprise-stream-id";
+
+/// How the client asked to resume (it changes the "unknown stream" answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A route request carrying `Last-Event-ID` / `last_event_id`.
+    LastEventId,
+    /// `GET /_reprise/streams/{id}`.
+    StreamsEndpoint,
+    /// The route's `resume` template, by key.
+    Key,
+}
+
+/// Where the replay starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Position {
+    /// After this event (must be of the stream's current epoch).
+    Cursor(Cursor),
+    /// After the first N entries.
+    StartIndex(Seq),
+    /// From the first entry.
+    Beginning,
+}
+
+/// What is known about a stream before attaching to it.
+struct Known {
+    epoch: Epoch,
+    end: Option<(Seq, Outcome)>,
+    /// Set when this instance already holds the stream.
+    held: Option<(Arc<LiveStream>, ReaderGuard)>,
+    meta: Option<reprise_store::StreamMeta>,
+}
+
+/// Answers a resume of `stream` from `pos`.
+pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Via) -> Result<Response<Body>, RelayError> {
+    if let Position::Cursor(Cursor::End(_)) = pos {
+        return Ok(no_content(stream));
+    }
+    let known = match relay.hub.attach(stream) {
+        Some((live, guard)) => Known {
+            epoch: live.epoch,
+            end: live.end(),
+            held: Some((live, guard)),
+            meta: None,
+        },
+        None => match relay.store.meta(stream).await? {
+            Some(meta) => Known {
+                epoch: meta.epoch,
+                end: meta.end.clone(),
+                held: None,
+                meta: Some(meta),
+            },
+            None => {
+                return Ok(match via {
+                    Via::LastEventId => history_lost(stream),
+                    Via::StreamsEndpoint => {
+                        return Err(RelayError::NotFound {
+                            code: "stream_not_found",
+                            message: "no such stream (unknown, or expired after its retention)".into(),
+                        })
+                    }
+                    Via::Key => no_content(stream),
+                })
+            }
+        },
+    };
+    let after = match pos {
+        Position::Cursor(Cursor::At(id)) => {
+            if id.epoch != known.epoch {
+                return Ok(history_lost(stream));
+            }
+            id.seq
+        }
+        Position::Cursor(Cursor::End(_)) => return Ok(no_content(stream)),
+        Position::StartIndex(n) => n,
+        Position::Beginning => Seq::ZERO,
+    };
+    if let Some((end_seq, outcome)) = &known.end {
+        // A normal end sends nothing for its terminal entry; a failure sends its signal.
+        let last_visible = if outcome.is_completed() { end_seq.0 - 1 } else { end_seq.0 };
+        if via == Via::Key || after.0 >= last_visible {
+            return Ok(no_content(stream));
+        }
+    }
+    let (live, guard) = match (known.held, known.meta) {
+        (Some(held), _) => held,
+        (None, Some(meta)) => relay.hub.open(&meta, relay.loader_ctx()),
+        (None, None) => return Err(RelayError::Internal("stream known without metadata".into())),
+    };
+    let mut resp = Response::new(reader::body(
+        live.clone(),
+        guard,
+        after,
+        relay.config.streams.heartbeat,
+        relay.hard_stop.clone(),
+    ));
+    let h = resp.headers_mut();
+    for (name, value) in &live.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            h.insert(n, v);
+        }
+    }
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    }
+    sse_headers(h, stream);
+    Ok(resp)
+}
+
+/// Headers every SSE response of Reprise carries.
+pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {
+    if let Ok(v) = HeaderValue::from_str(&stream.to_string()) {
+        h.insert(HeaderName::from_static(STREAM_ID_HEADER), v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+}
+
+fn no_content(stream: StreamId) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    if let Ok(v) = HeaderValue::from_str(&stream.to_string()) {
+        resp.headers_mut().insert(HeaderName::from_static(STREAM_ID_HEADER), v);
+    }
+    resp
+}
+
+/// `200` with one `reprise-error` event (code `history_lost`) whose id is
+/// `<stream>.end`, so that a reconnecting EventSource then gets `204`.
+fn history_lost(stream: StreamId) -> Response<Body> {
+    let frame = signal_frame(Signal::HISTORY_LOST, stream, &Cursor::End(stream));
+    let mut resp = Response::new(full(frame));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    sse_headers(h, stream);
+    resp
+}

@@ -1,0 +1,213 @@
+//! The server: shared state ([`Relay`]), the accept loop, and the shutdown
+//! sequence. `run` is what the binary calls and what tests call in-process.
+//!
+//! Shutdown, in order (each step bounded):
+//! 1. `shutdown` fires: stop accepting; connections finish their current
+//!    response and close; `/readyz` answers 503.
+//! 2. In-flight recordings continue until they end or `shutdown_grace`
+//!    passes; then `interrupt` fires and they are recorded as `interrupted`.
+//! 3. Writers flush what is left to the store (bounded), then `hard_stop`
+//!    fires: readers close (clients resume elsewhere), loaders stop.
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use reprise_store::{MemoryStore, RedisStore, Store, StoreOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{redact_url, Config, ConfigError};
+use crate::hub::{Hub, LoaderCtx};
+use crate::proxy;
+use crate::routes::{RouteError, Router};
+use crate::upstream::{build_client, HttpClient};
+
+/// How long writers get to flush after producers stopped, at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connections get to close after `hard_stop`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors that stop the relay from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] reprise_store::StoreError),
+}
+
+/// Everything a request handler or a stream task needs.
+pub struct Relay {
+    pub config: Config,
+    pub router: Router,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub client: HttpClient,
+    /// Writers, loaders and connections.
+    pub tasks: TaskTracker,
+    /// Producers only: shutdown waits for these before interrupting them.
+    pub producers: TaskTracker,
+    /// Step 1 of shutdown: stop accepting.
+    pub shutdown: CancellationToken,
+    /// Step 2: in-flight recordings end as `interrupted`.
+    pub interrupt: CancellationToken,
+    /// Step 3: readers close, writers and loaders stop.
+    pub hard_stop: CancellationToken,
+    /// Writers that still have entries to store (shutdown waits for them).
+    pub writers_busy: AtomicUsize,
+}
+
+impl Relay {
+    pub fn new(config: Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<Arc<Relay>, StartError> {
+        config.validate()?;
+        let router = Router::new(&config.routes)?;
+        let client = build_client(&config.timeouts);
+        Ok(Arc::new(Relay {
+            router,
+            store,
+            hub: Arc::new(Hub::default()),
+            client,
+            tasks: TaskTracker::new(),
+            producers: TaskTracker::new(),
+            shutdown,
+            interrupt: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            writers_busy: AtomicUsize::new(0),
+            config,
+        }))
+    }
+
+    pub fn loader_ctx(&self) -> LoaderCtx {
+        LoaderCtx {
+            store: self.store.clone(),
+            tasks: self.tasks.clone(),
+            stop: self.hard_stop.clone(),
+            poll_interval: self.config.streams.tail_poll_interval,
+            linger: self.config.streams.hot_linger,
+        }
+    }
+}
+
+/// Opens the store the config names: Redis if a URL is set, else embedded.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    let opts = StoreOptions {
+        key_prefix: config.store.key_prefix.clone(),
+        retention: config.store.retention,
+        max_stream_duration: config.timeouts.max_stream_duration,
+    };
+    match &config.store.redis_url {
+        Some(url) => {
+            tracing::info!(url = %redact_url(url.expose()), "connecting to Redis");
+            let store = RedisStore::connect(url.expose(), opts).await?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            tracing::info!(
+                max_bytes = config.store.memory_max_bytes.as_u64(),
+                "no Redis configured: using the embedded in-memory store (one instance; streams are lost on restart)"
+            );
+            let limits = reprise_store::memory::MemoryLimits {
+                max_bytes: config.store.memory_max_bytes.as_u64() as usize,
+            };
+            Ok(Arc::new(MemoryStore::new(opts, limits)))
+        }
+    }
+}
+
+/// Runs the relay on `listener` until `shutdown` fires, then shuts down as
+/// described in the module docs.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    config.validate()?;
+    let store = open_store(&config).await?;
+    let relay = Relay::new(config, store, shutdown)?;
+    serve(relay, listener).await;
+    Ok(())
+}
+
+/// The accept loop and shutdown sequence for an already built [`Relay`].
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_headers(100);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, store = relay.store.kind(), routes = relay.config.routes.len(), "listening");
+    }
+    loop {
+        let (io, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = relay.shutdown.cancelled() => break,
+        };
+        let _ = io.set_nodelay(true);
+        let svc_relay = relay.clone();
+        let svc = service_fn(move |req| {
+            let relay = svc_relay.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(relay, req, addr).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
+        let span = tracing::debug_span!("conn", client.addr = %addr);
+        relay.tasks.spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    // A client hanging up is routine, not an error.
+                    tracing::debug!(cause = %e, "connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    shut_down(relay, graceful).await;
+}
+
+async fn shut_down(relay: Arc<Relay>, graceful: hyper_util::server::graceful::GracefulShutdown) {
+    let in_flight = relay.hub.len();
+    tracing::info!(in_flight, grace = ?relay.config.timeouts.shutdown_grace, "shutting down");
+    // Connections stop taking new requests; responses in progress continue.
+    let connections = tokio::spawn(graceful.shutdown());
+
+    relay.producers.close();
+    if tokio::time::timeout(relay.config.timeouts.shutdown_grace, relay.producers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: recording the remaining streams as interrupted");
+    }
+    relay.interrupt.cancel();
+    relay.producers.wait().await;
+
+    // Give writers a bounded time to store the last entries.
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait_writers(&relay)).await;
+    relay.hard_stop.cancel();
+    relay.tasks.close();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connections).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, relay.tasks.wait()).await;
+    tracing::info!("stopped");
+}
+
+/// Resolves once no stream produced here still has unstored entries.
+async fn wait_writers(relay: &Relay) {
+    while relay.writers_busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,143 @@
+//! The client side: the HTTP(S) client Reprise uses to reach upstreams, and
+//! the header rules of a reverse proxy (RFC 9110 §7.6).
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::Body;
+use crate::config::TimeoutsConfig;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Builds the shared upstream client: rustls with the system's roots,
+/// HTTP/2 where the upstream offers it through ALPN, HTTP/1.1 otherwise.
+pub fn build_client(timeouts: &TimeoutsConfig) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeouts.connect));
+    http.set_nodelay(true);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let https = match builder.with_provider_and_native_roots(provider.clone()) {
+        Ok(b) => b.https_or_http().enable_http1().enable_http2().wrap_connector(http),
+        Err(e) => {
+            tracing::warn!(cause = %e, "no system root certificates found; https upstreams will fail verification");
+            let roots = rustls::RootCertStore::empty();
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+            match tls {
+                Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .enable_http2()
+                    .wrap_connector(http),
+                Err(e) => panic!("ring provider supports the default TLS versions: {e}"),
+            }
+        }
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(https)
+}
+
+/// Headers that concern only one connection and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The headers sent upstream for a client request.
+///
+/// End-to-end headers (Authorization, cookies, content type, ...) pass
+/// unchanged. `Host` becomes the upstream's authority, `X-Forwarded-For`
+/// gains the client address, `X-Forwarded-Proto`/`-Host` say how the client
+/// reached Reprise, and `Accept-Encoding` asks for an uncompressed body, which
+/// the recorder must be able to parse.
+pub fn upstream_request_headers(
+    client_headers: &HeaderMap,
+    client_addr: SocketAddr,
+    upstream_authority: &str,
+) -> HeaderMap {
+    let mut h = client_headers.clone();
+    strip_hop_by_hop(&mut h);
+    let original_host = h.remove(header::HOST);
+    if let Ok(v) = HeaderValue::from_str(upstream_authority) {
+        h.insert(header::HOST, v);
+    }
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let ip = client_addr.ip().to_string();
+    let forwarded_for = match h.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        h.insert(xff, v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    if let Some(host) = original_host {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_end_to_end_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
+        h.insert(header::HOST, HeaderValue::from_static("relay.example"));
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let out = upstream_request_headers(&h, "192.0.2.7:5555".parse().unwrap(), "up:3000");
+        assert!(out.get("x-secret-hop").is_none());
+        assert!(out.get("keep-alive").is_none());
+        assert!(out.get(header::TE).is_none());
+        assert!(out.get(header::CONNECTION).is_none());
+        assert_eq!(out[header::AUTHORIZATION], "Bearer t");
+        assert_eq!(out[header::COOKIE], "a=b");
+        assert_eq!(out[header::HOST], "up:3000");
+        assert_eq!(out["x-forwarded-host"], "relay.example");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(out[header::ACCEPT_ENCODING], "identity");
+    }
+}

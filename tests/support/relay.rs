@@ -1,0 +1,225 @@
+//! Running Reprise in tests: in-process (`TestRelay`, calling
+//! `reprise_relay::run` on 127.0.0.1:0) or as a real process of the built
+//! binary (`RelayProcess`), for tests with several instances.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use reprise_relay::config::{Config, KeySource, RouteConfig, Secret};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::redis::free_port;
+
+/// Which store a test relay uses.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Memory,
+    Redis(String),
+}
+
+/// A config with one recorded route `/` to `upstream`, short timers so that
+/// tests run quickly, and the given store.
+pub fn config(upstream: &str, backend: &Backend) -> Config {
+    let mut c = Config::default();
+    c.routes = vec![RouteConfig {
+        path: "/".into(),
+        upstream: upstream.into(),
+        key: None,
+        resume: None,
+        record: true,
+    }];
+    set_backend(&mut c, backend);
+    c.streams.tail_poll_interval = Duration::from_millis(200);
+    c.streams.hot_linger = Duration::from_millis(500);
+    c.timeouts.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+/// A config with the AI SDK chat route: `/api/chat`, key `{json = "/id"}`,
+/// resume template `/api/chat/{key}/stream`, plus a pass-through `/plain`.
+pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
+    let mut c = config(upstream, backend);
+    c.routes = vec![
+        RouteConfig {
+            path: "/api/chat".into(),
+            upstream: upstream.into(),
+            key: Some(KeySource::Json("/id".into())),
+            resume: Some("/api/chat/{key}/stream".into()),
+            record: true,
+        },
+        RouteConfig {
+            path: "/plain".into(),
+            upstream: upstream.into(),
+            key: None,
+            resume: None,
+            record: false,
+        },
+        RouteConfig {
+            path: "/".into(),
+            upstream: upstream.into(),
+            key: None,
+            resume: None,
+            record: true,
+        },
+    ];
+    c
+}
+
+pub fn set_backend(c: &mut Config, backend: &Backend) {
+    c.store.key_prefix = format!("test{}:", free_port().unwrap_or(0));
+    c.store.redis_url = match backend {
+        Backend::Memory => None,
+        Backend::Redis(url) => Some(Secret::new(url.clone())),
+    };
+}
+
+/// Reprise running inside the test process.
+pub struct TestRelay {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestRelay {
+    pub async fn start(config: Config) -> TestRelay {
+        crate::init_tracing();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay listener");
+        let addr = listener.local_addr().expect("relay addr");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = reprise_relay::run(config, listener, token).await {
+                panic!("relay failed to start: {e}");
+            }
+        });
+        TestRelay {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts the graceful shutdown and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            crate::with_timeout("relay shutdown", task).await.expect("relay task panicked");
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The `reprise` binary built by `cargo build` (tests/run.sh builds it first;
+/// if it is missing, this builds it).
+pub fn binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("debug").join("reprise");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--bin", "reprise"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin reprise failed");
+    }
+    bin
+}
+
+/// Reprise as a separate OS process.
+pub struct RelayProcess {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Starts `reprise --listen 127.0.0.1:<free> <args>` and waits until
+    /// `/_reprise/readyz` answers 200.
+    pub async fn start(args: &[&str]) -> RelayProcess {
+        let port = free_port().expect("free port");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = tokio::process::Command::new(binary())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env_remove("REDIS_URL")
+            .env_remove("REPRISE_REDIS_URL")
+            .env("REPRISE_LOG", std::env::var("REPRISE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn reprise");
+        let mut p = RelayProcess { child, addr };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("http://{}/_reprise/readyz", self.addr);
+        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        crate::with_timeout("reprise process to become ready", async {
+            loop {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("reprise exited during start-up: {status}");
+                }
+                if let Ok(r) = client.get(&url).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait(&mut self) -> Option<i32> {
+        crate::with_timeout("reprise process to exit", self.child.wait())
+            .await
+            .ok()
+            .and_then(|s| s.code())
+    }
+}
