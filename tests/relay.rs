@@ -482,3 +482,45 @@ async fn raw_status(addr: std::net::SocketAddr, target: &str) -> u16 {
     let head = String::from_utf8_lossy(&buf);
     head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
 }
+
+/// NDJSON (Ollama): one entry per line, forwarded and replayed in the
+/// original format; `start_index=N` sends the remaining lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_streams_are_recorded_per_line() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let relay = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let (reply, ctl) = Reply::controlled();
+    upstream.respond_once(reply.header("content-type", "application/x-ndjson"));
+    let client = SseClient::new();
+    let mut raw = reprise_tests::RawResponse::open(client.http().post(format!("{}/api/generate", relay.url()))).await;
+    assert_eq!(raw.status(), 200);
+    let stream_id = raw.header("reprise-stream-id").expect("stream id").to_string();
+    ctl.send(Bytes::from_static(b"{\"response\":\"He\",\"done\":false}\n{\"resp")).await;
+    ctl.send(Bytes::from_static(b"onse\":\"llo\",\"done\":false}\r\n\n")).await;
+    assert_eq!(&raw.read_until(b"\"llo\",\"done\":false}\n").await[..], b"{\"response\":\"He\",\"done\":false}\n{\"response\":\"llo\",\"done\":false}\n");
+    ctl.send(Bytes::from_static(b"{\"response\":\"\",\"done\":true}")).await;
+    ctl.finish();
+    let rest = raw.read_to_end().await;
+    assert_eq!(&rest.bytes[..], b"{\"response\":\"\",\"done\":true}\n");
+
+    let (status, headers, body) = read_raw(client.get(&format!("{}/_reprise/streams/{stream_id}?start_index=1", relay.url()))).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/x-ndjson"[..]));
+    assert_eq!(&body.bytes[..], b"{\"response\":\"llo\",\"done\":false}\n{\"response\":\"\",\"done\":true}\n");
+
+    // A failure ends the NDJSON stream with an Ollama-style error line.
+    let (reply, ctl) = Reply::controlled();
+    upstream.respond_once(reply.header("content-type", "application/x-ndjson"));
+    let raw = reprise_tests::RawResponse::open(client.http().post(format!("{}/api/generate", relay.url()))).await;
+    ctl.send(Bytes::from_static(b"{\"response\":\"a\"}\n")).await;
+    ctl.abort().await;
+    let body = raw.read_to_end().await;
+    let text = body.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let err: serde_json::Value = serde_json::from_str(lines[1]).expect("error line is JSON");
+    assert_eq!(err["reprise"]["code"], "upstream_reset");
+    assert!(err["error"].as_str().is_some_and(|e| e.starts_with("reprise: ")));
+    relay.stop().await;
+}

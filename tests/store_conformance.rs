@@ -246,6 +246,21 @@ mod cases {
         );
     }
 
+    pub async fn create_replaces_an_existing_stream(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store
+            .append(s, &[ev(1, "old"), end(2, Outcome::Cancelled)])
+            .await
+            .unwrap();
+        let fresh = sample_meta(s);
+        f.peer.create(&fresh).await.unwrap();
+        assert_eq!(f.store.meta(s).await.unwrap(), Some(fresh));
+        assert!(f.store.read(s, Seq::ZERO, 10).await.unwrap().is_empty());
+        f.store.append(s, &events(1..=1)).await.unwrap();
+        assert_eq!(f.store.read(s, Seq::ZERO, 10).await.unwrap(), events(1..=1));
+    }
+
     pub async fn append_and_read_with_paging(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let s = new_stream(&*f.store).await;
@@ -534,6 +549,13 @@ mod cases {
         )
         .await;
 
+        // Gone after the retention, well before the binding's initial
+        // lifetime (max duration + retention): the end shortened it.
+        assert!(
+            live_created.elapsed() < max_duration,
+            "finished stream or its binding lasted {:?}",
+            live_created.elapsed()
+        );
         // The live stream outlives the finished one's retention.
         if live_created.elapsed() < max_duration {
             assert!(
@@ -663,6 +685,7 @@ macro_rules! conformance {
 
 conformance!(
     create_and_meta_round_trip,
+    create_replaces_an_existing_stream,
     append_and_read_with_paging,
     payload_bytes_round_trip,
     end_entry_finishes_the_stream,

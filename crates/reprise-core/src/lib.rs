@@ -2,12 +2,17 @@
 //!
 //! - [`ids`]: stream ids, event ids and the cursor a resume starts from.
 //! - [`sse`]: the Server-Sent Events parser (HTML standard semantics) and encoder.
+//! - [`ndjson`]: the line splitter for newline-delimited JSON streams (Ollama).
+//! - [`format`]: which of the two framings a stream uses.
 //! - [`outcome`]: how a stream ended (completed, failed, cancelled) and the in-band signals readers get.
 #![forbid(unsafe_code)]
 
+pub mod format;
 pub mod ids;
+pub mod ndjson;
 pub mod outcome;
 pub mod sse;
 
+pub use format::Format;
 pub use ids::{Cursor, Epoch, EventId, IdError, Seq, StreamId};
 pub use outcome::{FailReason, Outcome};

@@ -151,6 +151,16 @@ pub fn signal_frame(signal: Signal<'_>, stream: StreamId, id: &dyn fmt::Display)
     format!("id: {id}\nevent: {SIGNAL_EVENT}\ndata: {json}\n\n")
 }
 
+/// The NDJSON form of a signal: one JSON line shaped like Ollama's errors,
+/// `{"error":"reprise: <message>","reprise":{"code":"<code>","stream_id":"<id>"}}`.
+pub fn signal_line(signal: Signal<'_>, stream: StreamId) -> String {
+    let body = serde_json::json!({
+        "error": format!("reprise: {}", signal.message),
+        "reprise": { "code": signal.code, "stream_id": stream.to_string() },
+    });
+    format!("{body}\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

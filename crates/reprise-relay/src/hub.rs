@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reprise_core::{FailReason, Outcome, StreamId};
+use reprise_core::{FailReason, Format, Outcome, StreamId};
 use reprise_store::{Store, StreamMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -75,7 +75,8 @@ impl Hub {
                 return (l.clone(), guard);
             }
         }
-        let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone());
+        let format = meta.format.parse().unwrap_or(Format::Sse);
+        let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone(), format);
         let guard = live.attach();
         map.insert(meta.id, live.clone());
         drop(map);

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use reprise_core::outcome::signal_frame;
-use reprise_core::{Epoch, EventId, Outcome, Seq, StreamId};
+use reprise_core::outcome::{signal_frame, signal_line};
+use reprise_core::{Epoch, EventId, Format, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
 
@@ -67,6 +67,8 @@ pub struct LiveStream {
     pub epoch: Epoch,
     /// Headers replayed to resuming readers.
     pub headers: Vec<(String, String)>,
+    /// Wire framing of the frames.
+    pub format: Format,
     state: Mutex<LogState>,
     /// Seq of the last frame; readers and the writer wait on it.
     last_tx: watch::Sender<u64>,
@@ -83,11 +85,12 @@ struct LogState {
 }
 
 impl LiveStream {
-    pub fn new(id: StreamId, epoch: Epoch, headers: Vec<(String, String)>) -> Arc<Self> {
+    pub fn new(id: StreamId, epoch: Epoch, headers: Vec<(String, String)>, format: Format) -> Arc<Self> {
         Arc::new(LiveStream {
             id,
             epoch,
             headers,
+            format,
             state: Mutex::new(LogState::default()),
             last_tx: watch::channel(0).0,
             readers: AtomicUsize::new(0),
@@ -137,13 +140,14 @@ impl LiveStream {
         Some(seq)
     }
 
-    /// `id: <event id>\n<fields>\n`.
+    /// SSE: `id: <event id>\n<fields>\n`; NDJSON: `<line>\n`.
     fn event_frame(&self, seq: Seq, fields: &[u8]) -> Frame {
-        let id = self.event_id(seq).to_string();
-        let mut wire = BytesMut::with_capacity(id.len() + fields.len() + 6);
-        wire.put_slice(b"id: ");
-        wire.put_slice(id.as_bytes());
-        wire.put_u8(b'\n');
+        let mut wire = BytesMut::with_capacity(fields.len() + 64);
+        if self.format == Format::Sse {
+            wire.put_slice(b"id: ");
+            wire.put_slice(self.event_id(seq).to_string().as_bytes());
+            wire.put_u8(b'\n');
+        }
         let start = wire.len();
         wire.put_slice(fields);
         let end = wire.len();
@@ -156,9 +160,10 @@ impl LiveStream {
     }
 
     fn end_frame(&self, seq: Seq, outcome: Outcome) -> Frame {
-        let wire = match outcome.signal() {
-            Some(sig) => Bytes::from(signal_frame(sig, self.id, &self.event_id(seq))),
-            None => Bytes::new(),
+        let wire = match (outcome.signal(), self.format) {
+            (Some(sig), Format::Sse) => Bytes::from(signal_frame(sig, self.id, &self.event_id(seq))),
+            (Some(sig), Format::Ndjson) => Bytes::from(signal_line(sig, self.id)),
+            (None, _) => Bytes::new(),
         };
         Frame {
             seq,
@@ -315,7 +320,7 @@ mod tests {
     use reprise_core::FailReason;
 
     fn live() -> Arc<LiveStream> {
-        LiveStream::new(StreamId::random(), Epoch(7), vec![])
+        LiveStream::new(StreamId::random(), Epoch(7), vec![], Format::Sse)
     }
 
     #[test]
@@ -342,7 +347,7 @@ mod tests {
         }
         let c = l.collect_after(Seq(0), 1);
         assert_eq!(c.last, Seq(1));
-        let c = l.collect_after(Seq(1), 100);
+        let c = l.collect_after(Seq(1), 200);
         assert!(c.last > Seq(2) && c.last < Seq(10));
     }
 

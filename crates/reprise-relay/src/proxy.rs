@@ -10,7 +10,7 @@ use http::{header, HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
-use reprise_core::{Cursor, Epoch, StreamId};
+use reprise_core::{Cursor, Epoch, Format, StreamId};
 use reprise_store::{KeyRef, StreamMeta};
 
 use crate::body::{full, Body, BoxError};
@@ -159,12 +159,16 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
     let (mut resp_parts, resp_body) = resp.into_parts();
     crate::upstream::strip_hop_by_hop(&mut resp_parts.headers);
 
-    let recordable = route.record && resp_parts.status.is_success() && is_event_stream(&resp_parts.headers);
-    if !recordable {
+    let format = if route.record && resp_parts.status.is_success() {
+        recordable_format(&resp_parts.headers)
+    } else {
+        None
+    };
+    let Some(format) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
         let body = resp_body.map_err(|e| Box::new(e) as BoxError).boxed();
         return Ok(Response::from_parts(resp_parts, body));
-    }
+    };
 
     let stream = StreamId::random();
     let epoch = Epoch::random();
@@ -175,10 +179,10 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         created_ms: now_ms(),
         route: route.path.clone(),
         headers: headers.clone(),
-        format: "sse".into(),
+        format: format.as_str().into(),
         end: None,
     };
-    let live = LiveStream::new(stream, epoch, headers);
+    let live = LiveStream::new(stream, epoch, headers, format);
     relay.hub.insert(live.clone());
     let key_ref = key.map(|key| KeyRef {
         route: route.path.clone(),
@@ -222,21 +226,21 @@ fn json_key(body: &[u8], pointer: &str) -> Option<String> {
     }
 }
 
-/// `text/event-stream`, uncompressed.
-fn is_event_stream(h: &HeaderMap) -> bool {
-    let sse = h
+/// The format of a response Reprise records: SSE or NDJSON, uncompressed.
+fn recordable_format(h: &HeaderMap) -> Option<Format> {
+    let format = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("text/event-stream"))
-        .unwrap_or(false);
+        .and_then(Format::from_content_type)?;
     let encoded = h
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
-    if sse && encoded {
-        tracing::warn!("upstream compressed an event stream despite Accept-Encoding: identity; not recording it");
+    if encoded {
+        tracing::warn!("upstream compressed a stream despite Accept-Encoding: identity; not recording it");
+        return None;
     }
-    sse && !encoded
+    Some(format)
 }
 
 fn replay_headers(h: &HeaderMap) -> Vec<(String, String)> {
@@ -289,14 +293,16 @@ mod tests {
     }
 
     #[test]
-    fn event_stream_detection() {
+    fn recordable_formats() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, "Text/Event-Stream; charset=utf-8".parse().unwrap());
-        assert!(is_event_stream(&h));
+        assert_eq!(recordable_format(&h), Some(Format::Sse));
         h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
-        assert!(!is_event_stream(&h));
+        assert_eq!(recordable_format(&h), None);
         let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/x-ndjson".parse().unwrap());
+        assert_eq!(recordable_format(&h), Some(Format::Ndjson));
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
-        assert!(!is_event_stream(&h));
+        assert_eq!(recordable_format(&h), None);
     }
 }

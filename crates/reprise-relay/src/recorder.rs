@@ -10,11 +10,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use reprise_core::ndjson::LineSplitter;
 use reprise_core::sse::{encode_fields, Limits, Parser};
-use reprise_core::{FailReason, Outcome, Seq};
+use reprise_core::{FailReason, Format, Outcome, Seq};
 use reprise_store::{EntryBody, KeyRef, StoreError, StreamMeta};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +81,63 @@ pub fn spawn(
     relay.tasks.spawn(writer.instrument(span));
 }
 
-/// Reads the upstream body to its end and appends each event to the log.
+/// Turns upstream bytes into entry payloads, per format.
+enum Framer {
+    /// SSE events, re-encoded as their fields (no id, no blank line).
+    Sse { parser: Parser, fields: BytesMut },
+    /// NDJSON lines, as sent.
+    Ndjson(LineSplitter),
+}
+
+impl Framer {
+    fn new(format: Format, limits: Limits) -> Framer {
+        match format {
+            Format::Sse => Framer::Sse {
+                parser: Parser::new(limits),
+                fields: BytesMut::with_capacity(1024),
+            },
+            Format::Ndjson => Framer::Ndjson(LineSplitter::new(limits.max_line)),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        match self {
+            Framer::Sse { parser, .. } => parser.push(data),
+            Framer::Ndjson(lines) => lines.push(data),
+        }
+    }
+
+    /// The next entry payload, or an error message for invalid input.
+    fn next(&mut self) -> Result<Option<Bytes>, String> {
+        match self {
+            Framer::Sse { parser, fields } => match parser.next_event() {
+                Ok(Some(event)) => {
+                    fields.clear();
+                    encode_fields(&event, fields);
+                    Ok(Some(fields.split().freeze()))
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(format!("invalid upstream event stream: {e}")),
+            },
+            Framer::Ndjson(lines) => lines.next_line().map_err(|e| format!("invalid upstream NDJSON stream: {e}")),
+        }
+    }
+
+    /// End of the body: a last NDJSON line without line end, if any.
+    fn finish(&mut self) -> Option<Bytes> {
+        match self {
+            Framer::Sse { parser, .. } => {
+                if parser.finish() {
+                    tracing::debug!("upstream ended inside an event; the incomplete event was discarded");
+                }
+                None
+            }
+            Framer::Ndjson(lines) => lines.finish(),
+        }
+    }
+}
+
+/// Reads the upstream body to its end and appends each entry to the log.
 async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
     let cfg = &relay.config;
     let limits = Limits {
@@ -93,10 +150,21 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
     let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
     let interrupt: CancellationToken = relay.interrupt.clone();
 
-    let mut parser = Parser::new(limits);
-    let mut fields = BytesMut::with_capacity(1024);
+    let mut framer = Framer::new(live.format, limits);
     let mut events: u64 = 0;
-    tracing::debug!("recording started");
+    // Appends one payload, enforcing the per-stream limits.
+    let mut append = |payload: &[u8]| -> Result<(), Outcome> {
+        events += 1;
+        if events > max_events || live.event_bytes() + payload.len() > max_bytes {
+            return Err(failed(
+                FailReason::StreamTooLarge,
+                format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
+            ));
+        }
+        live.push_event(payload);
+        Ok(())
+    };
+    tracing::debug!(format = %live.format, "recording started");
     let outcome = 'read: loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(idle, body.frame()) => f,
@@ -109,8 +177,10 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
         let data = match frame {
             Err(_) => break failed(FailReason::UpstreamTimeout, format!("upstream sent nothing for {}", humantime(idle))),
             Ok(None) => {
-                if parser.finish() {
-                    tracing::debug!("upstream ended inside an event; the incomplete event was discarded");
+                if let Some(last) = framer.finish() {
+                    if let Err(o) = append(&last) {
+                        break o;
+                    }
                 }
                 break Outcome::Completed;
             }
@@ -120,31 +190,25 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
                 Err(_) => continue, // trailers
             },
         };
-        parser.push(data);
+        framer.push(data);
         loop {
-            match parser.next_event() {
-                Ok(Some(event)) => {
-                    fields.clear();
-                    encode_fields(&event, &mut fields);
-                    events += 1;
-                    if events > max_events || live.event_bytes() + fields.len() > max_bytes {
-                        break 'read failed(
-                            FailReason::StreamTooLarge,
-                            format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
-                        );
+            match framer.next() {
+                Ok(Some(payload)) => {
+                    if let Err(o) = append(&payload) {
+                        break 'read o;
                     }
-                    live.push_event(&fields);
                 }
                 Ok(None) => break,
-                Err(e) => break 'read failed(FailReason::UpstreamProtocol, format!("invalid upstream event stream: {e}")),
+                Err(message) => break 'read failed(FailReason::UpstreamProtocol, message),
             }
         }
     };
     // Dropping the body here closes the upstream connection on failures.
     drop(body);
+    let entries = live.last_seq().0;
     match &outcome {
-        Outcome::Completed => tracing::info!(events, "stream completed"),
-        other => tracing::warn!(events, outcome = ?other, "stream failed"),
+        Outcome::Completed => tracing::info!(entries, "stream completed"),
+        other => tracing::warn!(entries, outcome = ?other, "stream failed"),
     }
     live.finish(outcome);
 }

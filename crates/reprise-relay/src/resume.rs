@@ -126,7 +126,11 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
         }
     }
     if !h.contains_key(header::CONTENT_TYPE) {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        let ct = match live.format {
+            reprise_core::Format::Sse => "text/event-stream",
+            reprise_core::Format::Ndjson => "application/x-ndjson",
+        };
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     }
     sse_headers(h, stream);
     Ok(resp)

@@ -126,9 +126,21 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
 /// Runs the relay on `listener` until `shutdown` fires, then shuts down as
 /// described in the module docs.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    run_with(config, listener, shutdown, || {}).await
+}
+
+/// [`run`], calling `on_ready` once the store is open (Redis answered a PING)
+/// and the bound `listener` is about to be served: the binary's `READY=1`.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) -> Result<(), StartError> {
     config.validate()?;
     let store = open_store(&config).await?;
     let relay = Relay::new(config, store, shutdown)?;
+    on_ready();
     serve(relay, listener).await;
     Ok(())
 }

@@ -33,6 +33,11 @@
 //! trip when a key binding points at the stream (to shorten it; best effort).
 //! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
 //!
+//! `create` is one pipeline (`DEL` meta and entries, `HSET`, `PEXPIRE`);
+//! `read` one `XRANGE <after+1>-0 + COUNT <limit>`; `meta` one `HGETALL`;
+//! `bind_key` a `SET … PX` and an `FCALL` noting the binding in the metadata,
+//! concurrently; `resolve_key` one `GET`.
+//!
 //! Appends are sent with fred's fail-fast option and a single write attempt:
 //! an append issued while disconnected fails at once with `Unavailable`
 //! instead of being queued and replayed later behind the caller's back.
@@ -532,9 +537,10 @@ impl Store for RedisStore {
         if let Some(end) = &meta.end {
             fields.push(("end", serde_json::to_string(end).map_err(corrupt)?));
         }
-        // Replace, not merge: a re-created id must not keep an old `end`.
+        // Creating an id that exists replaces the stream, entries included,
+        // so a re-created stream never inherits an old `end` or old entries.
         let p = self.inner.pool.next().pipeline();
-        let () = p.del(&k.meta).await.map_err(map_err)?;
+        let () = p.del(vec![&k.meta, &k.entries]).await.map_err(map_err)?;
         let () = p.hset(&k.meta, fields).await.map_err(map_err)?;
         let () = p
             .pexpire(&k.meta, self.live_ttl_ms(), None)
@@ -933,6 +939,8 @@ async fn resubscribe_on_reconnect(
     // tails deaf until the next reconnection.
     let mut pending = false;
     let mut delay = ropts.reconnect_min_delay;
+    // fred reports the first connection as a reconnection too.
+    let mut first = true;
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
@@ -951,10 +959,15 @@ async fn resubscribe_on_reconnect(
         match n.resubscribe_all().await {
             Ok(count) => {
                 pending = false;
-                tracing::info!(
-                    channels = count,
-                    "subscriber reconnected; resubscribed and woke every watcher"
-                );
+                if first {
+                    tracing::debug!("subscriber connected");
+                } else {
+                    tracing::info!(
+                        channels = count,
+                        "subscriber reconnected; resubscribed and woke every watcher"
+                    );
+                }
+                first = false;
                 // Notifications sent while disconnected are lost: make every tail re-read.
                 n.bump_all();
             }

@@ -1,5 +1,6 @@
 //! The `reprise` binary: parse flags, load the config, start logging, bind,
-//! and hand over to `reprise_relay::run`. Signals start the shutdown.
+//! and hand over to `reprise_relay::server::run_with`. Signals start the
+//! shutdown; systemd hears about both ends (`READY=1`, `STOPPING=1`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use reprise_relay::config::{redact_url, RouteConfig, Secret};
 use reprise_relay::Config;
+use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 /// Resumable-stream relay for LLM Server-Sent Events.
@@ -54,7 +56,8 @@ fn main() -> ExitCode {
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("reprise: {e}");
+            // A TOML error quotes the offending line, which may hold a password.
+            eprintln!("reprise: {}", mask_credentials(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -66,11 +69,21 @@ fn main() -> ExitCode {
             None => println!("store = embedded in-memory"),
         }
         for r in &config.routes {
-            println!("route {} -> {} (record: {}, key: {:?}, resume: {:?})", r.path, r.upstream, r.record, r.key, r.resume);
+            println!(
+                "route {} -> {} (record: {}, key: {:?}, resume: {:?})",
+                r.path,
+                mask_credentials(&r.upstream),
+                r.record,
+                r.key,
+                r.resume
+            );
         }
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("reprise: cannot start the async runtime: {e}");
@@ -80,11 +93,37 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = mask_credentials(&format!("{e:#}"));
             tracing::error!(error = %e, "reprise stopped");
-            eprintln!("reprise: {e:#}");
+            eprintln!("reprise: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Masks the user info of every URL in `text` (`redis://user:pw@host` →
+/// `redis://***@host`), for messages that may quote a config file.
+fn mask_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            // The authority ends at the path, query or fragment; user info is
+            // everything before its last '@'.
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '/' | '?' | '#'))
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// File, then env, then flags (see `Cli::redis` for the Redis URL order).
@@ -124,15 +163,60 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    reprise_relay::run(config, listener, shutdown).await?;
+    start_watchdog();
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    let store = if config.store.redis_url.is_some() {
+        "redis"
+    } else {
+        "memory"
+    };
+    // Called once the store answered and just before the accept loop: only
+    // then may systemd start the units ordered after this one.
+    let ready = move || {
+        let status = format!("listening on {addr}, store: {store}");
+        notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    };
+    reprise_relay::server::run_with(config, listener, shutdown, ready).await?;
     Ok(())
+}
+
+/// Tells the service manager about a state change. Without `$NOTIFY_SOCKET`
+/// (not started by systemd with `Type=notify`) this does nothing.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(cause = %e, "cannot notify systemd");
+    }
+}
+
+/// With `WatchdogSec=` set, systemd passes `$WATCHDOG_USEC` and restarts the
+/// service if no `WATCHDOG=1` arrives within it. Pinging from a runtime task
+/// proves the runtime still schedules work; pings go on through shutdown,
+/// which `TimeoutStopSec=` bounds instead.
+fn start_watchdog() {
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    // Half the timeout, as sd_watchdog_enabled(3) advises.
+    let period = (timeout / 2).max(Duration::from_millis(10));
+    tracing::debug!(?timeout, "systemd watchdog enabled");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            notify_systemd(&[NotifyState::Watchdog]);
+        }
+    });
 }
 
 /// SIGTERM (systemd, Kubernetes) or SIGINT starts a graceful shutdown; a
 /// second one exits at once.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
@@ -140,6 +224,12 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+    // Before the shutdown starts, so that systemd never sees a draining
+    // instance as running.
+    notify_systemd(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining in-flight streams"),
+    ]);
     shutdown.cancel();
     tokio::select! {
         _ = term.recv() => {}
@@ -158,9 +248,45 @@ fn init_tracing(format: LogFormat) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // No colour codes when stderr is the journal or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_credentials;
+
+    #[test]
+    fn credentials_in_messages_are_masked() {
+        for (text, want) in [
+            (
+                "redis_url = redis://user:hunter2@127.0.0.1:6379\n",
+                "redis_url = redis://***@127.0.0.1:6379\n",
+            ),
+            (
+                "\"rediss://:pw@a:1\" and redis-cluster://u:p@b:2?node=c:3",
+                "\"rediss://***@a:1\" and redis-cluster://***@b:2?node=c:3",
+            ),
+            (
+                "https://api.example.com/v1/@scope?x=a@b",
+                "https://api.example.com/v1/@scope?x=a@b",
+            ),
+            ("no url here: user:pw@host", "no url here: user:pw@host"),
+            ("ends with redis://", "ends with redis://"),
+        ] {
+            assert_eq!(mask_credentials(text), want);
+        }
     }
 }
