@@ -366,7 +366,8 @@ async fn ready_is_notified_once_listening_with_the_store_checked() {
         .await
         .expect("GET /_reprise/readyz right after READY=1");
     assert_eq!(ready.status(), 200);
-    let body: Value = ready.json().await.expect("readyz JSON");
+    let body = ready.text().await.expect("readyz body");
+    let body: Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!(body["store"]["kind"], "redis", "{body}");
     assert_eq!(body["store"]["reachable"], true, "{body}");
 

@@ -524,3 +524,47 @@ async fn ndjson_streams_are_recorded_per_line() {
     assert!(err["error"].as_str().is_some_and(|e| e.starts_with("reprise: ")));
     relay.stop().await;
 }
+
+/// `/_reprise/metrics` counts streams, events, resumes and store calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reflect_streams_and_resumes() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    upstream.respond(|req| match req.path() {
+        "/missing" => Reply::status(404),
+        _ => Reply::sse([numbered_event(1), numbered_event(2), numbered_event(3)]),
+    });
+    let relay = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let client = SseClient::new();
+    let mut s = client.open_get(&format!("{}/x", relay.url())).await;
+    let stream_id = s.header("reprise-stream-id").expect("stream id").to_string();
+    s.collect_until_end().await;
+    let mut r = client.open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=1", relay.url())).await;
+    assert_eq!(r.collect_until_end().await.len(), 2);
+    assert_eq!(client.open_get(&format!("{}/api/chat/none/stream", relay.url())).await.status(), 204);
+    let (status, _, _) = read_raw(client.get(&format!("{}/missing", relay.url()))).await;
+    assert_eq!(status, 404);
+
+    let (status, headers, body) = read_raw(client.get(&format!("{}/_reprise/metrics", relay.url()))).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let text = body.text();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {line_start} in:\n{text}"))
+    };
+    assert_eq!(value("reprise_streams_started_total{route=\"/\"}"), 1.0);
+    assert_eq!(value("reprise_streams_ended_total{route=\"/\",outcome=\"completed\",reason=\"\"}"), 1.0);
+    assert_eq!(value("reprise_events_recorded_total"), 3.0);
+    assert_eq!(value("reprise_events_replayed_total"), 2.0);
+    assert_eq!(value("reprise_resumes_total{kind=\"stream_id\",outcome=\"ok\"}"), 1.0);
+    assert_eq!(value("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"}"), 1.0);
+    assert_eq!(value("reprise_upstream_responses_total{route=\"/\",status=\"200\"}"), 1.0);
+    assert_eq!(value("reprise_upstream_responses_total{route=\"/\",status=\"404\"}"), 1.0);
+    assert!(value("reprise_store_latency_seconds_count{op=\"append\"}") >= 1.0);
+    assert_eq!(value("reprise_streams_active"), 0.0);
+    relay.stop().await;
+}

@@ -3,7 +3,8 @@
 //! - `GET /_reprise/streams/{id}`: resume a stream by id (`Last-Event-ID`,
 //!   `last_event_id` or `start_index=N`);
 //! - `GET /_reprise/healthz`: the process is alive;
-//! - `GET /_reprise/readyz`: the store answers (JSON, `503` when not ready).
+//! - `GET /_reprise/readyz`: the store answers (JSON, `503` when not ready);
+//! - `GET /_reprise/metrics`: Prometheus metrics.
 
 use std::sync::Arc;
 
@@ -30,6 +31,14 @@ pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Respon
     match path {
         "/_reprise/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
         "/_reprise/readyz" => Ok(ready(relay).await),
+        "/_reprise/metrics" => {
+            let mut resp = Response::new(full(relay.metrics.render()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok(resp)
+        }
         _ => Err(RelayError::NotFound {
             code: "not_found",
             message: "no such Reprise endpoint".into(),

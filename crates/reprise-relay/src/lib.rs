@@ -11,7 +11,8 @@
 //! - [`hub`]: this instance's logs, and loaders that follow the store;
 //! - [`reader`]: the response body that sends a client a stream;
 //! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
-//! - [`admin`]: `/_reprise/...` endpoints.
+//! - [`admin`]: `/_reprise/...` endpoints;
+//! - [`metrics`]: Prometheus metrics and the instrumented store.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod live;
+pub mod metrics;
 pub mod proxy;
 pub mod reader;
 pub mod recorder;

@@ -59,6 +59,8 @@ pub struct Collected {
     pub last: Seq,
     /// The terminal frame was included: the reader is done.
     pub ended: bool,
+    /// Frames sent in `chunk` (a normal end sends nothing and is not counted).
+    pub frames: usize,
 }
 
 /// The log. See the module docs.
@@ -219,6 +221,7 @@ impl LiveStream {
                 chunk: None,
                 last: after,
                 ended: st.ended && start >= st.frames.len(),
+                frames: 0,
             };
         }
         let avail = &st.frames[start..];
@@ -232,6 +235,7 @@ impl LiveStream {
             n += 1;
         }
         let taken = &avail[..n];
+        let sent = taken.iter().filter(|f| !f.wire.is_empty()).count();
         let last = taken[n - 1].seq;
         let ended = matches!(taken[n - 1].kind, FrameKind::End(_));
         let chunk = if n == 1 {
@@ -248,6 +252,7 @@ impl LiveStream {
             chunk: (!chunk.is_empty()).then_some(chunk),
             last,
             ended,
+            frames: sent,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::body::{full, Body, BoxError};
 use crate::config::KeySource;
 use crate::error::RelayError;
 use crate::live::LiveStream;
+use crate::metrics::{StatusLabels, UpstreamErrorLabels};
 use crate::resume::{self, Position, Via};
 use crate::routes::{is_unsafe_path, Route};
 use crate::server::Relay;
@@ -101,6 +102,7 @@ async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> R
     match relay.store.resolve_key(&key).await? {
         Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key).await,
         None => {
+            relay.metrics.resume("key", "no_content");
             let mut resp = Response::new(crate::body::empty());
             *resp.status_mut() = http::StatusCode::NO_CONTENT;
             Ok(resp)
@@ -145,17 +147,43 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
     *up_req.headers_mut() = headers;
 
     let timeout = relay.config.timeouts.response;
+    let upstream_error = |kind: &str| {
+        relay
+            .metrics
+            .upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                route: route.path.clone(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    };
     let resp = match tokio::time::timeout(timeout, relay.client.request(up_req)).await {
-        Err(_) => return Err(RelayError::UpstreamTimeout(format!("no response headers within {}", humantime::format_duration(timeout)))),
+        Err(_) => {
+            upstream_error("timeout");
+            return Err(RelayError::UpstreamTimeout(format!(
+                "no response headers within {}",
+                humantime::format_duration(timeout)
+            )));
+        }
         Ok(Err(e)) => {
             let detail = error_chain(&e);
             if detail.contains("timed out") || detail.contains("timeout") {
+                upstream_error("timeout");
                 return Err(RelayError::UpstreamTimeout(detail));
             }
+            upstream_error("connect");
             return Err(RelayError::Upstream(detail));
         }
         Ok(Ok(r)) => r,
     };
+    relay
+        .metrics
+        .upstream_responses
+        .get_or_create(&StatusLabels {
+            route: route.path.clone(),
+            status: resp.status().as_u16().to_string(),
+        })
+        .inc();
     let (mut resp_parts, resp_body) = resp.into_parts();
     crate::upstream::strip_hop_by_hop(&mut resp_parts.headers);
 
@@ -198,6 +226,8 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         live,
         guard,
         reprise_core::Seq::ZERO,
+        reader::ReaderKind::Origin,
+        relay.metrics.clone(),
         relay.config.streams.heartbeat,
         relay.hard_stop.clone(),
     );

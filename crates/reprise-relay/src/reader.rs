@@ -5,7 +5,7 @@
 //! the same kind; they differ only in their starting position.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream;
@@ -16,15 +16,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, BoxError};
 use crate::live::{LiveStream, ReaderGuard};
+use crate::metrics::{GaugeGuard, Metrics};
 
 /// Most bytes joined into one write when a reader is catching up.
 const MAX_WRITE: usize = 64 * 1024;
 
 const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
+/// Who is reading: the client whose request started the stream, or a
+/// resuming client (counted as replay in the metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderKind {
+    Origin,
+    Resume,
+}
+
 struct ReaderState {
     live: Arc<LiveStream>,
     _guard: ReaderGuard,
+    _active: GaugeGuard,
+    metrics: Arc<Metrics>,
+    kind: ReaderKind,
+    /// When a resume started, until it first caught up with the live end.
+    catching_up: Option<Instant>,
     pos: Seq,
     rx: tokio::sync::watch::Receiver<u64>,
     heartbeat: Duration,
@@ -34,11 +48,23 @@ struct ReaderState {
 
 /// The body of a reader positioned after `after`. `stop` closes it early
 /// (shutdown); the client can then resume elsewhere.
-pub fn body(live: Arc<LiveStream>, guard: ReaderGuard, after: Seq, heartbeat: Duration, stop: CancellationToken) -> Body {
+pub fn body(
+    live: Arc<LiveStream>,
+    guard: ReaderGuard,
+    after: Seq,
+    kind: ReaderKind,
+    metrics: Arc<Metrics>,
+    heartbeat: Duration,
+    stop: CancellationToken,
+) -> Body {
     let rx = live.subscribe();
     let state = ReaderState {
         live,
         _guard: guard,
+        _active: GaugeGuard::new(&metrics.readers_active),
+        metrics,
+        kind,
+        catching_up: (kind == ReaderKind::Resume).then(Instant::now),
         pos: after,
         rx,
         heartbeat,
@@ -62,10 +88,18 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
         st.pos = c.last;
         st.done = c.ended;
         if let Some(chunk) = c.chunk {
+            if st.kind == ReaderKind::Resume {
+                st.metrics.events_replayed.inc_by(c.frames as u64);
+                st.metrics.bytes_replayed.inc_by(chunk.len() as u64);
+            }
             return Some(chunk);
         }
         if st.done {
             return None;
+        }
+        if let Some(started) = st.catching_up.take() {
+            // Caught up with a stream that is still live.
+            st.metrics.replay_lag.observe(started.elapsed().as_secs_f64());
         }
         tokio::select! {
             r = st.rx.changed() => {

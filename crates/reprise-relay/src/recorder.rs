@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::live::LiveStream;
+use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::retry::Backoff;
 use crate::server::Relay;
 
@@ -74,7 +75,7 @@ pub fn spawn(
     registered: Registered,
 ) {
     let span = tracing::info_span!("stream", stream.id = %live.id, route = %meta.route);
-    let producer = produce(relay.clone(), live.clone(), body);
+    let producer = produce(relay.clone(), live.clone(), body, meta.route.clone());
     relay.producers.spawn(producer.instrument(span.clone()));
     let busy = Busy::new(relay);
     let writer = write(relay.clone(), live, meta, key, registered, busy);
@@ -138,8 +139,11 @@ impl Framer {
 }
 
 /// Reads the upstream body to its end and appends each entry to the log.
-async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
+async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, route: String) {
     let cfg = &relay.config;
+    let metrics = relay.metrics.clone();
+    metrics.streams_started.get_or_create(&RouteLabels { route: route.clone() }).inc();
+    let _active = GaugeGuard::new(&metrics.streams_active);
     let limits = Limits {
         max_line: cfg.limits.max_line.as_u64() as usize,
         max_event: cfg.limits.max_event.as_u64() as usize,
@@ -162,6 +166,8 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
             ));
         }
         live.push_event(payload);
+        metrics.events_recorded.inc();
+        metrics.bytes_recorded.inc_by(payload.len() as u64);
         Ok(())
     };
     tracing::debug!(format = %live.format, "recording started");
@@ -210,6 +216,14 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming) {
         Outcome::Completed => tracing::info!(entries, "stream completed"),
         other => tracing::warn!(entries, outcome = ?other, "stream failed"),
     }
+    metrics
+        .streams_ended
+        .get_or_create(&EndLabels {
+            route,
+            outcome: outcome.label().to_string(),
+            reason: outcome.signal().map(|s| s.code.to_string()).unwrap_or_default(),
+        })
+        .inc();
     live.finish(outcome);
 }
 
@@ -244,8 +258,10 @@ async fn write(
     }
     let mut persisted = Seq::ZERO;
     let mut rx = live.subscribe();
+    let buffered = Buffered::new(&relay);
     loop {
         rx.borrow_and_update();
+        buffered.set(live.last_seq().0 - persisted.0);
         let batch = live.entries_after(persisted, MAX_BATCH);
         let Some(last) = batch.last() else {
             tokio::select! {
@@ -265,6 +281,7 @@ async fn write(
         }
     }
     tracing::debug!(entries = persisted.0, "stream stored");
+    drop(buffered);
     drop(busy);
     // Keep the finished log in memory a little, for reconnects right after the end.
     tokio::select! {
@@ -313,5 +330,32 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.writers_busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// This writer's share of the `store_buffered_entries` gauge.
+struct Buffered {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    mine: std::cell::Cell<i64>,
+}
+
+impl Buffered {
+    fn new(relay: &Relay) -> Buffered {
+        Buffered {
+            gauge: relay.metrics.buffered_entries.clone(),
+            mine: std::cell::Cell::new(0),
+        }
+    }
+
+    fn set(&self, n: u64) {
+        let n = n as i64;
+        self.gauge.inc_by(n - self.mine.get());
+        self.mine.set(n);
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.mine.get());
     }
 }

@@ -58,8 +58,30 @@ struct Known {
 
 /// Answers a resume of `stream` from `pos`.
 pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Via) -> Result<Response<Body>, RelayError> {
+    let result = answer(relay, stream, pos, via).await;
+    let outcome = match &result {
+        Ok((_, outcome)) => *outcome,
+        Err(RelayError::NotFound { .. }) => "not_found",
+        Err(_) => "error",
+    };
+    let kind = match via {
+        Via::LastEventId => "last_event_id",
+        Via::StreamsEndpoint => "stream_id",
+        Via::Key => "key",
+    };
+    relay.metrics.resume(kind, outcome);
+    result.map(|(resp, _)| resp)
+}
+
+/// The response and its outcome label for the metrics.
+async fn answer(
+    relay: &Arc<Relay>,
+    stream: StreamId,
+    pos: Position,
+    via: Via,
+) -> Result<(Response<Body>, &'static str), RelayError> {
     if let Position::Cursor(Cursor::End(_)) = pos {
-        return Ok(no_content(stream));
+        return Ok((no_content(stream), NO_CONTENT));
     }
     let known = match relay.hub.attach(stream) {
         Some((live, guard)) => Known {
@@ -77,14 +99,14 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
             },
             None => {
                 return Ok(match via {
-                    Via::LastEventId => history_lost(stream),
+                    Via::LastEventId => (history_lost(stream), HISTORY_LOST),
                     Via::StreamsEndpoint => {
                         return Err(RelayError::NotFound {
                             code: "stream_not_found",
                             message: "no such stream (unknown, or expired after its retention)".into(),
                         })
                     }
-                    Via::Key => no_content(stream),
+                    Via::Key => (no_content(stream), NO_CONTENT),
                 })
             }
         },
@@ -92,11 +114,11 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
     let after = match pos {
         Position::Cursor(Cursor::At(id)) => {
             if id.epoch != known.epoch {
-                return Ok(history_lost(stream));
+                return Ok((history_lost(stream), HISTORY_LOST));
             }
             id.seq
         }
-        Position::Cursor(Cursor::End(_)) => return Ok(no_content(stream)),
+        Position::Cursor(Cursor::End(_)) => return Ok((no_content(stream), NO_CONTENT)),
         Position::StartIndex(n) => n,
         Position::Beginning => Seq::ZERO,
     };
@@ -104,7 +126,7 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
         // A normal end sends nothing for its terminal entry; a failure sends its signal.
         let last_visible = if outcome.is_completed() { end_seq.0 - 1 } else { end_seq.0 };
         if via == Via::Key || after.0 >= last_visible {
-            return Ok(no_content(stream));
+            return Ok((no_content(stream), NO_CONTENT));
         }
     }
     let (live, guard) = match (known.held, known.meta) {
@@ -116,6 +138,8 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
         live.clone(),
         guard,
         after,
+        reader::ReaderKind::Resume,
+        relay.metrics.clone(),
         relay.config.streams.heartbeat,
         relay.hard_stop.clone(),
     ));
@@ -133,8 +157,11 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     }
     sse_headers(h, stream);
-    Ok(resp)
+    Ok((resp, "ok"))
 }
+
+const NO_CONTENT: &str = "no_content";
+const HISTORY_LOST: &str = "history_lost";
 
 /// Headers every SSE response of Reprise carries.
 pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::{redact_url, Config, ConfigError};
 use crate::hub::{Hub, LoaderCtx};
+use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
 use crate::proxy;
 use crate::routes::{RouteError, Router};
 use crate::upstream::{build_client, HttpClient};
@@ -64,6 +65,7 @@ pub struct Relay {
     pub hard_stop: CancellationToken,
     /// Writers that still have entries to store (shutdown waits for them).
     pub writers_busy: AtomicUsize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Relay {
@@ -71,9 +73,11 @@ impl Relay {
         config.validate()?;
         let router = Router::new(&config.routes)?;
         let client = build_client(&config.timeouts);
+        let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Relay {
             router,
-            store,
+            store: InstrumentedStore::wrap(store, metrics.clone()),
+            metrics,
             hub: Arc::new(Hub::default()),
             client,
             tasks: TaskTracker::new(),
@@ -178,8 +182,10 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         let span = tracing::debug_span!("conn", client.addr = %addr);
+        let open = GaugeGuard::new(&relay.metrics.connections_open);
         relay.tasks.spawn(
             async move {
+                let _open = open;
                 if let Err(e) = conn.await {
                     // A client hanging up is routine, not an error.
                     tracing::debug!(cause = %e, "connection ended with an error");

@@ -1,0 +1,267 @@
+//! Prometheus metrics, served at `GET /_reprise/metrics` (OpenMetrics text).
+//!
+//! One [`Metrics`] per relay (no global registry, so several relays in one
+//! test process do not mix). Label values are bounded: route paths from the
+//! config, status codes, and fixed enums. The list, with labels, is in
+//! `docs/metrics.md`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use reprise_core::{Seq, StreamId};
+use reprise_store::{Entry, KeyRef, Store, StoreError, StreamMeta, Watcher};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub route: String,
+    /// completed, failed, cancelled
+    pub outcome: String,
+    /// the failure code (`upstream_reset`, ...), empty otherwise
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumeLabels {
+    /// last_event_id, stream_id, key
+    pub kind: String,
+    /// ok, no_content, not_found, history_lost, error
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub route: String,
+    /// connect, timeout
+    pub kind: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// All of Reprise's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub streams_started: Family<RouteLabels, Counter>,
+    pub streams_active: Gauge,
+    pub streams_ended: Family<EndLabels, Counter>,
+    pub events_recorded: Counter,
+    pub bytes_recorded: Counter,
+    pub events_replayed: Counter,
+    pub bytes_replayed: Counter,
+    pub resumes: Family<ResumeLabels, Counter>,
+    pub replay_lag: Histogram,
+    pub store_latency: HistogramFamily<OpLabels>,
+    pub store_errors: Family<OpLabels, Counter>,
+    pub buffered_entries: Gauge,
+    pub connections_open: Gauge,
+    pub readers_active: Gauge,
+    pub upstream_responses: Family<StatusLabels, Counter>,
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("reprise");
+        let m = Metrics {
+            streams_started: Family::default(),
+            streams_active: Gauge::default(),
+            streams_ended: Family::default(),
+            events_recorded: Counter::default(),
+            bytes_recorded: Counter::default(),
+            events_replayed: Counter::default(),
+            bytes_replayed: Counter::default(),
+            resumes: Family::default(),
+            replay_lag: latency_histogram(),
+            store_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            store_errors: Family::default(),
+            buffered_entries: Gauge::default(),
+            connections_open: Gauge::default(),
+            readers_active: Gauge::default(),
+            upstream_responses: Family::default(),
+            upstream_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("streams_started", "Streams whose recording started", m.streams_started.clone());
+        registry.register("streams_active", "Streams being recorded by this instance", m.streams_active.clone());
+        registry.register("streams_ended", "Streams whose recording ended, by outcome", m.streams_ended.clone());
+        registry.register("events_recorded", "Entries (events or NDJSON lines) recorded", m.events_recorded.clone());
+        registry.register("bytes_recorded", "Payload bytes recorded", m.bytes_recorded.clone());
+        registry.register("events_replayed", "Entries sent to resuming readers", m.events_replayed.clone());
+        registry.register("bytes_replayed", "Bytes sent to resuming readers", m.bytes_replayed.clone());
+        registry.register("resumes", "Resume requests, by kind and outcome", m.resumes.clone());
+        registry.register(
+            "replay_to_live_lag_seconds",
+            "Time from a resume's start until its reader caught up with the live stream",
+            m.replay_lag.clone(),
+        );
+        registry.register("store_latency_seconds", "Store call latency, by operation", m.store_latency.clone());
+        registry.register("store_errors", "Failed store calls, by operation", m.store_errors.clone());
+        registry.register(
+            "store_buffered_entries",
+            "Entries recorded in memory and not yet written to the store",
+            m.buffered_entries.clone(),
+        );
+        registry.register("connections_open", "Open client connections", m.connections_open.clone());
+        registry.register("readers_active", "Response bodies streaming a recorded stream", m.readers_active.clone());
+        registry.register(
+            "upstream_responses",
+            "Upstream responses, by route and status code",
+            m.upstream_responses.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream requests that got no response, by route and kind",
+            m.upstream_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn resume(&self, kind: &str, outcome: &str) {
+        self.resumes
+            .get_or_create(&ResumeLabels {
+                kind: kind.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Increments a gauge for as long as it lives.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(g: &Gauge) -> GaugeGuard {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A [`Store`] that records latency and errors of every call.
+pub struct InstrumentedStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl InstrumentedStore {
+    pub fn wrap(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<dyn Store> {
+        Arc::new(InstrumentedStore { inner, metrics })
+    }
+
+    fn observe<T>(&self, op: &str, started: Instant, r: &Result<T, StoreError>) {
+        let labels = OpLabels { op: op.to_string() };
+        self.metrics
+            .store_latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if r.is_err() {
+            self.metrics.store_errors.get_or_create(&labels).inc();
+        }
+    }
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let r = $call.await;
+        $self.observe($op, started, &r);
+        r
+    }};
+}
+
+#[async_trait]
+impl Store for InstrumentedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        timed!(self, "create", self.inner.create(meta))
+    }
+    async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+        timed!(self, "append", self.inner.append(stream, entries))
+    }
+    async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+        timed!(self, "meta", self.inner.meta(stream))
+    }
+    async fn read(&self, stream: StreamId, after: Seq, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        timed!(self, "read", self.inner.read(stream, after, limit))
+    }
+    async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        timed!(self, "bind_key", self.inner.bind_key(key, stream))
+    }
+    async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+        timed!(self, "resolve_key", self.inner.resolve_key(key))
+    }
+    async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
+        self.inner.watch(stream).await
+    }
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics_with_labels() {
+        let m = Metrics::new();
+        m.streams_started
+            .get_or_create(&RouteLabels { route: "/api/chat".into() })
+            .inc();
+        m.resume("key", "no_content");
+        let text = m.render();
+        assert!(text.contains("reprise_streams_started_total{route=\"/api/chat\"} 1"), "{text}");
+        assert!(text.contains("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"} 1"), "{text}");
+        assert!(text.contains("# TYPE reprise_replay_to_live_lag_seconds histogram"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
