@@ -123,6 +123,8 @@ pub struct LimitsConfig {
     pub max_stream_bytes: ByteSize,
     /// Largest request body buffered to extract a JSON key.
     pub max_request_body: ByteSize,
+    /// Most client connections open at once; more are answered `503`.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -133,6 +135,7 @@ impl Default for LimitsConfig {
             max_stream_events: 1_000_000,
             max_stream_bytes: ByteSize::mib(64),
             max_request_body: ByteSize::mib(16),
+            max_connections: 50_000,
         }
     }
 }

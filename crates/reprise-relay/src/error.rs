@@ -32,6 +32,9 @@ pub enum RelayError {
     /// The upstream did not answer in time.
     #[error("upstream timed out: {0}")]
     UpstreamTimeout(String),
+    /// `limits.max_connections` connections are already open.
+    #[error("too many connections; retry later")]
+    TooManyConnections,
     /// The store is unreachable: retry later.
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
@@ -57,7 +60,7 @@ impl RelayError {
             RelayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
             RelayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            RelayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::StoreUnavailable(_) | RelayError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,6 +74,7 @@ impl RelayError {
             RelayError::Upstream(_) => "upstream_unavailable",
             RelayError::UpstreamTimeout(_) => "upstream_timeout",
             RelayError::StoreUnavailable(_) => "store_unavailable",
+            RelayError::TooManyConnections => "too_many_connections",
             RelayError::Internal(_) => "internal",
         }
     }

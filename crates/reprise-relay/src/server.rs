@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::config::{redact_url, Config, ConfigError};
 use crate::hub::{Hub, LoaderCtx};
 use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
+use crate::error::RelayError;
 use crate::proxy;
 use crate::routes::{RouteError, Router};
 use crate::upstream::{build_client, HttpClient};
@@ -176,9 +177,22 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         };
         let _ = io.set_nodelay(true);
         let svc_relay = relay.clone();
+        // Over the connection limit: answer every request 503 and close.
+        let over_limit = relay.metrics.connections_open.get() as usize >= relay.config.limits.max_connections;
+        if over_limit {
+            tracing::warn!(limit = relay.config.limits.max_connections, "connection limit reached; refusing");
+        }
         let svc = service_fn(move |req| {
             let relay = svc_relay.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(relay, req, addr).await) }
+            async move {
+                if over_limit {
+                    let mut resp = RelayError::TooManyConnections.into_response();
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                    return Ok::<_, Infallible>(resp);
+                }
+                Ok::<_, Infallible>(proxy::handle(relay, req, addr).await)
+            }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         let span = tracing::debug_span!("conn", client.addr = %addr);
