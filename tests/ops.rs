@@ -224,7 +224,7 @@ fn unit_setting(text: &str, key: &str) -> String {
 }
 
 #[test]
-fn systemd_unit_stop_timeout_covers_the_shutdown_sequence() {
+fn systemd_unit_stop_timeout_and_env_file_fit_the_binary() {
     let text = unit_text();
     let stop = unit_setting(&text, "TimeoutStopSec");
     let stop = Duration::from_secs(
@@ -273,6 +273,9 @@ fn systemd_unit_stop_timeout_covers_the_shutdown_sequence() {
 /// `$NOTIFY_SOCKET` would be.
 struct NotifySocket {
     socket: UnixDatagram,
+    /// The same socket (a dup), read directly: tokio's `try_recv` consults
+    /// cached readiness and can miss a datagram the reactor has not seen yet.
+    direct: std::os::unix::net::UnixDatagram,
     path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -281,24 +284,35 @@ impl NotifySocket {
     fn bind() -> NotifySocket {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("notify.sock");
-        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        let direct = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        direct
+            .set_nonblocking(true)
+            .expect("nonblocking notify socket");
+        let socket = direct.try_clone().expect("dup notify socket");
+        let socket = UnixDatagram::from_std(socket).expect("register notify socket");
         NotifySocket {
             socket,
+            direct,
             path,
             _dir: dir,
         }
     }
 
-    /// The next datagram; panics if `child` exits first.
+    /// The next datagram; panics if `child` exits first and sent nothing more.
     async fn next(&self, child: &mut Child, what: &str) -> String {
         let mut buf = vec![0u8; 4096];
         with_timeout(what, async {
             tokio::select! {
+                biased;
                 r = self.socket.recv(&mut buf) => {
                     let n = r.expect("recv on notify socket");
                     String::from_utf8(buf[..n].to_vec()).expect("notification is UTF-8")
                 }
-                status = child.wait() => panic!("reprise exited ({status:?}) while waiting for {what}"),
+                status = child.wait() => match self.try_next() {
+                    // Sent before the exit, not yet seen by the reactor.
+                    Some(msg) => msg,
+                    None => panic!("reprise exited ({status:?}) while waiting for {what}"),
+                },
             }
         })
         .await
@@ -314,14 +328,16 @@ impl NotifySocket {
         }
     }
 
-    /// Whatever is queued, without waiting.
-    fn drain(&self) -> Vec<String> {
+    /// A queued datagram, without waiting.
+    fn try_next(&self) -> Option<String> {
         let mut buf = vec![0u8; 4096];
-        let mut out = Vec::new();
-        while let Ok(n) = self.socket.try_recv(&mut buf) {
-            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        out
+        let n = self.direct.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Everything queued, without waiting.
+    fn drain(&self) -> Vec<String> {
+        std::iter::from_fn(|| self.try_next()).collect()
     }
 }
 

@@ -945,10 +945,10 @@ mod redis_only {
         }
 
         standalone(&mut f).start_again().await.unwrap();
-        let st = store.clone();
-        eventually(WAIT, "the store to answer again", || {
-            let st = st.clone();
-            async move { st.ping().await.is_ok() }
+        let (st, peer) = (store.clone(), f.peer.clone());
+        eventually(WAIT, "both instances to answer again", || {
+            let (st, peer) = (st.clone(), peer.clone());
+            async move { st.ping().await.is_ok() && peer.ping().await.is_ok() }
         })
         .await;
         // Data is gone with the old process; everything works on new data,

@@ -73,7 +73,12 @@ pub struct Hooks {
 
 /// Source address for the `i`-th connection.
 pub fn source_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCE_ADDRS as usize) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (i % SOURCE_ADDRS as usize) as u8,
+    ))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,9 +126,15 @@ pub async fn run_stream(job: &Job, src: IpAddr, latency: bool, mut hooks: Hooks)
         let mut body = resp.into_body();
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else { continue };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
             r.bytes += data.len() as u64;
-            let now = if latency || r.ttfe_us.is_none() { now_us() } else { 0 };
+            let now = if latency || r.ttfe_us.is_none() {
+                now_us()
+            } else {
+                0
+            };
             let before = r.events;
             if buf.is_empty() {
                 // Usual case: parse in place, keep only an incomplete tail.
@@ -213,7 +224,8 @@ impl Checker {
             self.next = i + 1;
         }
         if latency {
-            r.lat_us.push(now.saturating_sub(t).min(u32::MAX as u64) as u32);
+            r.lat_us
+                .push(now.saturating_sub(t).min(u32::MAX as u64) as u32);
         }
     }
 }
@@ -244,7 +256,12 @@ fn field(d: &[u8], p: &mut usize, lit: &[u8]) -> Option<u64> {
 /// Runs `jobs` with at most `concurrency` streams at a time. Worker `w`
 /// starts `w × stagger / concurrency` late, so that throttled streams do
 /// not all tick at the same instant.
-pub async fn run_many(jobs: Arc<Vec<Job>>, concurrency: usize, stagger: Duration, latency: bool) -> Vec<StreamResult> {
+pub async fn run_many(
+    jobs: Arc<Vec<Job>>,
+    concurrency: usize,
+    stagger: Duration,
+    latency: bool,
+) -> Vec<StreamResult> {
     let next = Arc::new(AtomicUsize::new(0));
     let workers = concurrency.clamp(1, jobs.len().max(1));
     let mut set = tokio::task::JoinSet::new();

@@ -33,14 +33,17 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: Option<PathBuf>) -> Result<Proc, String> {
         if let Some(path) = &log {
-            let out = fs::File::create(path).map_err(|e| format!("{name}: log file {}: {e}", path.display()))?;
+            let out = fs::File::create(path)
+                .map_err(|e| format!("{name}: log file {}: {e}", path.display()))?;
             let err = out.try_clone().map_err(|e| format!("{name}: {e}"))?;
             cmd.stdout(out).stderr(err);
         } else {
             cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         }
         cmd.stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -52,16 +55,30 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGINT and waits for the exit (perf writes its data file then).
+    pub fn interrupt_and_wait(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
     /// `Some(reason)` if the process already exited, with the end of its log.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} exited ({status}){}", self.name, self.log_tail())),
+            Ok(Some(status)) => Some(format!(
+                "{} exited ({status}){}",
+                self.name,
+                self.log_tail()
+            )),
             _ => None,
         }
     }
 
     fn log_tail(&self) -> String {
-        let Some(path) = &self.log else { return String::new() };
+        let Some(path) = &self.log else {
+            return String::new();
+        };
         let text = fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
@@ -69,7 +86,11 @@ impl Proc {
     }
 
     /// Waits until `ready` holds, failing if the process dies or time runs out.
-    pub fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ready() {
@@ -79,7 +100,11 @@ impl Proc {
                 return Err(why);
             }
             if Instant::now() > deadline {
-                return Err(format!("{}: {what} not ready after {START_TIMEOUT:?}{}", self.name, self.log_tail()));
+                return Err(format!(
+                    "{}: {what} not ready after {START_TIMEOUT:?}{}",
+                    self.name,
+                    self.log_tail()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -154,7 +179,9 @@ pub fn machine_ticks() -> (u64, u64) {
 /// Children of `pid` (by scanning `/proc`, which works without
 /// `CONFIG_PROC_CHILDREN`).
 pub fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|p| {
             stat_fields(*p)
@@ -169,24 +196,44 @@ pub fn machine_summary() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let mhz = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("cpu MHz")?.split_once(':').map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_default();
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kib: u64 = meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0);
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut s = String::new();
     let _ = write!(
         s,
         "nproc {nproc}; CPU {model}{}; memory {:.1} GiB; kernel {}",
-        if mhz.is_empty() { String::new() } else { format!(" @ {mhz} MHz") },
+        if mhz.is_empty() {
+            String::new()
+        } else {
+            format!(" @ {mhz} MHz")
+        },
         mem_kib as f64 / 1048576.0,
         kernel.trim()
     );
@@ -200,8 +247,17 @@ pub fn version_of(cmd: &str, arg: &str) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
         })
         .unwrap_or_default()
 }
@@ -221,7 +277,10 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| io::Error::other("no HTTP status line"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -232,16 +291,25 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
 /// Searches `PATH` and the sbin directories (nginx lives in `/usr/sbin`).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
+    let found = path
+        .split(':')
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"])
         .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+        .find(|p| p.is_file());
+    found
 }
 
 fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next().map(String::from)))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")?
+                    .split_whitespace()
+                    .next()
+                    .map(String::from)
+            })
+        })
         .is_some_and(|uid| uid == "0")
 }
 
@@ -249,7 +317,9 @@ fn is_root() -> bool {
 /// fails), when running as root. Progress goes to stderr.
 pub fn apt_install(package: &str) -> Result<(), String> {
     if !is_root() {
-        return Err(format!("not installed, and not root to `apt-get install {package}`"));
+        return Err(format!(
+            "not installed, and not root to `apt-get install {package}`"
+        ));
     }
     let install = || {
         Command::new("apt-get")
@@ -263,11 +333,16 @@ pub fn apt_install(package: &str) -> Result<(), String> {
     if install() {
         return Ok(());
     }
-    let _ = Command::new("apt-get").args(["update", "-qq"]).stdout(Stdio::null()).status();
+    let _ = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .stdout(Stdio::null())
+        .status();
     if install() {
         Ok(())
     } else {
-        Err(format!("not installed, and `apt-get install -y {package}` failed"))
+        Err(format!(
+            "not installed, and `apt-get install -y {package}` failed"
+        ))
     }
 }
 
@@ -279,20 +354,22 @@ pub struct Redis {
     pub addr: SocketAddr,
 }
 
-/// One RESP reply.
+/// One RESP reply (errors are `Err`; what the benchmark never reads is `Other`).
 #[derive(Debug)]
 pub enum Resp {
     Simple(String),
-    Error(String),
-    Int(i64),
     Bulk(Option<Vec<u8>>),
-    Array(Vec<Resp>),
+    Other,
 }
 
 impl Redis {
     pub fn start(dir: &Path) -> Result<Redis, String> {
         let bin = find_program("redis-server")
-            .or_else(|| apt_install("redis-server").ok().and_then(|()| find_program("redis-server")))
+            .or_else(|| {
+                apt_install("redis-server")
+                    .ok()
+                    .and_then(|()| find_program("redis-server"))
+            })
             .ok_or("redis-server is not installed (apt-get install redis-server)")?;
         let port = free_port()?;
         let mut cmd = Command::new(bin);
@@ -303,9 +380,10 @@ impl Redis {
             .args(["--maxclients", "4096"]);
         let mut proc = Proc::spawn("redis-server", &mut cmd, Some(dir.join("redis.log")))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        proc.wait_until("PING", || {
-            matches!(command(addr, &["PING"]), Ok(Resp::Simple(ref s)) if s == "PONG")
-        })?;
+        proc.wait_until(
+            "PING",
+            || matches!(command(addr, &["PING"]), Ok(Resp::Simple(ref s)) if s == "PONG"),
+        )?;
         Ok(Redis { proc, addr })
     }
 
@@ -331,7 +409,11 @@ impl Redis {
             .lines()
             .filter_map(|l| {
                 let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+                let calls = rest
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))?
+                    .parse()
+                    .ok()?;
                 Some((name.to_string(), calls))
             })
             .filter(|(name, _)| name != "info")
@@ -342,7 +424,12 @@ impl Redis {
     pub fn connected_clients(&self) -> u64 {
         self.info("clients")
             .lines()
-            .find_map(|l| l.strip_prefix("connected_clients:")?.trim().parse::<u64>().ok())
+            .find_map(|l| {
+                l.strip_prefix("connected_clients:")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map(|n| n.saturating_sub(1))
             .unwrap_or(0)
     }
@@ -370,8 +457,8 @@ fn read_resp(r: &mut impl BufRead) -> io::Result<Resp> {
     let (kind, rest) = (line.chars().next().ok_or_else(bad)?, &line[1..]);
     Ok(match kind {
         '+' => Resp::Simple(rest.to_string()),
-        '-' => Resp::Error(rest.to_string()),
-        ':' => Resp::Int(rest.parse().map_err(|_| bad())?),
+        '-' => return Err(io::Error::other(rest.to_string())),
+        ':' => Resp::Other,
         '$' => {
             let n: i64 = rest.parse().map_err(|_| bad())?;
             if n < 0 {
@@ -385,11 +472,10 @@ fn read_resp(r: &mut impl BufRead) -> io::Result<Resp> {
         }
         '*' => {
             let n: i64 = rest.parse().map_err(|_| bad())?;
-            let mut items = Vec::new();
             for _ in 0..n.max(0) {
-                items.push(read_resp(r)?);
+                read_resp(r)?;
             }
-            Resp::Array(items)
+            Resp::Other
         }
         _ => return Err(bad()),
     })
@@ -410,7 +496,13 @@ pub enum ReprisePlan {
 
 /// Starts the release binary with a config file of its own, and waits for
 /// `/_reprise/readyz`.
-pub fn start_reprise(bin: &Path, dir: &Path, name: &str, upstream: SocketAddr, plan: ReprisePlan) -> Result<(Proc, SocketAddr), String> {
+pub fn start_reprise(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    plan: ReprisePlan,
+) -> Result<(Proc, SocketAddr), String> {
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut toml = format!("listen = \"{addr}\"\n");
@@ -445,7 +537,12 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(bin: &Path, dir: &Path, upstream: SocketAddr, max_conns: u64) -> Result<Nginx, String> {
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        upstream: SocketAddr,
+        max_conns: u64,
+    ) -> Result<Nginx, String> {
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let root = dir.join("nginx");
@@ -488,7 +585,12 @@ http {{
         let conf_path = root.join("nginx.conf");
         fs::write(&conf_path, conf).map_err(|e| format!("nginx.conf: {e}"))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("-p").arg(&root).arg("-c").arg(&conf_path).arg("-e").arg(root.join("error.log"));
+        cmd.arg("-p")
+            .arg(&root)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(root.join("error.log"));
         let mut proc = Proc::spawn("nginx", &mut cmd, Some(root.join("stderr.log")))?;
         proc.wait_until("proxying /health", || http_ok(addr, "/health"))?;
         let master = proc.pid();

@@ -42,7 +42,10 @@ struct State {
 
 impl State {
     fn current(&self) -> CancellationToken {
-        self.release.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.release
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Releases every held stream; streams held later wait for the next call.
@@ -60,7 +63,9 @@ pub fn serve(addr: SocketAddr) -> Result<(), String> {
         .build()
         .map_err(|e| format!("upstream runtime: {e}"))?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("upstream bind {addr}: {e}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("upstream bind {addr}: {e}"))?;
         let state = Arc::new(State::default());
         loop {
             let (io, _) = match listener.accept().await {
@@ -166,7 +171,10 @@ impl Gen {
 
     /// `data: {"s":..,"i":..,"t":..,"p":"xx"}\n\n`, padded to `size` bytes.
     fn event(&self, index: u64, t: u64) -> Bytes {
-        let head = format!("data: {{\"s\":{},\"i\":{index},\"t\":{t},\"p\":\"", self.tag);
+        let head = format!(
+            "data: {{\"s\":{},\"i\":{index},\"t\":{t},\"p\":\"",
+            self.tag
+        );
         let tail = b"\"}\n\n";
         let pad = self.size.saturating_sub(head.len() + tail.len());
         let mut b = BytesMut::with_capacity(head.len() + pad + tail.len());

@@ -69,8 +69,10 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
     c
 }
 
+/// Sets the store. The key prefix stays the default (`reprise:`), so
+/// in-process relays and `reprise` processes on one Redis share streams;
+/// each test starts its own redis-server.
 pub fn set_backend(c: &mut Config, backend: &Backend) {
-    c.store.key_prefix = format!("test{}:", free_port().unwrap_or(0));
     c.store.redis_url = match backend {
         Backend::Memory => None,
         Backend::Redis(url) => Some(Secret::new(url.clone())),

@@ -134,6 +134,8 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
     let mut idle_polls = 0u32;
     // Consecutive reads that found nothing new.
     let mut empty_polls = 0u32;
+    // Consecutive metadata checks that found the stream gone.
+    let mut missing_checks = 0u32;
     loop {
         if ctx.stop.is_cancelled() {
             break;
@@ -164,9 +166,15 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                 backoff.reset();
                 empty_polls += 1;
                 // Nothing new for a while: if the stream itself vanished
-                // (expired), end the readers instead of waiting forever.
+                // (expired) and stays gone, end the readers instead of
+                // waiting forever. A producer whose store lost the stream
+                // (a Redis restart) re-creates it, hence several checks.
                 if empty_polls % 10 == 0 {
-                    if let Ok(None) = ctx.store.meta(live.id).await {
+                    match ctx.store.meta(live.id).await {
+                        Ok(None) => missing_checks += 1,
+                        _ => missing_checks = 0,
+                    }
+                    if missing_checks >= 3 {
                         live.finish(Outcome::Failed {
                             reason: FailReason::ProducerLost,
                             message: "the stream expired before it ended".into(),

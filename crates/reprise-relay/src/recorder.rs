@@ -15,8 +15,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use reprise_core::ndjson::LineSplitter;
 use reprise_core::sse::{encode_fields, Limits, Parser};
-use reprise_core::{FailReason, Format, Outcome, Seq};
-use reprise_store::{EntryBody, KeyRef, StoreError, StreamMeta};
+use reprise_core::{FailReason, Format, Outcome, Seq, StreamId};
+use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -272,9 +272,32 @@ async fn write(
         };
         let last_seq = last.seq;
         let ended = matches!(last.body, EntryBody::End(_));
-        match retry(&stop, || store.append(id, &batch)).await {
-            Ok(()) => persisted = last_seq,
-            Err(()) => return,
+        match retry_append(&stop, &*store, id, &batch).await {
+            Appended::Ok => persisted = last_seq,
+            Appended::Stop => return,
+            Appended::Conflict => match recover(&stop, &*store, &meta, key.as_ref()).await {
+                // The store lost the stream (a Redis restart without
+                // persistence, a flush): it was re-created; rewrite it all
+                // from the log, which still holds every entry.
+                Some(Recovered::Recreated) => {
+                    tracing::warn!("the store lost this stream; rewriting it from memory");
+                    persisted = Seq::ZERO;
+                    continue;
+                }
+                // An earlier append was applied but its answer lost:
+                // continue after what the store has.
+                Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
+                    persisted = seq;
+                    if live.end().is_some_and(|(end, _)| end <= seq) {
+                        break;
+                    }
+                    continue;
+                }
+                _ => {
+                    tracing::error!("append conflict the writer cannot resolve; the stream's record stays incomplete");
+                    return;
+                }
+            },
         }
         if ended {
             break;
@@ -291,26 +314,85 @@ async fn write(
     relay.hub.remove(&live);
 }
 
+enum Appended {
+    Ok,
+    /// The batch does not follow what the store holds.
+    Conflict,
+    /// Permanent error, or shutting down.
+    Stop,
+}
+
+/// Appends a batch, retrying while the store is unavailable.
+async fn retry_append(stop: &CancellationToken, store: &dyn Store, id: StreamId, batch: &[Entry]) -> Appended {
+    let r = retry(stop, || async {
+        match store.append(id, batch).await {
+            Err(StoreError::Conflict { detail, .. }) => {
+                tracing::debug!(detail, "append conflict");
+                Ok(Appended::Conflict)
+            }
+            Ok(()) => Ok(Appended::Ok),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    r.unwrap_or(Appended::Stop)
+}
+
+enum Recovered {
+    /// The stream was missing and has been created again (empty).
+    Recreated,
+    /// The store holds entries up to this seq.
+    StoredUpTo(Seq),
+}
+
+/// After an append conflict: re-create a stream the store lost, or find
+/// where the stored entries end.
+async fn recover(stop: &CancellationToken, store: &dyn Store, meta: &StreamMeta, key: Option<&KeyRef>) -> Option<Recovered> {
+    let found = retry(stop, || store.meta(meta.id)).await.ok()?;
+    match found {
+        None => {
+            retry(stop, || store.create(meta)).await.ok()?;
+            if let Some(k) = key {
+                retry(stop, || store.bind_key(k, meta.id)).await.ok()?;
+            }
+            Some(Recovered::Recreated)
+        }
+        Some(stored) if stored.epoch != meta.epoch => None,
+        Some(_) => {
+            let mut last = Seq::ZERO;
+            loop {
+                let page = retry(stop, || store.read(meta.id, last, 1000)).await.ok()?;
+                match page.last() {
+                    Some(e) => last = e.seq,
+                    None => return Some(Recovered::StoredUpTo(last)),
+                }
+            }
+        }
+    }
+}
+
 /// Retries a store call while its error is retryable; gives up on a
 /// permanent error or when `stop` fires.
-async fn retry<F, Fut>(stop: &CancellationToken, mut call: F) -> Result<(), ()>
+async fn retry<T, F, Fut>(stop: &CancellationToken, mut call: F) -> Result<T, ()>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut backoff = Backoff::new();
+    // Writers retry at least every second, so a store that comes back is
+    // caught up with quickly.
+    let mut backoff = Backoff::up_to(Duration::from_secs(1));
     loop {
         match call().await {
-            Ok(()) => return Ok(()),
+            Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(cause = %e, "store write failed; retrying");
+                tracing::warn!(cause = %e, "store call failed; retrying");
                 tokio::select! {
                     _ = backoff.wait() => {}
                     _ = stop.cancelled() => return Err(()),
                 }
             }
             Err(e) => {
-                tracing::error!(cause = %e, "store write failed permanently; the stream's record is incomplete");
+                tracing::error!(cause = %e, "store call failed permanently; the stream's record is incomplete");
                 return Err(());
             }
         }

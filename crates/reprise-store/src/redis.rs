@@ -299,12 +299,18 @@ impl RedisStore {
         let pool = builder
             .build_pool(ropts.pool_size.max(1))
             .map_err(map_err)?;
+        // After an outage the pooled connections come back one by one: use
+        // those already back rather than fail on one still reconnecting.
+        pool.prefer_connected(true);
 
         let setup = async {
             // `fail_fast` (fred's default) makes a refused first connection an error, not a retry loop.
             pool.init().await?;
             let () = pool.ping(None).await?;
-            let _: Value = pool.next().function_load_cluster(true, LIBRARY).await?;
+            let _: Value = pool
+                .next_connected()
+                .function_load_cluster(true, LIBRARY)
+                .await?;
             Ok::<(), FredError>(())
         };
         let bound = ropts
@@ -399,14 +405,14 @@ impl RedisStore {
             if write {
                 self.inner
                     .pool
-                    .next()
+                    .next_connected()
                     .with_options(&self.inner.write_opts)
                     .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
                     .await
             } else {
                 self.inner
                     .pool
-                    .next()
+                    .next_connected()
                     .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
                     .await
             }
@@ -417,7 +423,7 @@ impl RedisStore {
                 let _: Value = self
                     .inner
                     .pool
-                    .next()
+                    .next_connected()
                     .function_load_cluster(true, LIBRARY)
                     .await?;
                 call().await
@@ -539,7 +545,7 @@ impl Store for RedisStore {
         }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
-        let p = self.inner.pool.next().pipeline();
+        let p = self.inner.pool.next_connected().pipeline();
         let () = p.del(vec![&k.meta, &k.entries]).await.map_err(map_err)?;
         let () = p.hset(&k.meta, fields).await.map_err(map_err)?;
         let () = p

@@ -1,0 +1,1435 @@
+//! The load benchmark of issue 7: Reprise next to a direct connection and
+//! nginx, under chat, firehose, resume-storm and idle loads, in one run.
+//!
+//! ```text
+//! cargo bench -p reprise-benches --bench load -- [--quick] [--scenario NAME[,NAME..]]
+//!     [--columns direct,pass,redis,embedded,nginx] [--perf DIR] [--no-build]
+//! ```
+//!
+//! One run starts everything it measures, each on a free loopback port: the
+//! mock LLM upstream (this binary again, `--serve-upstream`; see
+//! `load/upstream.rs`), a private `redis-server` without persistence, a fresh
+//! Reprise process (the release binary) per column and scenario so that its
+//! CPU time and peak RSS belong to that configuration alone, and nginx as a
+//! plain `proxy_pass` when installed (installed with apt-get if missing and
+//! root). The load generator (`load/client.rs`) checks every event of every
+//! stream and prints one Markdown table per scenario. It prints figures; it
+//! asserts nothing about them.
+//!
+//! `--perf DIR` records a `perf record -e cpu-clock` profile of each proxy
+//! process during each measured window into DIR (set `LOAD_PERF_ARGS` to
+//! change the perf options).
+#![forbid(unsafe_code)]
+
+// The crate root sits beside its modules' folder, hence the paths.
+#[path = "load/client.rs"]
+mod client;
+#[path = "load/procs.rs"]
+mod procs;
+#[path = "load/report.rs"]
+mod report;
+#[path = "load/upstream.rs"]
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use client::{Hooks, Job, StreamResult, Totals};
+use procs::{Nginx, Proc, Redis, ReprisePlan};
+use report::{mib, ms2, ms3, rate, thousands, us_per, Table, NA};
+
+/// Microseconds since the Unix epoch: the clock shared by the upstream's
+/// send stamps and the clients' receive times (same machine).
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+const SCENARIOS: [&str; 5] = ["chat", "chat-1000", "firehose", "resume-storm", "idle"];
+
+/// nginx's `worker_connections` and `worker_rlimit_nofile`.
+const NGINX_CONNS: u64 = 19_500;
+/// A proxy holds two sockets per proxied stream and the machine's hard limit
+/// on open files is often 20,000: proxied idle streams are capped below it.
+const MAX_PROXIED_IDLE: usize = 9_000;
+/// Connections being opened at once in the idle scenario.
+const CONNECT_CONCURRENCY: usize = 256;
+
+/// A system under test: one column of every table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Col {
+    Direct,
+    Pass,
+    Redis,
+    Embedded,
+    Nginx,
+}
+
+impl Col {
+    const ALL: [Col; 5] = [
+        Col::Direct,
+        Col::Pass,
+        Col::Redis,
+        Col::Embedded,
+        Col::Nginx,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Col::Direct => "direct",
+            Col::Pass => "pass",
+            Col::Redis => "redis",
+            Col::Embedded => "embedded",
+            Col::Nginx => "nginx",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Col::Direct => "direct to upstream",
+            Col::Pass => "Reprise pass-through",
+            Col::Redis => "Reprise → Redis",
+            Col::Embedded => "Reprise → embedded",
+            Col::Nginx => "nginx",
+        }
+    }
+}
+
+struct Args {
+    quick: bool,
+    scenarios: Vec<String>,
+    cols: Vec<Col>,
+    perf: Option<PathBuf>,
+    build: bool,
+    /// As given, for the "reproduce with" line.
+    raw: Vec<String>,
+}
+
+const USAGE: &str = "usage: cargo bench -p reprise-benches --bench load -- [--quick] [--scenario chat,chat-1000,firehose,resume-storm,idle] [--columns direct,pass,redis,embedded,nginx] [--perf DIR] [--no-build]";
+
+fn parse_args(argv: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        quick: false,
+        scenarios: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+        cols: Col::ALL.to_vec(),
+        perf: None,
+        build: true,
+        raw: Vec::new(),
+    };
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or(format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => continue,
+            "--quick" => a.quick = true,
+            "--no-build" => a.build = false,
+            "--scenario" => {
+                let v = value()?;
+                a.scenarios = v.split(',').map(|s| s.trim().to_string()).collect();
+                if let Some(bad) = a
+                    .scenarios
+                    .iter()
+                    .find(|s| !SCENARIOS.contains(&s.as_str()))
+                {
+                    return Err(format!(
+                        "unknown scenario {bad:?}; known: {}",
+                        SCENARIOS.join(", ")
+                    ));
+                }
+                a.raw.extend([arg.clone(), v]);
+                continue;
+            }
+            "--columns" => {
+                let v = value()?;
+                a.cols = v
+                    .split(',')
+                    .map(|s| {
+                        Col::ALL
+                            .into_iter()
+                            .find(|c| c.key() == s.trim())
+                            .ok_or(format!("unknown column {s:?}\n{USAGE}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                a.raw.extend([arg.clone(), v]);
+                continue;
+            }
+            "--perf" => {
+                let v = value()?;
+                a.perf = Some(PathBuf::from(&v));
+                a.raw.extend([arg.clone(), v]);
+                continue;
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+        a.raw.push(arg.clone());
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // Open files: thousands of sockets per process in the idle scenario.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if argv.first().map(String::as_str) == Some("--serve-upstream") {
+        let addr = argv.get(1).and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            eprintln!("--serve-upstream needs ADDR");
+            return ExitCode::from(2);
+        };
+        return match upstream::serve(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Progress, on stderr (stdout carries only the report).
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("load: {}", msg.as_ref());
+}
+
+// ------------------------------------------------------------ scenarios
+
+/// A scenario of many streams read from start to end.
+struct LoadSpec {
+    name: &'static str,
+    concurrency: usize,
+    total: usize,
+    events: u64,
+    interval_us: u64,
+    size: usize,
+}
+
+impl LoadSpec {
+    fn describe(&self) -> String {
+        let pace = if self.interval_us == 0 {
+            "unthrottled".to_string()
+        } else {
+            format!("one every {} ms", self.interval_us / 1000)
+        };
+        format!(
+            "{} streams in all, {} at a time, {} events of {} bytes each, {pace}",
+            thousands(self.total as u64),
+            thousands(self.concurrency as u64),
+            thousands(self.events),
+            self.size
+        )
+    }
+}
+
+/// Every size of the run, full or `--quick`.
+struct Sizes {
+    chat: LoadSpec,
+    chat_wide: LoadSpec,
+    firehose: LoadSpec,
+    storm_events: u64,
+    storm_clients: usize,
+    idle_streams: usize,
+    idle_readers_per_stream: usize,
+    idle_proxied: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        let chat = |name, concurrency, total, events| LoadSpec {
+            name,
+            concurrency,
+            total,
+            events,
+            interval_us: 20_000,
+            size: 150,
+        };
+        if quick {
+            Sizes {
+                chat: chat("chat", 50, 100, 50),
+                chat_wide: chat("chat-1000", 250, 250, 50),
+                firehose: LoadSpec {
+                    name: "firehose",
+                    concurrency: 20,
+                    total: 20,
+                    events: 1000,
+                    interval_us: 0,
+                    size: 100,
+                },
+                storm_events: 2_000,
+                storm_clients: 100,
+                idle_streams: 10,
+                idle_readers_per_stream: 50,
+                idle_proxied: 500,
+            }
+        } else {
+            Sizes {
+                chat: chat("chat", 200, 400, 200),
+                chat_wide: chat("chat-1000", 1000, 2000, 200),
+                firehose: LoadSpec {
+                    name: "firehose",
+                    concurrency: 50,
+                    total: 100,
+                    events: 2000,
+                    interval_us: 0,
+                    size: 100,
+                },
+                storm_events: 10_000,
+                storm_clients: 1_000,
+                idle_streams: 100,
+                idle_readers_per_stream: 100,
+                idle_proxied: MAX_PROXIED_IDLE,
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ the bench
+
+struct Bench {
+    args: Args,
+    dir: tempfile::TempDir,
+    reprise_bin: PathBuf,
+    up_addr: SocketAddr,
+    upstream: Proc,
+    redis: Redis,
+    /// The nginx binary, or why the nginx column is skipped.
+    nginx: Result<PathBuf, String>,
+    rt: tokio::runtime::Runtime,
+    /// Processes started so far (names their files).
+    runs: usize,
+}
+
+/// What keeps a system under test running.
+enum Keep {
+    Nothing,
+    Proc(#[allow(dead_code)] Proc),
+    Nginx(#[allow(dead_code)] Nginx),
+}
+
+/// A system under test, started for one column of one scenario.
+struct Under {
+    col: Col,
+    addr: SocketAddr,
+    /// Processes whose CPU time is the proxy's.
+    cpu_pids: Vec<u32>,
+    /// The process whose memory is the proxy's (nginx: its worker).
+    mem_pid: Option<u32>,
+    _keep: Keep,
+}
+
+/// Counters read at both ends of a measured window.
+struct Snap {
+    at: Instant,
+    proxy: Duration,
+    redis: Duration,
+    upstream: Duration,
+    gen: Duration,
+    cmds: BTreeMap<String, u64>,
+    ticks: (u64, u64),
+}
+
+/// What happened in a measured window.
+struct Delta {
+    wall: Duration,
+    proxy: Duration,
+    redis: Duration,
+    upstream: Duration,
+    gen: Duration,
+    cmds: BTreeMap<String, u64>,
+    /// Whole machine, percent of all cores.
+    busy: f64,
+}
+
+impl Delta {
+    fn redis_calls(&self) -> u64 {
+        self.cmds.values().sum()
+    }
+
+    /// `xadd 80,000 · fcall 1,234 · …`, most called first.
+    fn cmd_breakdown(&self, limit: usize) -> String {
+        let mut v: Vec<_> = self.cmds.iter().filter(|(_, n)| **n > 0).collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        let s: Vec<String> = v
+            .iter()
+            .take(limit)
+            .map(|(c, n)| format!("{c} {}", thousands(**n)))
+            .collect();
+        if s.is_empty() {
+            "none".into()
+        } else {
+            s.join(" · ")
+        }
+    }
+}
+
+/// A load scenario's figures for one column.
+struct Measure {
+    totals: Totals,
+    delta: Delta,
+    hwm_kib: Option<u64>,
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let started = Instant::now();
+    let sizes = Sizes::new(args.quick);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    // target/<profile>/deps/load-<hash> → target/<profile>/reprise
+    let reprise_bin = match std::env::var_os("REPRISE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("reprise"))
+            .ok_or("cannot locate the target directory")?,
+    };
+    if args.build {
+        progress("cargo build --release --bin reprise");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--release", "--bin", "reprise"])
+            .current_dir(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("cargo build --release --bin reprise failed".into());
+        }
+    }
+    if !reprise_bin.is_file() {
+        return Err(format!(
+            "{} not found (build it, or set REPRISE_BIN)",
+            reprise_bin.display()
+        ));
+    }
+    if let Some(dir) = &args.perf {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+
+    let dir = tempfile::Builder::new()
+        .prefix("reprise-load-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let up_port = procs::free_port()?;
+    let up_addr = SocketAddr::from(([127, 0, 0, 1], up_port));
+    let mut upstream = Proc::spawn(
+        "mock upstream",
+        Command::new(&exe)
+            .arg("--serve-upstream")
+            .arg(up_addr.to_string()),
+        Some(dir.path().join("upstream.log")),
+    )?;
+    upstream.wait_until("/health", || {
+        matches!(procs::http_request(up_addr, "GET", "/health"), Ok((200, _)))
+    })?;
+    let redis = Redis::start(dir.path())?;
+    let nginx = procs::find_program("nginx")
+        .ok_or_else(|| "nginx is not installed".to_string())
+        .or_else(|_| {
+            procs::apt_install("nginx").and_then(|()| {
+                procs::find_program("nginx").ok_or("nginx not found after installing it".into())
+            })
+        });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+
+    println!(
+        "# Reprise load benchmark{}\n",
+        if args.quick { " (--quick)" } else { "" }
+    );
+    println!(
+        "- command: `cargo bench -p reprise-benches --bench load -- {}`",
+        args.raw.join(" ")
+    );
+    println!("- machine: {}", procs::machine_summary());
+    println!(
+        "- reprise: {} ({})",
+        reprise_bin.display(),
+        git_describe(&root)
+    );
+    println!(
+        "- redis: {} (private, port {}, `--save \"\" --appendonly no`)",
+        procs::version_of("redis-server", "--version"),
+        redis.addr.port()
+    );
+    match &nginx {
+        Ok(bin) => println!(
+            "- nginx: {} — `worker_processes 1` (a master plus one worker, CPU summed), `proxy_buffering off`, HTTP/1.1 keepalive upstream, access_log off",
+            procs::version_of(&bin.to_string_lossy(), "-v")
+        ),
+        Err(why) => println!("- nginx: column skipped: {why}"),
+    }
+    println!("- upstream: mock LLM server (hyper, own process), one write per event; load generator: hyper HTTP/1.1 clients on 2 tokio threads, one connection per stream");
+    println!("- all of them share this machine; CPU figures are utime+stime deltas from /proc/<pid>/stat over the measured window, per event received by the clients");
+
+    let mut bench = Bench {
+        args,
+        dir,
+        reprise_bin,
+        up_addr,
+        upstream,
+        redis,
+        nginx,
+        rt,
+        runs: 0,
+    };
+    let scenarios = bench.args.scenarios.clone();
+    for s in &scenarios {
+        let table = match s.as_str() {
+            "chat" => bench.load_scenario(&sizes.chat, "chat"),
+            "chat-1000" => {
+                bench.load_scenario(&sizes.chat_wide, "chat at 1,000 concurrent streams")
+            }
+            "firehose" => bench.load_scenario(&sizes.firehose, "firehose"),
+            "resume-storm" => bench.storm(sizes.storm_events, sizes.storm_clients),
+            "idle" => bench.idle(
+                sizes.idle_streams,
+                sizes.idle_readers_per_stream,
+                sizes.idle_proxied,
+            ),
+            _ => continue,
+        };
+        table.print();
+    }
+    println!(
+        "\n_Total benchmark time: {:.0} s._",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn git_describe(root: &Path) -> String {
+    let out = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = out(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown revision".into());
+    let dirty =
+        out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    format!(
+        "git {rev}{}",
+        if dirty {
+            ", with uncommitted changes"
+        } else {
+            ""
+        }
+    )
+}
+
+impl Bench {
+    /// Starts the system under test for `col`.
+    fn setup(&mut self, col: Col) -> Result<Under, String> {
+        self.runs += 1;
+        let name = format!("reprise-{}-{}", col.key(), self.runs);
+        let reprise = |plan| -> Result<Under, String> {
+            let (p, addr) = procs::start_reprise(
+                &self.reprise_bin,
+                self.dir.path(),
+                &name,
+                self.up_addr,
+                plan,
+            )?;
+            Ok(Under {
+                col,
+                addr,
+                cpu_pids: vec![p.pid()],
+                mem_pid: Some(p.pid()),
+                _keep: Keep::Proc(p),
+            })
+        };
+        match col {
+            Col::Direct => Ok(Under {
+                col,
+                addr: self.up_addr,
+                cpu_pids: Vec::new(),
+                mem_pid: None,
+                _keep: Keep::Nothing,
+            }),
+            Col::Pass => reprise(ReprisePlan::PassThrough),
+            Col::Redis => {
+                self.redis.cmd(&["FLUSHALL"])?;
+                reprise(ReprisePlan::Redis(self.redis.addr))
+            }
+            Col::Embedded => reprise(ReprisePlan::Embedded),
+            Col::Nginx => {
+                let bin = self.nginx.clone()?;
+                let dir = self.dir.path().join(format!("nginx-{}", self.runs));
+                let n = Nginx::start(&bin, &dir, self.up_addr, NGINX_CONNS)?;
+                Ok(Under {
+                    col,
+                    addr: n.addr,
+                    cpu_pids: n.pids(),
+                    mem_pid: Some(n.worker),
+                    _keep: Keep::Nginx(n),
+                })
+            }
+        }
+    }
+
+    /// A few short streams through the system, so that the measured window
+    /// does not include first connections and first allocations.
+    fn warm_up(&self, u: &Under, size: usize) -> Result<(), String> {
+        let jobs: Vec<Job> = (0..16)
+            .map(|k| Job {
+                addr: u.addr,
+                path: format!("/sse?n=20&interval_us=0&size={size}&tag={k}"),
+                tag: k,
+                n: 20,
+                deadline: Duration::from_secs(30),
+            })
+            .collect();
+        let t = Totals::of(self.rt.block_on(client::run_many(
+            Arc::new(jobs),
+            16,
+            Duration::ZERO,
+            false,
+        )));
+        if t.complete != t.streams {
+            return Err(format!(
+                "warm-up through {} failed: {}",
+                u.col.title(),
+                t.error_summary()
+                    .unwrap_or_else(|| format!("lost {} dup {}", t.lost, t.dup))
+            ));
+        }
+        Ok(())
+    }
+
+    fn snap(&self, u: &Under) -> Snap {
+        Snap {
+            at: Instant::now(),
+            proxy: procs::cpu_sum(&u.cpu_pids),
+            redis: procs::cpu_time(self.redis.pid()).unwrap_or_default(),
+            upstream: procs::cpu_time(self.upstream.pid()).unwrap_or_default(),
+            gen: procs::cpu_time(std::process::id()).unwrap_or_default(),
+            cmds: self.redis.commandstats(),
+            ticks: procs::machine_ticks(),
+        }
+    }
+
+    fn delta(a: &Snap, b: &Snap) -> Delta {
+        let cmds = b
+            .cmds
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.saturating_sub(a.cmds.get(k).copied().unwrap_or(0)),
+                )
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        let busy = b.ticks.0.saturating_sub(a.ticks.0) as f64 * 100.0
+            / b.ticks.1.saturating_sub(a.ticks.1).max(1) as f64;
+        Delta {
+            wall: b.at - a.at,
+            proxy: b.proxy.saturating_sub(a.proxy),
+            redis: b.redis.saturating_sub(a.redis),
+            upstream: b.upstream.saturating_sub(a.upstream),
+            gen: b.gen.saturating_sub(a.gen),
+            cmds,
+            busy,
+        }
+    }
+
+    /// Attaches `perf record` to the proxy process, if `--perf` was given.
+    fn perf_start(&self, label: &str, u: &Under) -> Option<Proc> {
+        let dir = self.args.perf.as_ref()?;
+        let pid = u.mem_pid?;
+        let opts =
+            std::env::var("LOAD_PERF_ARGS").unwrap_or_else(|_| "-e cpu-clock -F 999 -g".into());
+        let mut cmd = Command::new("perf");
+        cmd.arg("record")
+            .args(opts.split_whitespace())
+            .args(["-p", &pid.to_string(), "-o"])
+            .arg(dir.join(format!("{label}.data")));
+        match Proc::spawn(
+            "perf",
+            &mut cmd,
+            Some(dir.join(format!("{label}.perf.log"))),
+        ) {
+            Ok(p) => {
+                std::thread::sleep(Duration::from_millis(500));
+                Some(p)
+            }
+            Err(e) => {
+                progress(format!("perf not started: {e}"));
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------ chat, firehose
+
+    fn load_scenario(&mut self, spec: &LoadSpec, title: &str) -> Table {
+        let mut results = Vec::new();
+        for col in Col::ALL {
+            if !self.args.cols.contains(&col) {
+                continue;
+            }
+            progress(format!("{}: {}", spec.name, col.title()));
+            results.push((col, self.load_column(spec, col)));
+        }
+        load_table(title, spec, &results)
+    }
+
+    fn load_column(&mut self, spec: &LoadSpec, col: Col) -> Result<Measure, String> {
+        let u = self.setup(col)?;
+        self.warm_up(&u, spec.size)?;
+        let deadline =
+            Duration::from_micros(spec.interval_us * spec.events) + Duration::from_secs(120);
+        let jobs: Vec<Job> = (0..spec.total)
+            .map(|k| Job {
+                addr: u.addr,
+                path: format!(
+                    "/sse?n={}&interval_us={}&size={}&tag={k}",
+                    spec.events, spec.interval_us, spec.size
+                ),
+                tag: k as u64,
+                n: spec.events,
+                deadline,
+            })
+            .collect();
+        let stagger = Duration::from_micros(spec.interval_us);
+        let perf = self.perf_start(&format!("{}-{}", spec.name, col.key()), &u);
+        let a = self.snap(&u);
+        let results = self.rt.block_on(client::run_many(
+            Arc::new(jobs),
+            spec.concurrency,
+            stagger,
+            true,
+        ));
+        let b = self.snap(&u);
+        if let Some(p) = perf {
+            p.interrupt_and_wait();
+        }
+        Ok(Measure {
+            totals: Totals::of(results),
+            delta: Self::delta(&a, &b),
+            hwm_kib: u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM")),
+        })
+    }
+
+    // ------------------------------------------------ resume storm
+
+    fn storm(&mut self, events: u64, clients: usize) -> Table {
+        let mut hot: Vec<(Col, Result<Measure, String>)> = Vec::new();
+        let mut cold: Option<Result<Measure, String>> = None;
+        for col in [Col::Redis, Col::Embedded] {
+            if !self.args.cols.contains(&col) {
+                continue;
+            }
+            progress(format!("resume-storm: {}", col.title()));
+            match self.storm_column(col, events, clients) {
+                Ok((h, c)) => {
+                    hot.push((col, Ok(h)));
+                    if c.is_some() {
+                        cold = c;
+                    }
+                }
+                Err(e) => hot.push((col, Err(e))),
+            }
+        }
+        storm_table(events, clients, &hot, cold.as_ref())
+    }
+
+    /// Records one stream through a fresh Reprise, then storms it there
+    /// (hot: still in that instance's memory) and, with Redis, from a second
+    /// instance that never saw it (cold: it must come from Redis).
+    fn storm_column(
+        &mut self,
+        col: Col,
+        events: u64,
+        clients: usize,
+    ) -> Result<(Measure, Option<Result<Measure, String>>), String> {
+        let u = self.setup(col)?;
+        self.warm_up(&u, 150)?;
+        let tag = 1_000_000;
+        let rec = Job {
+            addr: u.addr,
+            path: format!("/sse?n={events}&interval_us=0&size=150&tag={tag}"),
+            tag,
+            n: events,
+            deadline: Duration::from_secs(120),
+        };
+        let r = self.rt.block_on(client::run_stream(
+            &rec,
+            client::source_ip(0),
+            false,
+            Hooks::default(),
+        ));
+        let id = check_recording(&r)?;
+        wait_finished(u.addr, &id, events)?;
+        let hot = self.storm_once(
+            &u,
+            &id,
+            tag,
+            events,
+            clients,
+            &format!("resume-storm-{}", col.key()),
+        )?;
+        drop(u);
+        let cold = (col == Col::Redis).then(|| {
+            progress("resume-storm: Reprise → Redis, a fresh instance");
+            self.runs += 1;
+            let name = format!("reprise-redis-cold-{}", self.runs);
+            let (p, addr) = procs::start_reprise(
+                &self.reprise_bin,
+                self.dir.path(),
+                &name,
+                self.up_addr,
+                ReprisePlan::Redis(self.redis.addr),
+            )?;
+            let u2 = Under {
+                col,
+                addr,
+                cpu_pids: vec![p.pid()],
+                mem_pid: Some(p.pid()),
+                _keep: Keep::Proc(p),
+            };
+            wait_finished(addr, &id, events)?;
+            self.storm_once(&u2, &id, tag, events, clients, "resume-storm-redis-cold")
+        });
+        Ok((hot, cold))
+    }
+
+    fn storm_once(
+        &self,
+        u: &Under,
+        id: &str,
+        tag: u64,
+        events: u64,
+        clients: usize,
+        label: &str,
+    ) -> Result<Measure, String> {
+        let jobs: Vec<Job> = (0..clients)
+            .map(|_| Job {
+                addr: u.addr,
+                path: format!("/_reprise/streams/{id}"),
+                tag,
+                n: events,
+                deadline: Duration::from_secs(600),
+            })
+            .collect();
+        let perf = self.perf_start(label, u);
+        let a = self.snap(u);
+        let results = self.rt.block_on(client::run_many(
+            Arc::new(jobs),
+            clients,
+            Duration::ZERO,
+            false,
+        ));
+        let b = self.snap(u);
+        if let Some(p) = perf {
+            p.interrupt_and_wait();
+        }
+        Ok(Measure {
+            totals: Totals::of(results),
+            delta: Self::delta(&a, &b),
+            hwm_kib: u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM")),
+        })
+    }
+
+    // ------------------------------------------------ idle
+
+    fn idle(&mut self, streams: usize, per_stream: usize, proxied: usize) -> Table {
+        let mut results = Vec::new();
+        for col in Col::ALL {
+            if !self.args.cols.contains(&col) {
+                continue;
+            }
+            progress(format!("idle: {}", col.title()));
+            results.push((col, self.idle_column(col, streams, per_stream, proxied)));
+        }
+        idle_table(streams, per_stream, proxied, &results)
+    }
+
+    fn idle_column(
+        &mut self,
+        col: Col,
+        streams: usize,
+        per_stream: usize,
+        proxied: usize,
+    ) -> Result<IdleMeasure, String> {
+        let u = self.setup(col)?;
+        self.warm_up(&u, 150)?;
+        let recording = matches!(col, Col::Redis | Col::Embedded);
+        let rss = || u.mem_pid.and_then(|p| procs::status_kib(p, "VmRSS"));
+        let redis_clients = || (col == Col::Redis).then(|| self.redis.connected_clients());
+        let held = |k: usize| Job {
+            addr: u.addr,
+            path: format!("/sse?hold=1&n=1&size=150&tag={k}"),
+            tag: k as u64,
+            n: 1,
+            deadline: Duration::from_secs(600),
+        };
+        let sem = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+
+        // Recording columns: the live streams the readers will wait on.
+        let mut ids = Vec::new();
+        if recording {
+            let mut rxs = Vec::new();
+            for k in 0..streams {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let job = held(k);
+                let permit = self
+                    .rt
+                    .block_on(sem.clone().acquire_owned())
+                    .map_err(|e| e.to_string())?;
+                let hooks = Hooks {
+                    on_headers: Some(tx),
+                    permit: Some(permit),
+                    ..Hooks::default()
+                };
+                tasks.push(self.rt.spawn(async move {
+                    client::run_stream(&job, client::source_ip(k), true, hooks).await
+                }));
+                rxs.push(rx);
+            }
+            for rx in rxs {
+                match self.rt.block_on(rx) {
+                    Ok((200, Some(id))) => ids.push(id),
+                    other => {
+                        let _ = procs::http_request(self.up_addr, "POST", "/release");
+                        return Err(format!("a live stream did not start: {other:?}"));
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_before = rss();
+        let clients_before = redis_clients();
+
+        let conns = if recording {
+            streams * per_stream
+        } else {
+            proxied
+        };
+        let t0 = Instant::now();
+        for j in 0..conns {
+            let job = if recording {
+                let k = j % streams;
+                Job {
+                    addr: u.addr,
+                    path: format!("/_reprise/streams/{}", ids[k]),
+                    tag: k as u64,
+                    n: 1,
+                    deadline: Duration::from_secs(600),
+                }
+            } else {
+                held(streams + j)
+            };
+            let permit = self
+                .rt
+                .block_on(sem.clone().acquire_owned())
+                .map_err(|e| e.to_string())?;
+            let hooks = Hooks {
+                connected: Some(connected.clone()),
+                permit: Some(permit),
+                ..Hooks::default()
+            };
+            let src = client::source_ip(streams + j);
+            tasks.push(
+                self.rt
+                    .spawn(async move { client::run_stream(&job, src, true, hooks).await }),
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while connected.load(Ordering::Relaxed) < conns && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let all_connected = connected.load(Ordering::Relaxed);
+        let connect_wall = t0.elapsed();
+        std::thread::sleep(Duration::from_secs(1));
+        let rss_with = rss();
+        let clients_with = redis_clients();
+
+        let a = self.snap(&u);
+        procs::http_request(self.up_addr, "POST", "/release")
+            .map_err(|e| format!("releasing the upstream: {e}"))?;
+        let results: Vec<StreamResult> = self.rt.block_on(async {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap_or_else(|e| StreamResult {
+                    error: Some(format!("client task failed: {e}")),
+                    ..StreamResult::default()
+                }));
+            }
+            out
+        });
+        let b = self.snap(&u);
+        Ok(IdleMeasure {
+            conns,
+            all_connected,
+            connect_wall,
+            rss_before,
+            rss_with,
+            clients_before,
+            clients_with,
+            totals: Totals::of(results),
+            release: Self::delta(&a, &b),
+            hwm_kib: u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM")),
+        })
+    }
+}
+
+/// The recorded stream's id, if it was recorded whole.
+fn check_recording(r: &StreamResult) -> Result<String, String> {
+    if let Some(e) = &r.error {
+        return Err(format!("recording the stream failed: {e}"));
+    }
+    if r.lost + r.dup + r.foreign > 0 {
+        return Err(format!(
+            "recording the stream: lost {} dup {} foreign {}",
+            r.lost, r.dup, r.foreign
+        ));
+    }
+    r.stream_id
+        .clone()
+        .ok_or_else(|| "no Reprise-Stream-Id header".into())
+}
+
+/// Waits until the stream's end is visible through `addr`: a resume after
+/// its last event answers `204`.
+fn wait_finished(addr: SocketAddr, id: &str, events: u64) -> Result<(), String> {
+    let path = format!("/_reprise/streams/{id}?start_index={events}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match procs::http_request(addr, "GET", &path) {
+            Ok((204, _)) => return Ok(()),
+            other if Instant::now() > deadline => {
+                return Err(format!("stream {id} not finished in the store: {other:?}"))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+// ------------------------------------------------------------ tables
+
+fn columns() -> Vec<String> {
+    Col::ALL.iter().map(|c| c.title().to_string()).collect()
+}
+
+/// A row with one cell per column, `NA` where the column was not run.
+fn cells<T>(results: &[(Col, Result<T, String>)], f: impl Fn(Col, &T) -> String) -> Vec<String> {
+    Col::ALL
+        .iter()
+        .map(|c| match results.iter().find(|(col, _)| col == c) {
+            Some((_, Ok(m))) => f(*c, m),
+            Some((_, Err(_))) => "failed".into(),
+            None => NA.into(),
+        })
+        .collect()
+}
+
+fn error_notes<T>(table: &mut Table, results: &[(Col, Result<T, String>)]) {
+    for (col, r) in results {
+        if let Err(e) = r {
+            table.note(format!("**{}** failed or was skipped: {e}", col.title()));
+        }
+    }
+}
+
+fn load_table(title: &str, spec: &LoadSpec, results: &[(Col, Result<Measure, String>)]) -> Table {
+    let mut t = Table::new(format!("{title} — {}", spec.describe()), columns());
+    let proxy = |c: Col| c != Col::Direct;
+    t.row(
+        "streams complete",
+        cells(results, |_, m| {
+            format!("{}/{}", m.totals.complete, m.totals.streams)
+        }),
+    );
+    t.row(
+        "events received",
+        cells(results, |_, m| thousands(m.totals.events)),
+    );
+    t.row(
+        "events/s",
+        cells(results, |_, m| {
+            thousands(rate(m.totals.events as f64, m.delta.wall) as u64)
+        }),
+    );
+    t.row(
+        "MB/s",
+        cells(results, |_, m| {
+            format!("{:.2}", rate(m.totals.bytes as f64, m.delta.wall) / 1e6)
+        }),
+    );
+    t.row(
+        "latency p50 / p99 / max (ms)",
+        cells(results, |_, m| ms3(&m.totals.lat_us)),
+    );
+    t.row(
+        "time to first event p50 / p99 (ms)",
+        cells(results, |_, m| ms2(&m.totals.ttfe_us)),
+    );
+    t.row(
+        "proxy CPU µs/event",
+        cells(results, |c, m| {
+            if proxy(c) {
+                us_per(m.delta.proxy, m.totals.events)
+            } else {
+                NA.into()
+            }
+        }),
+    );
+    t.row(
+        "Redis CPU µs/event",
+        cells(results, |c, m| {
+            if c == Col::Redis {
+                us_per(m.delta.redis, m.totals.events)
+            } else {
+                NA.into()
+            }
+        }),
+    );
+    t.row(
+        "proxy + Redis CPU µs/event",
+        cells(results, |c, m| match c {
+            Col::Direct => NA.into(),
+            Col::Redis => us_per(m.delta.proxy + m.delta.redis, m.totals.events),
+            _ => us_per(m.delta.proxy, m.totals.events),
+        }),
+    );
+    t.row(
+        "proxy peak RSS, VmHWM (MiB)",
+        cells(results, |_, m| mib(m.hwm_kib)),
+    );
+    t.row(
+        "Redis commands/event (FCALLs/event)",
+        cells(results, |c, m| {
+            if c != Col::Redis || m.totals.events == 0 {
+                return NA.into();
+            }
+            let ev = m.totals.events as f64;
+            let fcall = m.delta.cmds.get("fcall").copied().unwrap_or(0) as f64;
+            format!(
+                "{:.3} ({:.3})",
+                m.delta.redis_calls() as f64 / ev,
+                fcall / ev
+            )
+        }),
+    );
+    t.row(
+        "lost / duplicated",
+        cells(results, |_, m| {
+            let f = if m.totals.foreign > 0 {
+                format!(" / {} foreign", m.totals.foreign)
+            } else {
+                String::new()
+            };
+            format!("{} / {}{f}", m.totals.lost, m.totals.dup)
+        }),
+    );
+    t.row(
+        "upstream CPU µs/event",
+        cells(results, |_, m| us_per(m.delta.upstream, m.totals.events)),
+    );
+    t.row(
+        "load generator CPU µs/event",
+        cells(results, |_, m| us_per(m.delta.gen, m.totals.events)),
+    );
+    t.row(
+        "machine CPU busy (2 cores = 100%)",
+        cells(results, |_, m| format!("{:.0}%", m.delta.busy)),
+    );
+    t.row(
+        "wall time (s)",
+        cells(results, |_, m| format!("{:.1}", m.delta.wall.as_secs_f64())),
+    );
+    for (col, r) in results {
+        if let (Col::Redis, Ok(m)) = (col, r) {
+            t.note(format!(
+                "Redis commands in the {} column: {}.",
+                col.title(),
+                m.delta.cmd_breakdown(12)
+            ));
+        }
+        if let Ok(m) = r {
+            if let Some(e) = m.totals.error_summary() {
+                t.note(format!("**{}** stream errors: {e}", col.title()));
+            }
+        }
+    }
+    error_notes(&mut t, results);
+    t
+}
+
+fn storm_table(
+    events: u64,
+    clients: usize,
+    hot: &[(Col, Result<Measure, String>)],
+    cold: Option<&Result<Measure, String>>,
+) -> Table {
+    let mut cols = columns();
+    cols.push("Reprise → Redis, fresh instance".into());
+    let mut t = Table::new(
+        format!(
+            "resume storm — one finished stream of {} events (150 bytes) recorded through Reprise, then {} clients resume it at once via GET /_reprise/streams/{{id}}",
+            thousands(events),
+            thousands(clients as u64)
+        ),
+        cols,
+    );
+    let row = |f: &dyn Fn(Col, &Measure) -> String| {
+        let mut v = cells(hot, f);
+        v.push(match cold {
+            Some(Ok(m)) => f(Col::Redis, m),
+            Some(Err(_)) => "failed".into(),
+            None => NA.into(),
+        });
+        v
+    };
+    t.row(
+        "clients complete",
+        row(&|_, m| format!("{}/{}", m.totals.complete, m.totals.streams)),
+    );
+    t.row("events replayed", row(&|_, m| thousands(m.totals.events)));
+    t.row(
+        "storm wall time (s)",
+        row(&|_, m| format!("{:.2}", m.delta.wall.as_secs_f64())),
+    );
+    t.row(
+        "replayed events/s",
+        row(&|_, m| thousands(rate(m.totals.events as f64, m.delta.wall) as u64)),
+    );
+    t.row(
+        "MB/s",
+        row(&|_, m| format!("{:.1}", rate(m.totals.bytes as f64, m.delta.wall) / 1e6)),
+    );
+    t.row(
+        "time to first event p50 / p99 (ms)",
+        row(&|_, m| ms2(&m.totals.ttfe_us)),
+    );
+    t.row(
+        "Reprise CPU µs per replayed event",
+        row(&|_, m| format!("{:.3}", per_event_us(m.delta.proxy, m.totals.events))),
+    );
+    t.row(
+        "Redis CPU µs per replayed event",
+        row(&|c, m| {
+            if c == Col::Redis {
+                format!("{:.3}", per_event_us(m.delta.redis, m.totals.events))
+            } else {
+                NA.into()
+            }
+        }),
+    );
+    t.row(
+        "Redis commands during the storm",
+        row(&|c, m| {
+            if c == Col::Redis {
+                thousands(m.delta.redis_calls())
+            } else {
+                NA.into()
+            }
+        }),
+    );
+    t.row("Reprise peak RSS, VmHWM (MiB)", row(&|_, m| mib(m.hwm_kib)));
+    t.row(
+        "lost / duplicated",
+        row(&|_, m| format!("{} / {}", m.totals.lost, m.totals.dup)),
+    );
+    t.row(
+        "load generator CPU µs/event",
+        row(&|_, m| format!("{:.3}", per_event_us(m.delta.gen, m.totals.events))),
+    );
+    t.row(
+        "machine CPU busy (2 cores = 100%)",
+        row(&|_, m| format!("{:.0}%", m.delta.busy)),
+    );
+    t.note("Direct, pass-through and nginx record nothing, so there is nothing to resume (–). \"Fresh instance\" is a second Reprise process on the same Redis that never saw the stream: it must read it from Redis.");
+    for (col, r) in hot
+        .iter()
+        .map(|(c, r)| (c.title(), r))
+        .chain(cold.map(|r| ("Reprise → Redis, fresh instance", r)))
+    {
+        if let Ok(m) = r {
+            if col.contains("Redis") {
+                t.note(format!(
+                    "Redis commands during the storm, {col}: {}.",
+                    m.delta.cmd_breakdown(12)
+                ));
+            }
+            if let Some(e) = m.totals.error_summary() {
+                t.note(format!("**{col}** client errors: {e}"));
+            }
+        }
+    }
+    error_notes(&mut t, hot);
+    if let Some(Err(e)) = cold {
+        t.note(format!("**fresh instance** failed: {e}"));
+    }
+    t
+}
+
+fn per_event_us(cpu: Duration, events: u64) -> f64 {
+    if events == 0 {
+        return 0.0;
+    }
+    cpu.as_secs_f64() * 1e6 / events as f64
+}
+
+/// The idle scenario's figures for one column.
+struct IdleMeasure {
+    conns: usize,
+    all_connected: usize,
+    connect_wall: Duration,
+    rss_before: Option<u64>,
+    rss_with: Option<u64>,
+    clients_before: Option<u64>,
+    clients_with: Option<u64>,
+    /// Every stream after the release (one event each).
+    totals: Totals,
+    /// From the release to the last stream's end.
+    release: Delta,
+    hwm_kib: Option<u64>,
+}
+
+fn idle_table(
+    streams: usize,
+    per_stream: usize,
+    proxied: usize,
+    results: &[(Col, Result<IdleMeasure, String>)],
+) -> Table {
+    let mut t = Table::new(
+        format!(
+            "idle — recording columns: {} readers ({} live streams × {}) resuming via /_reprise/streams/{{id}}; other columns: {} proxied streams; the upstream sends nothing, then one event per stream",
+            thousands((streams * per_stream) as u64),
+            streams,
+            per_stream,
+            thousands(proxied as u64)
+        ),
+        columns(),
+    );
+    t.row(
+        "connections held",
+        cells(results, |_, m| {
+            format!(
+                "{}/{}",
+                thousands(m.all_connected as u64),
+                thousands(m.conns as u64)
+            )
+        }),
+    );
+    t.row(
+        "all connected after (s)",
+        cells(results, |_, m| {
+            format!("{:.1}", m.connect_wall.as_secs_f64())
+        }),
+    );
+    t.row(
+        "proxy RSS before (MiB)",
+        cells(results, |_, m| mib(m.rss_before)),
+    );
+    t.row(
+        "proxy RSS with the connections (MiB)",
+        cells(results, |_, m| mib(m.rss_with)),
+    );
+    t.row(
+        "RSS per held connection (KiB)",
+        cells(results, |_, m| match (m.rss_before, m.rss_with) {
+            (Some(a), Some(b)) if m.conns > 0 => {
+                format!("{:.1}", b.saturating_sub(a) as f64 / m.conns as f64)
+            }
+            _ => NA.into(),
+        }),
+    );
+    t.row(
+        "Redis client connections: before → with readers",
+        cells(results, |_, m| match (m.clients_before, m.clients_with) {
+            (Some(a), Some(b)) => format!("{a} → {b}"),
+            _ => NA.into(),
+        }),
+    );
+    t.row(
+        "time to response headers p50 / p99 (ms)",
+        cells(results, |_, m| ms2(&m.totals.ttfh_us)),
+    );
+    t.row(
+        "after the release: latency p50 / p99 / max (ms)",
+        cells(results, |_, m| ms3(&m.totals.lat_us)),
+    );
+    t.row(
+        "streams complete",
+        cells(results, |_, m| {
+            format!(
+                "{}/{}",
+                thousands(m.totals.complete),
+                thousands(m.totals.streams)
+            )
+        }),
+    );
+    t.row(
+        "lost / duplicated",
+        cells(results, |_, m| {
+            format!("{} / {}", m.totals.lost, m.totals.dup)
+        }),
+    );
+    t.row(
+        "proxy CPU from the release to the end (ms)",
+        cells(results, |c, m| {
+            if c == Col::Direct {
+                NA.into()
+            } else {
+                format!("{:.0}", m.release.proxy.as_secs_f64() * 1e3)
+            }
+        }),
+    );
+    t.row(
+        "proxy peak RSS, VmHWM (MiB)",
+        cells(results, |_, m| mib(m.hwm_kib)),
+    );
+    t.note(format!(
+        "Each proxied stream costs a proxy two sockets and the hard limit on open files here is 20,000 per process, so the pass-through and nginx columns hold {} streams. The recording columns' RSS before is with the {streams} live streams open and no reader; their rows after the release include those {streams} original clients.",
+        thousands(proxied as u64)
+    ));
+    for (col, r) in results {
+        if let Ok(m) = r {
+            if let Some(e) = m.totals.error_summary() {
+                t.note(format!("**{}** stream errors: {e}", col.title()));
+            }
+        }
+    }
+    error_notes(&mut t, results);
+    t
+}

@@ -1,0 +1,123 @@
+//! Redis going away: killed and restarted (empty, as a Redis without
+//! persistence comes back) while streams are recorded and read.
+
+use std::time::Duration;
+
+use reprise_tests::redis::RedisServer;
+use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
+use reprise_tests::upstream::{numbered_event, numbered_event_data};
+use reprise_tests::{read_raw, with_timeout, SseClient, SseEvent, Upstream};
+
+fn data(events: &[SseEvent]) -> Vec<String> {
+    events.iter().map(|e| e.data.clone()).collect()
+}
+
+fn numbered(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(numbered_event_data).collect()
+}
+
+/// Connected clients keep receiving live events while Redis is down; once it
+/// is back (empty), everything recorded is written again, in order, and a
+/// second instance can resume the stream from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_stream_loses_nothing() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let relay = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut live = client.open_get(&format!("{}/gen", relay.url())).await;
+    let stream_id = live.header("reprise-stream-id").expect("stream id").to_string();
+    for i in 1..=5 {
+        ctl.send(numbered_event(i)).await;
+    }
+    assert_eq!(data(&live.next_events(5).await), numbered(1..=5));
+
+    redis.kill();
+    for i in 6..=10 {
+        ctl.send(numbered_event(i)).await;
+    }
+    // Live delivery does not depend on Redis.
+    assert_eq!(data(&live.next_events(5).await), numbered(6..=10));
+    // A resume of a stream this instance holds is served from memory.
+    let mut during = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=8", relay.url()))
+        .await;
+    assert_eq!(during.status(), 200);
+    assert_eq!(data(&during.next_events(2).await), numbered(9..=10));
+    // A resume the instance cannot serve from memory: 503 with Retry-After.
+    let (status, headers, _) = read_raw(client.get(&format!(
+        "{}/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA",
+        relay.url()
+    )))
+    .await;
+    assert_eq!(status, 503);
+    assert!(headers.contains_key("retry-after"));
+    // Readiness says the store is unreachable.
+    let (status, _, body) = read_raw(client.get(&format!("{}/_reprise/readyz", relay.url()))).await;
+    assert_eq!(status, 503);
+    assert!(body.text().contains("\"reachable\":false"), "{}", body.text());
+
+    redis.restart().await.expect("restart redis-server");
+    for i in 11..=15 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&live.collect_until_end().await), numbered(11..=15));
+    assert_eq!(data(&during.collect_until_end().await), numbered(11..=15));
+
+    // Another instance on the same Redis replays the whole stream from the
+    // store, once the writer has rewritten it.
+    let other = RelayProcess::start(&["--upstream", &upstream.url(), "--redis", &redis.url()]).await;
+    let url = format!("{}/_reprise/streams/{stream_id}", other.url());
+    let replayed = with_timeout("the stream to be stored again", async {
+        loop {
+            let mut r = client.open_get(&url).await;
+            if r.status() == 200 {
+                let events = r.collect_until_end().await;
+                if events.len() == 15 {
+                    return events;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(data(&replayed), numbered(1..=15));
+    relay.stop().await;
+}
+
+/// Readers on an instance that does not produce the stream re-establish
+/// their live tail after Redis restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_readers_continue_after_a_redis_restart() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let producer = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let reader_side = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("{}/gen", producer.url())).await;
+    let stream_id = origin.header("reprise-stream-id").expect("stream id").to_string();
+    ctl.send(numbered_event(1)).await;
+    origin.next_event().await;
+    let mut remote = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", reader_side.url()))
+        .await;
+    assert_eq!(remote.next_event().await.data, numbered_event_data(1));
+
+    redis.kill();
+    ctl.send(numbered_event(2)).await;
+    origin.next_event().await;
+    redis.restart().await.expect("restart redis-server");
+    for i in 3..=6 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&origin.collect_until_end().await), numbered(3..=6));
+    // The remote reader gets every event exactly once, in order, once the
+    // producer has rewritten the stream into the restarted Redis.
+    assert_eq!(data(&remote.collect_until_end().await), numbered(2..=6));
+    producer.stop().await;
+    reader_side.stop().await;
+}
