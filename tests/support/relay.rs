@@ -24,14 +24,16 @@ pub enum Backend {
 /// A config with one recorded route `/` to `upstream`, short timers so that
 /// tests run quickly, and the given store.
 pub fn config(upstream: &str, backend: &Backend) -> Config {
-    let mut c = Config::default();
-    c.routes = vec![RouteConfig {
-        path: "/".into(),
-        upstream: upstream.into(),
-        key: None,
-        resume: None,
-        record: true,
-    }];
+    let mut c = Config {
+        routes: vec![RouteConfig {
+            path: "/".into(),
+            upstream: upstream.into(),
+            key: None,
+            resume: None,
+            record: true,
+        }],
+        ..Config::default()
+    };
     set_backend(&mut c, backend);
     c.streams.tail_poll_interval = Duration::from_millis(200);
     c.streams.hot_linger = Duration::from_millis(500);
