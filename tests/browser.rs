@@ -7,7 +7,9 @@
 //! itself with `Last-Event-ID` (the first event carries `retry: 200`), read
 //! every event exactly once, and stop reconnecting once Reprise answers `204`
 //! after the end. The page is served by the upstream through Reprise on the
-//! same origin (a pass-through response), so no CORS is involved.
+//! stream's origin (a pass-through response); one test serves it from
+//! another origin, where the browser checks CORS headers on every
+//! reconnection.
 
 #[path = "js/node.rs"]
 mod node;

@@ -121,3 +121,72 @@ async fn remote_readers_continue_after_a_redis_restart() {
     producer.stop().await;
     reader_side.stop().await;
 }
+
+/// A Redis outage longer than the memory budget: the unstored part of the
+/// stream is dropped as a gap. Clients that already had it lose nothing; a
+/// resume that crosses the gap gets `history_lost`, never a silent hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_past_the_memory_budget_marks_lost_history() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let mut c = config(&upstream.url(), &Backend::Redis(redis.url()));
+    c.limits.max_unstored_stream_bytes = bytesize::ByteSize::b(1024);
+    let relay = TestRelay::start(c).await;
+    let other = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut live = client.open_get(&format!("{}/gen", relay.url())).await;
+    let stream_id = live.header("reprise-stream-id").expect("stream id").to_string();
+    for i in 1..=5 {
+        ctl.send(numbered_event(i)).await;
+    }
+    assert_eq!(data(&live.next_events(5).await), numbered(1..=5));
+    // Wait until the first five are stored: the other instance replays them.
+    let mut elsewhere = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", other.url()))
+        .await;
+    assert_eq!(data(&elsewhere.next_events(5).await), numbered(1..=5));
+    drop(elsewhere);
+
+    redis.kill();
+    // The client at the head receives everything live: it reads each event
+    // before the memory budget drops it.
+    for i in 6..=300 {
+        ctl.send(numbered_event(i)).await;
+        assert_eq!(live.next_event().await.data, numbered_event_data(i));
+    }
+    redis.restart().await.expect("restart redis-server");
+    for i in 301..=310 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&live.collect_until_end().await), numbered(301..=310));
+
+    // From the store: the first events, then history_lost, then the end of
+    // that reader; a reader positioned after the gap gets the rest.
+    let url = format!("{}/_reprise/streams/{stream_id}", other.url());
+    let events = with_timeout("the gap to be stored", async {
+        loop {
+            let mut r = client.open_get(&url).await;
+            if r.status() == 200 {
+                let events = r.collect_until_end().await;
+                if events.last().is_some_and(|e| e.event == "reprise-error") {
+                    return events;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let signal = events.last().unwrap();
+    assert_eq!(signal.json()["reprise"]["code"], "history_lost");
+    let before: Vec<String> = data(&events[..events.len() - 1]);
+    assert!(before.len() >= 5 && before.len() < 300, "{} events before the gap", before.len());
+    assert_eq!(before, numbered(1..=before.len()));
+    let mut after = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=300", other.url()))
+        .await;
+    assert_eq!(data(&after.collect_until_end().await), numbered(301..=310));
+    relay.stop().await;
+    other.stop().await;
+}

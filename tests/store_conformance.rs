@@ -17,11 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reprise_core::{Epoch, FailReason, Outcome, Seq, StreamId};
-use reprise_store::memory::MemoryLimits;
-use reprise_store::redis::RedisOptions;
 use reprise_store::{
-    Entry, EntryBody, KeyRef, MemoryStore, RedisStore, Store, StoreError, StoreOptions, StreamMeta,
-    Watcher,
+    Entry, EntryBody, KeyRef, MemoryLimits, MemoryStore, RedisOptions, RedisStore, Store,
+    StoreError, StoreOptions, StreamMeta, Watcher,
 };
 use reprise_tests::redis::{free_port, raw_command, RedisCluster, RedisServer};
 use reprise_tests::{init_tracing, with_timeout_of};
@@ -161,6 +159,7 @@ fn sample_meta(id: StreamId) -> StreamMeta {
         ],
         format: "sse".into(),
         end: None,
+        lost_history: false,
     }
 }
 
@@ -173,6 +172,14 @@ fn ev(seq: u64, data: &str) -> Entry {
 
 fn events(seqs: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
     seqs.map(|s| ev(s, &format!("event {s}"))).collect()
+}
+
+/// A gap entry standing for `seq..=upto`.
+fn gap(seq: u64, upto: u64) -> Entry {
+    Entry {
+        seq: Seq(seq),
+        body: EntryBody::Gap { upto: Seq(upto) },
+    }
 }
 
 fn end(seq: u64, outcome: Outcome) -> Entry {
@@ -647,6 +654,252 @@ mod cases {
         );
     }
 
+    /// A gap stands for its whole range: the next entry follows its `upto`,
+    /// reads return it as one entry, paging with `last_seq` crosses it once,
+    /// and the metadata says the stream lost history.
+    pub async fn gaps_stand_for_their_range(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        assert!(!f.store.meta(s).await.unwrap().unwrap().lost_history);
+        let mut w = f.store.watch(s).await.unwrap();
+        f.store.append(s, &events(1..=2)).await.unwrap();
+        // A gap alone in its batch, then what follows it in the next one.
+        f.peer.append(s, &[gap(3, 6)]).await.unwrap();
+        wakes(&mut w, "a wake-up for a gap").await;
+        assert!(
+            f.store.meta(s).await.unwrap().unwrap().lost_history,
+            "a gap did not mark the stream as having lost history"
+        );
+        f.store.append(s, &events(7..=8)).await.unwrap();
+        // Gaps inside a batch: one seq wide, and two in a row.
+        let batch = vec![ev(9, "a"), gap(10, 10), gap(11, 12), ev(13, "b")];
+        f.store.append(s, &batch).await.unwrap();
+
+        let mut expected = events(1..=2);
+        expected.push(gap(3, 6));
+        expected.extend(events(7..=8));
+        expected.extend(batch);
+        assert_eq!(f.peer.read(s, Seq::ZERO, 100).await.unwrap(), expected);
+        assert_eq!(
+            expected.iter().map(|e| e.last_seq().0).collect::<Vec<_>>(),
+            vec![1, 2, 6, 7, 8, 9, 10, 12, 13]
+        );
+
+        for page_size in [1, 2, 3] {
+            let mut paged = Vec::new();
+            let mut after = Seq::ZERO;
+            loop {
+                let page = f.store.read(s, after, page_size).await.unwrap();
+                let Some(last) = page.last() else { break };
+                assert!(page.len() <= page_size);
+                after = last.last_seq();
+                paged.extend(page);
+            }
+            assert_eq!(paged, expected, "paging by {page_size}");
+        }
+        let meta = f.peer.meta(s).await.unwrap().unwrap();
+        assert!(meta.lost_history);
+        assert_eq!(meta.end, None, "a gap does not end a stream");
+    }
+
+    /// `read(after)` returns the gap when `after` is before or inside it
+    /// (so a reader learns it crossed one), and skips it once past its end.
+    pub async fn reads_positioned_around_a_gap(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        // A gap at the very start, and one that is (for now) the last entry.
+        let stored = vec![gap(1, 2), ev(3, "c"), ev(4, "d"), gap(5, 9)];
+        f.store.append(s, &stored).await.unwrap();
+        let read = |after: u64, limit: usize| {
+            let store = f.peer.clone();
+            async move { store.read(s, Seq(after), limit).await.unwrap() }
+        };
+
+        assert_eq!(read(0, 100).await, stored);
+        assert_eq!(read(0, 2).await, stored[..2].to_vec());
+        assert_eq!(read(1, 100).await, stored, "inside the first gap");
+        assert_eq!(read(2, 100).await, stored[1..].to_vec(), "at its end");
+        assert_eq!(read(3, 1).await, vec![ev(4, "d")]);
+        assert_eq!(read(4, 100).await, vec![gap(5, 9)], "right before a gap");
+        for after in 5..=8 {
+            assert_eq!(
+                read(after, 100).await,
+                vec![gap(5, 9)],
+                "inside, at {after}"
+            );
+            assert_eq!(read(after, 1).await, vec![gap(5, 9)], "inside, at {after}");
+        }
+        assert!(read(9, 100).await.is_empty(), "at the end of the last gap");
+        assert!(read(100, 100).await.is_empty());
+        assert!(read(u64::MAX, 100).await.is_empty());
+
+        f.store.append(s, &events(10..=11)).await.unwrap();
+        let mut tail = vec![gap(5, 9)];
+        tail.extend(events(10..=11));
+        assert_eq!(read(7, 100).await, tail);
+        assert_eq!(read(9, 100).await, events(10..=11));
+        assert_eq!(read(10, 100).await, events(11..=11));
+    }
+
+    /// Appends after a gap must start at its `upto + 1`; malformed gaps are
+    /// refused; a refused batch writes nothing and flags nothing.
+    pub async fn appends_must_follow_a_gap(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store.append(s, &events(1..=2)).await.unwrap();
+        f.store.append(s, &[gap(3, 6)]).await.unwrap();
+        let before = f.store.read(s, Seq::ZERO, 100).await.unwrap();
+
+        for seq in [3, 4, 6, 8] {
+            assert_conflict(
+                f.store.append(s, &events(seq..=seq)).await,
+                &format!("an event at {seq} after a gap ending at 6"),
+            );
+        }
+        assert_conflict(f.peer.append(s, &[gap(6, 8)]).await, "overlapping gap");
+        assert_conflict(f.store.append(s, &[gap(8, 9)]).await, "gap after a hole");
+        assert_conflict(
+            f.store.append(s, &[end(6, Outcome::Completed)]).await,
+            "an end inside a gap",
+        );
+        assert_conflict(
+            f.store.append(s, &[gap(7, 9), ev(9, "x")]).await,
+            "batch entry inside the gap before it",
+        );
+        assert_conflict(
+            f.store.append(s, &[gap(7, 9), ev(11, "x")]).await,
+            "batch with a hole after a gap",
+        );
+        assert_conflict(
+            f.store.append(s, &[ev(7, "x"), gap(9, 10)]).await,
+            "batch with a hole before a gap",
+        );
+        assert_conflict(
+            f.store.append(s, &[gap(7, 6)]).await,
+            "gap ending before it starts",
+        );
+        assert_conflict(
+            f.store
+                .append(s, &[gap(7, u64::MAX), ev(0, "wrapped")])
+                .await,
+            "entry after a gap to the last seq",
+        );
+        assert_eq!(f.store.read(s, Seq::ZERO, 100).await.unwrap(), before);
+
+        f.store.append(s, &[ev(7, "g"), gap(8, 8)]).await.unwrap();
+        f.store.append(s, &events(9..=9)).await.unwrap();
+        assert_eq!(
+            f.store
+                .read(s, Seq::ZERO, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| (e.seq.0, e.last_seq().0))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (2, 2), (3, 6), (7, 7), (8, 8), (9, 9)]
+        );
+
+        // A refused gap batch leaves the stream unflagged and empty.
+        let t = new_stream(&*f.store).await;
+        assert_conflict(f.store.append(t, &[gap(2, 3)]).await, "gap not at seq 1");
+        assert_conflict(
+            f.store.append(t, &[gap(1, 3), ev(3, "x")]).await,
+            "batch overlapping its own gap",
+        );
+        assert!(!f.store.meta(t).await.unwrap().unwrap().lost_history);
+        assert!(f.store.read(t, Seq::ZERO, 10).await.unwrap().is_empty());
+        // A gap on an unknown stream is a conflict like any append.
+        assert_conflict(
+            f.store.append(StreamId::random(), &[gap(1, 5)]).await,
+            "gap on an unknown stream",
+        );
+    }
+
+    /// A stream can end right after a gap (in the same batch or the next),
+    /// and the end is still its last entry.
+    pub async fn gap_then_end(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let outcome = Outcome::Failed {
+            reason: FailReason::UpstreamReset,
+            message: "store unreachable".into(),
+        };
+        let s = new_stream(&*f.store).await;
+        let batch = vec![ev(1, "a"), gap(2, 4), end(5, outcome.clone())];
+        f.store.append(s, &batch).await.unwrap();
+        let meta = f.peer.meta(s).await.unwrap().unwrap();
+        assert_eq!(meta.end, Some((Seq(5), outcome)));
+        assert!(meta.lost_history);
+        assert_eq!(f.peer.read(s, Seq::ZERO, 10).await.unwrap(), batch);
+        assert_eq!(
+            f.peer.read(s, Seq(3), 10).await.unwrap(),
+            batch[1..].to_vec()
+        );
+        assert_eq!(
+            f.peer.read(s, Seq(4), 10).await.unwrap(),
+            batch[2..].to_vec()
+        );
+        assert_conflict(f.store.append(s, &[gap(6, 7)]).await, "a gap after the end");
+
+        let t = new_stream(&*f.store).await;
+        f.store.append(t, &[gap(1, 3)]).await.unwrap();
+        assert_conflict(
+            f.store.append(t, &[end(3, Outcome::Cancelled)]).await,
+            "an end inside the gap",
+        );
+        assert_conflict(
+            f.store.append(t, &[end(5, Outcome::Cancelled)]).await,
+            "an end after a hole",
+        );
+        assert_conflict(
+            f.store
+                .append(t, &[end(4, Outcome::Cancelled), gap(5, 6)])
+                .await,
+            "a gap after the end in one batch",
+        );
+        f.store
+            .append(t, &[end(4, Outcome::Cancelled)])
+            .await
+            .unwrap();
+        assert_eq!(
+            f.store.meta(t).await.unwrap().unwrap().end,
+            Some((Seq(4), Outcome::Cancelled))
+        );
+        assert_eq!(
+            f.store.read(t, Seq::ZERO, 10).await.unwrap(),
+            vec![gap(1, 3), end(4, Outcome::Cancelled)]
+        );
+    }
+
+    /// `lost_history` is stored as given by `create`, set by a gap, and
+    /// cleared only by re-creating the stream.
+    pub async fn lost_history_flag_in_meta(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        let mut meta = sample_meta(id);
+        meta.lost_history = true;
+        f.store.create(&meta).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(meta.clone()));
+
+        let fresh = sample_meta(id);
+        f.store.create(&fresh).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(fresh.clone()));
+        f.store.append(id, &[gap(1, 1), gap(2, 2)]).await.unwrap();
+        let flagged = f.peer.meta(id).await.unwrap().unwrap();
+        assert!(flagged.lost_history);
+        assert_eq!(
+            StreamMeta {
+                lost_history: false,
+                ..flagged
+            },
+            fresh,
+            "a gap changed more than the flag"
+        );
+        f.store.append(id, &events(3..=3)).await.unwrap();
+        assert!(f.peer.meta(id).await.unwrap().unwrap().lost_history);
+        f.store.create(&fresh).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(fresh));
+    }
+
     pub async fn ping_answers(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let rtt = f.store.ping().await.unwrap();
@@ -696,6 +949,11 @@ conformance!(
     retention_expires_finished_streams_not_live_ones,
     watcher_wakes_on_append,
     watchers_share_and_release,
+    gaps_stand_for_their_range,
+    reads_positioned_around_a_gap,
+    appends_must_follow_a_gap,
+    gap_then_end,
+    lost_history_flag_in_meta,
     ping_answers,
 );
 
@@ -745,6 +1003,7 @@ async fn every_key_has_a_ttl(backend: Backend) {
     let live = new_stream(&*f.store).await;
     f.store.bind_key(&key, live).await.unwrap();
     f.store.append(live, &events(1..=3)).await.unwrap();
+    f.store.append(live, &[gap(4, 5)]).await.unwrap();
     let done = new_stream(&*f.store).await;
     f.store.append(done, &events(1..=1)).await.unwrap();
     f.store
@@ -784,6 +1043,70 @@ mod redis_only {
     use super::*;
 
     type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+    /// One call of each `Store` method on `store`, about stream `s` and `key`.
+    fn every_call(store: &Arc<dyn Store>, s: StreamId, key: &KeyRef) -> Vec<(&'static str, Call)> {
+        vec![
+            (
+                "create",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.create(&sample_meta(StreamId::random())).await }
+                }),
+            ),
+            (
+                "append",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.append(s, &events(2..=2)).await }
+                }),
+            ),
+            (
+                "meta",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.meta(s).await.map(drop) }
+                }),
+            ),
+            (
+                "read",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.read(s, Seq::ZERO, 10).await.map(drop) }
+                }),
+            ),
+            (
+                "bind_key",
+                Box::pin({
+                    let st = store.clone();
+                    let k = key.clone();
+                    async move { st.bind_key(&k, s).await }
+                }),
+            ),
+            (
+                "resolve_key",
+                Box::pin({
+                    let st = store.clone();
+                    let k = key.clone();
+                    async move { st.resolve_key(&k).await.map(drop) }
+                }),
+            ),
+            (
+                "ping",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.ping().await.map(drop) }
+                }),
+            ),
+            (
+                "watch",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.watch(StreamId::random()).await.map(drop) }
+                }),
+            ),
+        ]
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_key_has_a_ttl_standalone() {
@@ -867,66 +1190,7 @@ mod redis_only {
         standalone(&mut f).kill();
         let bound = COMMAND_TIMEOUT * 3 + Duration::from_secs(1);
         let store = f.store.clone();
-        let calls: Vec<(&str, Call)> = vec![
-            (
-                "create",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.create(&sample_meta(StreamId::random())).await }
-                }),
-            ),
-            (
-                "append",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.append(s, &events(2..=2)).await }
-                }),
-            ),
-            (
-                "meta",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.meta(s).await.map(drop) }
-                }),
-            ),
-            (
-                "read",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.read(s, Seq::ZERO, 10).await.map(drop) }
-                }),
-            ),
-            (
-                "bind_key",
-                Box::pin({
-                    let st = store.clone();
-                    let k = key.clone();
-                    async move { st.bind_key(&k, s).await }
-                }),
-            ),
-            (
-                "resolve_key",
-                Box::pin({
-                    let st = store.clone();
-                    let k = key.clone();
-                    async move { st.resolve_key(&k).await.map(drop) }
-                }),
-            ),
-            (
-                "ping",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.ping().await.map(drop) }
-                }),
-            ),
-            (
-                "watch",
-                Box::pin({
-                    let st = store.clone();
-                    async move { st.watch(StreamId::random()).await.map(drop) }
-                }),
-            ),
-        ];
+        let calls = every_call(&store, s, &key);
         // All at once, as a busy relay would issue them.
         let timed = calls.into_iter().map(|(name, call)| async move {
             let started = Instant::now();
@@ -1025,15 +1289,179 @@ mod redis_only {
         hold.abort();
     }
 
+    /// A relay may start while Redis is down: `connect_lazy` returns at once,
+    /// every call fails fast until a server appears on the port, then the
+    /// same store works (function library, appends, reads, watchers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lazy_store_starts_before_redis() {
+        init_tracing();
+        let port = free_port().unwrap();
+        let url = format!("redis://127.0.0.1:{port}");
+        let opts = default_options();
+        let ropts = redis_options();
+        let started = Instant::now();
+        let store: Arc<dyn Store> = Arc::new(
+            with_timeout_of(
+                WAIT,
+                "connect_lazy",
+                RedisStore::connect_lazy(&url, opts.clone(), ropts.clone()),
+            )
+            .await
+            .expect("connect_lazy accepts a valid URL with no server behind it"),
+        );
+        assert!(
+            started.elapsed() < COMMAND_TIMEOUT,
+            "connect_lazy waited {:?}",
+            started.elapsed()
+        );
+
+        let key = KeyRef {
+            route: "/r".into(),
+            key: "k".into(),
+        };
+        let check_fail_fast = |when: &'static str| {
+            let calls = every_call(&store, StreamId::random(), &key);
+            async move {
+                for (name, call) in calls {
+                    let started = Instant::now();
+                    match with_timeout_of(WAIT, name, call).await {
+                        Err(e @ StoreError::Unavailable(_)) => assert!(e.is_retryable()),
+                        other => panic!("{name} {when}: expected Unavailable, got {other:?}"),
+                    }
+                    let took = started.elapsed();
+                    assert!(
+                        took < COMMAND_TIMEOUT,
+                        "{name} {when} took {took:?} to fail"
+                    );
+                }
+            }
+        };
+        check_fail_fast("right after connect_lazy").await;
+        // Redis stays down long enough for the retry delay to reach its cap:
+        // the store must keep trying, not give up (this is the scenario's
+        // duration, not a synchronisation).
+        tokio::time::sleep(ropts.reconnect_max_delay * 3).await;
+        check_fail_fast("while Redis is still down").await;
+
+        let server = RedisServer::start_on_port(port)
+            .await
+            .expect("start redis-server on the port the store was given");
+        let st = store.clone();
+        eventually(WAIT, "the lazy store to connect", || {
+            let st = st.clone();
+            async move { st.ping().await.is_ok() }
+        })
+        .await;
+        // Ready means the store loaded its function library itself.
+        let libs = raw_command(
+            server.port(),
+            &[
+                "FUNCTION",
+                "LIST",
+                "LIBRARYNAME",
+                reprise_store::redis::LIBRARY_NAME,
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(
+            String::from_utf8_lossy(&libs).contains(reprise_store::redis::LIBRARY_NAME),
+            "library not loaded once connected: {:?}",
+            String::from_utf8_lossy(&libs)
+        );
+
+        let s = new_stream(&*store).await;
+        let mut w = store.watch(s).await.unwrap();
+        store.append(s, &events(1..=2)).await.unwrap();
+        wakes(&mut w, "a wake-up for the lazy store's own append").await;
+        store.bind_key(&key, s).await.unwrap();
+        assert_eq!(store.resolve_key(&key).await.unwrap(), Some(s));
+
+        // Another instance sees the data and wakes the lazy store's watcher.
+        let peer = connect(&url, &opts).await;
+        assert_eq!(peer.read(s, Seq::ZERO, 10).await.unwrap(), events(1..=2));
+        peer.append(s, &[gap(3, 4), end(5, Outcome::Completed)])
+            .await
+            .unwrap();
+        wakes(&mut w, "a wake-up for a peer's append").await;
+        assert_eq!(seqs(&store.read(s, Seq(2), 10).await.unwrap()), vec![3, 5]);
+        let meta = store.meta(s).await.unwrap().unwrap();
+        assert_eq!(meta.end, Some((Seq(5), Outcome::Completed)));
+        assert!(meta.lost_history);
+    }
+
+    /// Dropping a lazy store that never connected stops its connection
+    /// attempts: a server that appears later sees no connection from it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_lazy_store_stops_trying() {
+        init_tracing();
+        let port = free_port().unwrap();
+        let ropts = redis_options();
+        let store = RedisStore::connect_lazy(
+            &format!("redis://127.0.0.1:{port}"),
+            default_options(),
+            ropts.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        drop(store);
+        // Scenario durations, not synchronisation: give the shutdown its
+        // bound, then give a store that kept trying several chances to connect.
+        tokio::time::sleep(ropts.command_timeout + ropts.reconnect_max_delay).await;
+        let server = RedisServer::start_on_port(port).await.unwrap();
+        tokio::time::sleep(ropts.reconnect_max_delay * 4).await;
+        let info = raw_command(server.port(), &["INFO", "clients"])
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&info).contains("connected_clients:1\r\n"),
+            "a dropped store still connects: {}",
+            String::from_utf8_lossy(&info)
+        );
+    }
+
+    /// The documented Redis representation of a gap: one stream entry under
+    /// the gap's last seq, field `g` = its first seq, and a `gaps` count in
+    /// the metadata.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gap_is_stored_under_its_last_seq() {
+        let mut f = Fixture::new(Backend::Redis, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        f.store
+            .append(s, &[ev(1, "a"), gap(2, 6), gap(7, 7)])
+            .await
+            .unwrap();
+        let port = standalone(&mut f).port();
+        let entries = format!("{}{{{s}}}:e", f.opts.key_prefix);
+        let meta = format!("{}{{{s}}}:m", f.opts.key_prefix);
+        let reply = raw_command(port, &["XRANGE", &entries, "2-0", "+"])
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            "*2\r\n*2\r\n$3\r\n6-0\r\n*2\r\n$1\r\ng\r\n$1\r\n2\r\n\
+             *2\r\n$3\r\n7-0\r\n*2\r\n$1\r\ng\r\n$1\r\n7\r\n"
+        );
+        let reply = raw_command(port, &["HGET", &meta, "gaps"]).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&reply), "$1\r\n2\r\n");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_urls_are_rejected_without_echoing_secrets() {
         init_tracing();
         for url in ["", "http://127.0.0.1:1", "redis://user:s3cr3t@[::1"] {
-            let r = RedisStore::connect_with(url, default_options(), redis_options()).await;
-            match r {
-                Err(StoreError::Unavailable(msg)) => assert!(!msg.contains("s3cr3t"), "{msg}"),
-                Err(other) => panic!("{url:?}: {other:?}"),
-                Ok(_) => panic!("{url:?} was accepted"),
+            let eager = RedisStore::connect_with(url, default_options(), redis_options()).await;
+            let lazy = RedisStore::connect_lazy(url, default_options(), redis_options()).await;
+            for r in [eager, lazy] {
+                match r {
+                    Err(StoreError::Unavailable(msg)) => assert!(!msg.contains("s3cr3t"), "{msg}"),
+                    Err(other) => panic!("{url:?}: {other:?}"),
+                    Ok(_) => panic!("{url:?} was accepted"),
+                }
             }
         }
     }

@@ -63,6 +63,21 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM and waits up to `grace` for the exit; true if it exited.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// `Some(reason)` if the process already exited, with the end of its log.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -570,7 +585,7 @@ http {{
         keepalive 1024;
     }}
     server {{
-        listen {addr} backlog=4096;
+        listen {addr};
         location / {{
             proxy_pass http://llm;
             proxy_http_version 1.1;
@@ -606,5 +621,17 @@ http {{
     /// Master and worker, for CPU time.
     pub fn pids(&self) -> Vec<u32> {
         vec![self.proc.pid(), self.worker]
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGKILL on the master would orphan its worker: a fast shutdown
+        // (SIGTERM) stops the worker first.
+        if !self.proc.terminate(Duration::from_secs(5)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.worker.to_string()])
+                .status();
+        }
     }
 }

@@ -64,16 +64,17 @@ impl Table {
         };
         println!("\n### {}\n", self.title);
         println!("{}", fmt(&header));
+        // `|---|---:|`: the label column left-aligned, figures right-aligned.
         let rule: Vec<String> = (0..ncols)
             .map(|i| {
                 if i == 0 {
-                    "-".repeat(widths[i])
+                    "-".repeat(widths[i] + 2)
                 } else {
-                    format!("{}:", "-".repeat(widths[i] - 1))
+                    format!("{}:", "-".repeat(widths[i] + 1))
                 }
             })
             .collect();
-        println!("|-{}-|", rule.join("-|-"));
+        println!("|{}|", rule.join("|"));
         for line in &lines {
             println!("{}", fmt(line));
         }

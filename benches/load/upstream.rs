@@ -27,7 +27,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::now_us;
@@ -63,9 +63,14 @@ pub fn serve(addr: SocketAddr) -> Result<(), String> {
         .build()
         .map_err(|e| format!("upstream runtime: {e}"))?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("upstream bind {addr}: {e}"))?;
+        // A deep accept queue: the upstream must never be what drops a SYN.
+        let listener = (|| {
+            let sock = TcpSocket::new_v4()?;
+            sock.set_reuseaddr(true)?;
+            sock.bind(addr)?;
+            sock.listen(4096)
+        })()
+        .map_err(|e| format!("upstream listen {addr}: {e}"))?;
         let state = Arc::new(State::default());
         loop {
             let (io, _) = match listener.accept().await {

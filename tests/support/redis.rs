@@ -119,6 +119,26 @@ impl RedisServer {
         Self::start_inner(false).await
     }
 
+    /// Starts a standalone server on `port` (one a store was already pointed
+    /// at, say) and waits until it answers `PING`. Unlike [`start`](Self::start)
+    /// it cannot move to another port if this one was taken meanwhile.
+    pub async fn start_on_port(port: u16) -> Result<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("reprise-redis-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let mut server = RedisServer {
+            port,
+            bus_port: None,
+            cluster: false,
+            bin: find_binary("redis-server")?,
+            dir,
+            child: None,
+        };
+        server.spawn_and_wait().await?;
+        Ok(server)
+    }
+
     async fn start_inner(cluster: bool) -> Result<RedisServer> {
         let bin = find_binary("redis-server")?;
         let mut last_err = None;

@@ -125,6 +125,11 @@ pub struct LimitsConfig {
     pub max_request_body: ByteSize,
     /// Most client connections open at once; more are answered `503`.
     pub max_connections: usize,
+    /// Most payload bytes of one stream held in memory while the store does
+    /// not accept them; past it the unstored part is dropped as a gap.
+    pub max_unstored_stream_bytes: ByteSize,
+    /// The same bound over all streams of this instance.
+    pub max_unstored_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -136,6 +141,8 @@ impl Default for LimitsConfig {
             max_stream_bytes: ByteSize::mib(64),
             max_request_body: ByteSize::mib(16),
             max_connections: 50_000,
+            max_unstored_stream_bytes: ByteSize::mib(16),
+            max_unstored_bytes: ByteSize::mib(256),
         }
     }
 }

@@ -7,19 +7,25 @@
 //!                                      └─▶ writer ─▶ store
 //! ```
 //!
-//! Frames are kept in order, indexed by seq, as ready-to-send wire bytes
-//! (`id:` line included), so every reader sends the same `Bytes` without
-//! re-encoding. Readers keep only a position: a slow reader costs no memory
-//! and never delays the producer or other readers. The log is bounded by the
+//! Frames are kept in seq order as ready-to-send wire bytes (`id:` line
+//! included), so every reader sends the same `Bytes` without re-encoding.
+//! Readers keep only a position: a slow reader costs no memory and never
+//! delays the producer or other readers. The log is bounded by the
 //! per-stream limits the recorder enforces.
+//!
+//! While the store is unreachable, the frames the writer has not stored yet
+//! are the buffer. If that buffer outgrows its budget, the unstored frames
+//! are dropped and replaced by one **gap** frame: readers that reach it get
+//! the `history_lost` signal and end, and the writer stores the gap so that
+//! readers elsewhere learn the same.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use reprise_core::outcome::{signal_frame, signal_line};
-use reprise_core::{Epoch, EventId, Format, Outcome, Seq, StreamId};
+use reprise_core::outcome::{signal_frame, signal_line, Signal};
+use reprise_core::{Cursor, Epoch, EventId, Format, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
 
@@ -37,6 +43,8 @@ pub struct Frame {
 pub enum FrameKind {
     /// `fields` is the byte range of `wire` that the store keeps.
     Event { fields: Range<usize> },
+    /// Entries `seq..=upto` were lost; `wire` is the `history_lost` signal.
+    Gap { upto: Seq },
     End(Outcome),
 }
 
@@ -45,9 +53,30 @@ impl Frame {
     pub fn to_entry(&self) -> Entry {
         let body = match &self.kind {
             FrameKind::Event { fields } => EntryBody::Event(self.wire.slice(fields.clone())),
+            FrameKind::Gap { upto } => EntryBody::Gap { upto: *upto },
             FrameKind::End(outcome) => EntryBody::End(outcome.clone()),
         };
         Entry { seq: self.seq, body }
+    }
+
+    /// The last seq this frame covers.
+    fn covers_to(&self) -> Seq {
+        match self.kind {
+            FrameKind::Gap { upto } => upto,
+            _ => self.seq,
+        }
+    }
+
+    /// Ends a reader that reaches it.
+    fn is_final(&self) -> bool {
+        matches!(self.kind, FrameKind::End(_) | FrameKind::Gap { .. })
+    }
+
+    fn payload_len(&self) -> usize {
+        match &self.kind {
+            FrameKind::Event { fields } => fields.len(),
+            _ => 0,
+        }
     }
 }
 
@@ -57,7 +86,7 @@ pub struct Collected {
     pub chunk: Option<Bytes>,
     /// The new position.
     pub last: Seq,
-    /// The terminal frame was included: the reader is done.
+    /// A terminal or gap frame was included: the reader is done.
     pub ended: bool,
     /// Frames sent in `chunk` (a normal end sends nothing and is not counted).
     pub frames: usize,
@@ -76,26 +105,57 @@ pub struct LiveStream {
     last_tx: watch::Sender<u64>,
     /// Readers currently attached (loaders stop when none are left).
     readers: AtomicUsize,
+    /// Relay-wide count of unstored payload bytes, shared by all logs.
+    unstored_total: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
 struct LogState {
-    /// `frames[i].seq == i + 1`.
+    /// In seq order; seqs are consecutive except across a gap frame.
     frames: Vec<Frame>,
+    /// The seq the next frame gets.
+    next: u64,
     ended: bool,
-    event_bytes: usize,
+    /// Payload bytes recorded in the stream (for the per-stream limit).
+    recorded_bytes: usize,
+    /// Frames up to this seq are in the store.
+    stored_upto: Seq,
+    /// Payload bytes of frames after `stored_upto`.
+    unstored_bytes: usize,
+}
+
+impl LogState {
+    /// Index of the first frame that covers a seq after `after`.
+    fn index_after(&self, after: Seq) -> usize {
+        self.frames.partition_point(|f| f.covers_to() <= after)
+    }
 }
 
 impl LiveStream {
     pub fn new(id: StreamId, epoch: Epoch, headers: Vec<(String, String)>, format: Format) -> Arc<Self> {
+        Self::with_budget(id, epoch, headers, format, Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// A log that accounts its unstored bytes in a relay-wide counter.
+    pub fn with_budget(
+        id: StreamId,
+        epoch: Epoch,
+        headers: Vec<(String, String)>,
+        format: Format,
+        unstored_total: Arc<AtomicUsize>,
+    ) -> Arc<Self> {
         Arc::new(LiveStream {
             id,
             epoch,
             headers,
             format,
-            state: Mutex::new(LogState::default()),
+            state: Mutex::new(LogState {
+                next: 1,
+                ..LogState::default()
+            }),
             last_tx: watch::channel(0).0,
             readers: AtomicUsize::new(0),
+            unstored_total,
         })
     }
 
@@ -120,8 +180,11 @@ impl LiveStream {
         if st.ended {
             return None;
         }
-        let seq = Seq(st.frames.len() as u64 + 1);
-        st.event_bytes += fields.len();
+        let seq = Seq(st.next);
+        st.next += 1;
+        st.recorded_bytes += fields.len();
+        st.unstored_bytes += fields.len();
+        self.unstored_total.fetch_add(fields.len(), Ordering::Relaxed);
         st.frames.push(self.event_frame(seq, fields));
         drop(st);
         self.last_tx.send_replace(seq.0);
@@ -134,7 +197,8 @@ impl LiveStream {
         if st.ended {
             return None;
         }
-        let seq = Seq(st.frames.len() as u64 + 1);
+        let seq = Seq(st.next);
+        st.next += 1;
         st.frames.push(self.end_frame(seq, outcome));
         st.ended = true;
         drop(st);
@@ -161,11 +225,17 @@ impl LiveStream {
         }
     }
 
+    fn signal_wire(&self, sig: Signal<'_>, id: &dyn std::fmt::Display) -> Bytes {
+        match self.format {
+            Format::Sse => Bytes::from(signal_frame(sig, self.id, id)),
+            Format::Ndjson => Bytes::from(signal_line(sig, self.id)),
+        }
+    }
+
     fn end_frame(&self, seq: Seq, outcome: Outcome) -> Frame {
-        let wire = match (outcome.signal(), self.format) {
-            (Some(sig), Format::Sse) => Bytes::from(signal_frame(sig, self.id, &self.event_id(seq))),
-            (Some(sig), Format::Ndjson) => Bytes::from(signal_line(sig, self.id)),
-            (None, _) => Bytes::new(),
+        let wire = match outcome.signal() {
+            Some(sig) => self.signal_wire(sig, &self.event_id(seq)),
+            None => Bytes::new(),
         };
         Frame {
             seq,
@@ -174,53 +244,69 @@ impl LiveStream {
         }
     }
 
+    fn gap_frame(&self, seq: Seq, upto: Seq) -> Frame {
+        let sig = Signal {
+            code: Signal::HISTORY_LOST.code,
+            message: "part of this stream could not be stored and is lost",
+        };
+        Frame {
+            seq,
+            wire: self.signal_wire(sig, &Cursor::End(self.id)),
+            kind: FrameKind::Gap { upto },
+        }
+    }
+
     /// Append entries read from the store (a loader following another
-    /// instance's producer). Entries must continue the log without a gap;
+    /// instance's producer). Entries must continue the log without a hole;
     /// returns false (and appends nothing) if they do not.
     pub fn append_loaded(&self, entries: &[Entry]) -> bool {
         let mut st = self.lock();
-        let mut next = st.frames.len() as u64 + 1;
-        if entries.iter().any(|e| {
-            let ok = e.seq.0 == next;
-            next += 1;
-            !ok
-        }) || st.ended
-        {
-            return false;
+        let mut next = st.next;
+        for e in entries {
+            if st.ended || e.seq.0 != next {
+                return false;
+            }
+            next = match &e.body {
+                EntryBody::Gap { upto } => upto.0 + 1,
+                _ => e.seq.0 + 1,
+            };
         }
         for e in entries {
             if st.ended {
                 break;
             }
-            match &e.body {
+            let f = match &e.body {
                 EntryBody::Event(fields) => {
-                    st.event_bytes += fields.len();
-                    let f = self.event_frame(e.seq, fields);
-                    st.frames.push(f);
+                    st.recorded_bytes += fields.len();
+                    self.event_frame(e.seq, fields)
                 }
+                EntryBody::Gap { upto } => self.gap_frame(e.seq, *upto),
                 EntryBody::End(outcome) => {
-                    let f = self.end_frame(e.seq, outcome.clone());
-                    st.frames.push(f);
                     st.ended = true;
+                    self.end_frame(e.seq, outcome.clone())
                 }
-            }
+            };
+            st.frames.push(f);
         }
-        let last = st.frames.len() as u64;
+        st.next = next;
+        // Loaded frames are in the store already.
+        st.stored_upto = Seq(next - 1);
         drop(st);
-        self.last_tx.send_replace(last);
+        self.last_tx.send_replace(next - 1);
         true
     }
 
     /// Frames after `after`, joined into one chunk of at most about
-    /// `max_bytes` (always at least one frame if any is available).
+    /// `max_bytes` (always at least one frame if any is available). A
+    /// reader stops at the first terminal or gap frame.
     pub fn collect_after(&self, after: Seq, max_bytes: usize) -> Collected {
         let st = self.lock();
-        let start = after.0 as usize;
+        let start = st.index_after(after);
         if start >= st.frames.len() {
             return Collected {
                 chunk: None,
                 last: after,
-                ended: st.ended && start >= st.frames.len(),
+                ended: st.ended,
                 frames: 0,
             };
         }
@@ -233,11 +319,14 @@ impl LiveStream {
             }
             size += f.wire.len();
             n += 1;
+            if f.is_final() {
+                break;
+            }
         }
         let taken = &avail[..n];
         let sent = taken.iter().filter(|f| !f.wire.is_empty()).count();
-        let last = taken[n - 1].seq;
-        let ended = matches!(taken[n - 1].kind, FrameKind::End(_));
+        let last = taken[n - 1].covers_to();
+        let ended = taken[n - 1].is_final();
         let chunk = if n == 1 {
             taken[0].wire.clone()
         } else {
@@ -257,14 +346,85 @@ impl LiveStream {
     }
 
     /// Store entries after `after`, at most `max` of them (for the writer).
+    /// A gap that began at or before `after` is clipped to start after it.
     pub fn entries_after(&self, after: Seq, max: usize) -> Vec<Entry> {
         let st = self.lock();
-        let start = (after.0 as usize).min(st.frames.len());
+        let start = st.index_after(after);
         st.frames[start..]
             .iter()
             .take(max)
-            .map(Frame::to_entry)
+            .map(|f| {
+                let mut e = f.to_entry();
+                if e.seq <= after {
+                    e.seq = after.next();
+                }
+                e
+            })
             .collect()
+    }
+
+    /// The writer stored everything up to `seq`.
+    pub fn mark_stored(&self, seq: Seq) {
+        let mut st = self.lock();
+        if seq <= st.stored_upto {
+            return;
+        }
+        let from = st.index_after(st.stored_upto);
+        let to = st.index_after(seq);
+        let freed: usize = st.frames[from..to].iter().map(Frame::payload_len).sum();
+        let freed = freed.min(st.unstored_bytes);
+        st.unstored_bytes -= freed;
+        st.stored_upto = seq;
+        self.unstored_total.fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Payload bytes not yet in the store.
+    pub fn unstored_bytes(&self) -> usize {
+        self.lock().unstored_bytes
+    }
+
+    /// Drops the oldest unstored event frames, keeping the newest
+    /// `keep_bytes` of payload for the readers at the head, and puts one gap
+    /// frame in their place (the store could not keep up). Returns the lost
+    /// range.
+    pub fn declare_gap(&self, keep_bytes: usize) -> Option<(Seq, Seq)> {
+        let mut st = self.lock();
+        let from_idx = st.index_after(st.stored_upto);
+        // The unstored run of events (and an earlier unstored gap, which is
+        // merged into the new one).
+        let mut run_end = from_idx;
+        while run_end < st.frames.len()
+            && matches!(st.frames[run_end].kind, FrameKind::Event { .. } | FrameKind::Gap { .. })
+        {
+            run_end += 1;
+        }
+        // Keep the newest frames that fit in `keep_bytes`.
+        let mut to_idx = run_end;
+        let mut kept = 0;
+        while to_idx > from_idx {
+            let len = st.frames[to_idx - 1].payload_len();
+            if kept + len > keep_bytes || matches!(st.frames[to_idx - 1].kind, FrameKind::Gap { .. }) {
+                break;
+            }
+            kept += len;
+            to_idx -= 1;
+        }
+        let only_a_gap = to_idx == from_idx + 1 && matches!(st.frames[from_idx].kind, FrameKind::Gap { .. });
+        if to_idx == from_idx || only_a_gap {
+            return None;
+        }
+        let first = st.frames[from_idx].seq;
+        let upto = st.frames[to_idx - 1].covers_to();
+        let freed: usize = st.frames[from_idx..to_idx].iter().map(Frame::payload_len).sum();
+        let gap = self.gap_frame(first, upto);
+        st.frames.splice(from_idx..to_idx, [gap]);
+        let freed = freed.min(st.unstored_bytes);
+        st.unstored_bytes -= freed;
+        self.unstored_total.fetch_sub(freed, Ordering::Relaxed);
+        drop(st);
+        // Wake readers so that those now behind the gap learn it.
+        self.last_tx.send_modify(|_| {});
+        Some((first, upto))
     }
 
     /// Seq of the last frame in the log.
@@ -289,9 +449,9 @@ impl LiveStream {
         self.lock().ended
     }
 
-    /// Bytes of event payload held (for the per-stream limit).
+    /// Payload bytes recorded in the stream (for the per-stream limit).
     pub fn event_bytes(&self) -> usize {
-        self.lock().event_bytes
+        self.lock().recorded_bytes
     }
 
     /// Waits for frames after `seen`; use with the seq last observed.
@@ -307,6 +467,14 @@ impl LiveStream {
 
     pub fn reader_count(&self) -> usize {
         self.readers.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        // Whatever was never stored no longer counts against the budget.
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.unstored_total.fetch_sub(st.unstored_bytes, Ordering::Relaxed);
     }
 }
 
@@ -379,6 +547,42 @@ mod tests {
         let c = ok.collect_after(Seq(0), 1 << 20);
         assert!(c.ended && c.chunk.is_none());
         assert!(ok.collect_after(Seq(1), 1).ended);
+    }
+
+    #[test]
+    fn a_gap_replaces_unstored_frames_and_ends_readers_that_reach_it() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let l = LiveStream::with_budget(StreamId::random(), Epoch(7), vec![], Format::Sse, budget.clone());
+        for _ in 0..5 {
+            l.push_event(b"data: 0123456789\n");
+        }
+        assert_eq!(budget.load(Ordering::Relaxed), 5 * 17);
+        l.mark_stored(Seq(2));
+        assert_eq!(l.unstored_bytes(), 3 * 17);
+        assert_eq!(budget.load(Ordering::Relaxed), 3 * 17);
+        assert_eq!(l.declare_gap(0), Some((Seq(3), Seq(5))));
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+        l.push_event(b"data: after\n");
+        // A reader before the gap gets frames 1-2, then the signal, and ends.
+        let c = l.collect_after(Seq(0), 1 << 20);
+        let text = String::from_utf8(c.chunk.unwrap().to_vec()).unwrap();
+        assert!(c.ended);
+        assert!(text.contains("history_lost"), "{text}");
+        assert!(text.contains(&format!("id: {}.end", l.id)), "{text}");
+        // A reader inside the gap too; one past it continues.
+        assert!(l.collect_after(Seq(3), 1 << 20).ended);
+        let c = l.collect_after(Seq(5), 1 << 20);
+        assert!(!c.ended);
+        assert_eq!(c.last, Seq(6));
+        // The writer stores the gap as one entry, clipped to what it stored.
+        let entries = l.entries_after(Seq(2), 10);
+        assert_eq!(entries[0].seq, Seq(3));
+        assert_eq!(entries[0].body, EntryBody::Gap { upto: Seq(5) });
+        assert_eq!(entries[1].seq, Seq(6));
+        let entries = l.entries_after(Seq(4), 10);
+        assert_eq!(entries[0].seq, Seq(5));
+        drop(l);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
     }
 
     #[test]

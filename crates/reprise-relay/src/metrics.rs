@@ -80,6 +80,7 @@ pub struct Metrics {
     pub store_latency: HistogramFamily<OpLabels>,
     pub store_errors: Family<OpLabels, Counter>,
     pub buffered_entries: Gauge,
+    pub entries_lost: Counter,
     pub connections_open: Gauge,
     pub readers_active: Gauge,
     pub upstream_responses: Family<StatusLabels, Counter>,
@@ -108,6 +109,7 @@ impl Metrics {
             store_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             store_errors: Family::default(),
             buffered_entries: Gauge::default(),
+            entries_lost: Counter::default(),
             connections_open: Gauge::default(),
             readers_active: Gauge::default(),
             upstream_responses: Family::default(),
@@ -133,6 +135,11 @@ impl Metrics {
             "store_buffered_entries",
             "Entries recorded in memory and not yet written to the store",
             m.buffered_entries.clone(),
+        );
+        registry.register(
+            "entries_lost",
+            "Entries dropped unstored because the store was unavailable past the memory budget",
+            m.entries_lost.clone(),
         );
         registry.register("connections_open", "Open client connections", m.connections_open.clone());
         registry.register("readers_active", "Response bodies streaming a recorded stream", m.readers_active.clone());

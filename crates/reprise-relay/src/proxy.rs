@@ -209,8 +209,9 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         headers: headers.clone(),
         format: format.as_str().into(),
         end: None,
+        lost_history: false,
     };
-    let live = LiveStream::new(stream, epoch, headers, format);
+    let live = LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
     relay.hub.insert(live.clone());
     let key_ref = key.map(|key| KeyRef {
         route: route.path.clone(),

@@ -150,6 +150,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
     };
     let max_events = cfg.limits.max_stream_events;
     let max_bytes = cfg.limits.max_stream_bytes.as_u64() as usize;
+    let max_unstored_stream = cfg.limits.max_unstored_stream_bytes.as_u64() as usize;
+    let max_unstored = cfg.limits.max_unstored_bytes.as_u64() as usize;
+    let unstored_total = relay.unstored_total.clone();
     let idle = cfg.timeouts.idle;
     let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
     let interrupt: CancellationToken = relay.interrupt.clone();
@@ -168,6 +171,15 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
         live.push_event(payload);
         metrics.events_recorded.inc();
         metrics.bytes_recorded.inc_by(payload.len() as u64);
+        if live.unstored_bytes() > max_unstored_stream || unstored_total.load(Ordering::Relaxed) > max_unstored {
+            // The store has not kept up for too long: give up on the oldest
+            // part it has not taken, rather than grow without bound. The
+            // newest half of the budget stays for the readers at the head.
+            if let Some((from, upto)) = live.declare_gap(max_unstored_stream / 2) {
+                metrics.entries_lost.inc_by(upto.0 - from.0 + 1);
+                tracing::error!(from = from.0, upto = upto.0, "store unavailable past the memory budget: entries dropped, the stream has lost history");
+            }
+        }
         Ok(())
     };
     tracing::debug!(format = %live.format, "recording started");
@@ -270,10 +282,16 @@ async fn write(
             }
             continue;
         };
-        let last_seq = last.seq;
+        let last_seq = match last.body {
+            EntryBody::Gap { upto } => upto,
+            _ => last.seq,
+        };
         let ended = matches!(last.body, EntryBody::End(_));
         match retry_append(&stop, &*store, id, &batch).await {
-            Appended::Ok => persisted = last_seq,
+            Appended::Ok => {
+                persisted = last_seq;
+                live.mark_stored(persisted);
+            }
             Appended::Stop => return,
             Appended::Conflict => match recover(&stop, &*store, &meta, key.as_ref()).await {
                 // The store lost the stream (a Redis restart without
@@ -288,6 +306,7 @@ async fn write(
                 // continue after what the store has.
                 Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
                     persisted = seq;
+                    live.mark_stored(persisted);
                     if live.end().is_some_and(|(end, _)| end <= seq) {
                         break;
                     }
@@ -363,6 +382,10 @@ async fn recover(stop: &CancellationToken, store: &dyn Store, meta: &StreamMeta,
             loop {
                 let page = retry(stop, || store.read(meta.id, last, 1000)).await.ok()?;
                 match page.last() {
+                    Some(Entry {
+                        body: EntryBody::Gap { upto },
+                        ..
+                    }) => last = *upto,
                     Some(e) => last = e.seq,
                     None => return Some(Recovered::StoredUpTo(last)),
                 }

@@ -67,6 +67,8 @@ pub struct Relay {
     /// Writers that still have entries to store (shutdown waits for them).
     pub writers_busy: AtomicUsize,
     pub metrics: Arc<Metrics>,
+    /// Payload bytes recorded and not yet stored, over all streams.
+    pub unstored_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Relay {
@@ -87,6 +89,7 @@ impl Relay {
             interrupt: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             writers_busy: AtomicUsize::new(0),
+            unstored_total: Arc::new(AtomicUsize::new(0)),
             config,
         }))
     }

@@ -10,6 +10,12 @@
 //! at the end), an append-only list of entries numbered by [`Seq`] from 1
 //! whose last one is the terminal [`Outcome`], and optionally a key binding
 //! (`route key → latest stream id`).
+//!
+//! Entries are numbered densely, but one entry may stand for several seqs: a
+//! [`EntryBody::Gap`] records that a range of events was produced but could
+//! not be stored (the store was unreachable for longer than the relay could
+//! buffer). [`Entry::last_seq`] is the last seq an entry covers; the next
+//! entry's seq follows it, and readers page with it.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -23,8 +29,8 @@ use reprise_core::{Epoch, Outcome, Seq, StreamId};
 pub mod memory;
 pub mod redis;
 
-pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use memory::{MemoryLimits, MemoryStore};
+pub use redis::{RedisOptions, RedisStore};
 
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +73,11 @@ pub struct StreamMeta {
     pub format: String,
     /// Set once the terminal entry is written: its seq and the outcome.
     pub end: Option<(Seq, Outcome)>,
+    /// Whether some of the stream's history is missing: set by the first
+    /// [`EntryBody::Gap`] appended, never cleared (re-creating the stream
+    /// replaces it).
+    #[serde(default)]
+    pub lost_history: bool,
 }
 
 /// What one entry holds.
@@ -77,6 +88,9 @@ pub enum EntryBody {
     Event(Bytes),
     /// The terminal entry: always the last one of a stream.
     End(Outcome),
+    /// Entries `seq..=upto` (this entry's seq through `upto`) were recorded but
+    /// could not be stored: a reader crossing them has lost history.
+    Gap { upto: Seq },
 }
 
 /// One entry of a stream.
@@ -84,6 +98,19 @@ pub enum EntryBody {
 pub struct Entry {
     pub seq: Seq,
     pub body: EntryBody,
+}
+
+impl Entry {
+    /// The last seq this entry covers: `upto` for a [`EntryBody::Gap`], its
+    /// own seq otherwise. The next entry of the stream has seq
+    /// `last_seq() + 1`, and a reader that got this entry continues with
+    /// `read(stream, entry.last_seq(), …)`.
+    pub fn last_seq(&self) -> Seq {
+        match self.body {
+            EntryBody::Gap { upto } => upto,
+            _ => self.seq,
+        }
+    }
 }
 
 /// A route key binding: `(route, key) → latest stream`. The key text is
@@ -141,17 +168,29 @@ pub trait Store: Send + Sync + 'static {
     /// Record a new stream's metadata. Its entries follow with [`Store::append`].
     async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError>;
 
-    /// Append entries, in order, with consecutive seqs following the last
-    /// stored one. An [`EntryBody::End`] entry, if present, must be last; it
-    /// marks the stream finished (metadata `end`) and starts its retention
-    /// countdown. Notifies watchers.
+    /// Append entries, in order, each starting right after the last seq
+    /// covered before it (see [`Entry::last_seq`]): the first one follows the
+    /// last stored entry. An [`EntryBody::Gap`] must have `upto >= seq` and
+    /// sets the metadata's `lost_history`. An [`EntryBody::End`] entry, if
+    /// present, must be last; it marks the stream finished (metadata `end`)
+    /// and starts its retention countdown. A batch that breaks any of this
+    /// fails with [`StoreError::Conflict`] and writes nothing. Notifies
+    /// watchers.
     async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError>;
 
     /// The stream's metadata, `None` if unknown or expired.
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError>;
 
-    /// Up to `limit` entries with seq greater than `after`, in order.
-    async fn read(&self, stream: StreamId, after: Seq, limit: usize) -> Result<Vec<Entry>, StoreError>;
+    /// Up to `limit` entries that cover some seq greater than `after` (those
+    /// whose [`Entry::last_seq`] is greater than `after`), in order. A gap
+    /// counts as one entry; a reader positioned inside a gap
+    /// (`seq <= after < upto`) gets that gap first, so it learns it crossed one.
+    async fn read(
+        &self,
+        stream: StreamId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
 
     /// Point `key` at `stream` (the latest stream for a key wins).
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError>;

@@ -147,19 +147,31 @@ fn entry_bytes(entry: &Entry) -> usize {
                 reprise_core::Outcome::Failed { message, .. } => message.len(),
                 _ => 0,
             },
+            EntryBody::Gap { .. } => 0,
         }
 }
 
-/// Checks what can be checked without the stored stream: seqs consecutive,
-/// `End` only last. Shared with the Redis backend so both reject the same
-/// malformed batches.
+/// Checks what can be checked without the stored stream: each entry starts
+/// right after the last seq the previous one covers, gaps do not end before
+/// they start, `End` only last. Shared with the Redis backend so both reject
+/// the same malformed batches.
 pub(crate) fn validate_batch(stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
-    for (i, pair) in entries.windows(2).enumerate() {
-        if pair[1].seq.0 != pair[0].seq.0.wrapping_add(1) {
-            return Err(StoreError::Conflict {
-                stream,
-                detail: format!("batch seqs not consecutive at index {}", i + 1),
-            });
+    for (i, e) in entries.iter().enumerate() {
+        if let EntryBody::Gap { upto } = e.body {
+            if upto < e.seq {
+                return Err(StoreError::Conflict {
+                    stream,
+                    detail: format!("gap at seq {} ends before it, at {upto}", e.seq),
+                });
+            }
+        }
+        if let Some(next) = entries.get(i + 1) {
+            if e.last_seq().0.checked_add(1) != Some(next.seq.0) {
+                return Err(StoreError::Conflict {
+                    stream,
+                    detail: format!("batch seqs not consecutive at index {}", i + 1),
+                });
+            }
         }
     }
     if let Some(pos) = entries
@@ -446,14 +458,14 @@ impl Store for MemoryStore {
         };
         let now = Instant::now();
         let mut st = lock(&handle);
-        let stored = st.entries.len() as u64;
+        let stored = st.entries.last().map_or(0, |e| e.last_seq().0);
         let check = if !st.alive(now) {
             Err(conflict("unknown or expired stream".into()))
         } else if st.meta.end.is_some() {
             Err(conflict("stream already ended".into()))
         } else if entries[0].seq.0 != stored + 1 {
             Err(conflict(format!(
-                "append at seq {} but the stream has {stored} entries",
+                "append at seq {} but the last stored seq is {stored}",
                 entries[0].seq
             )))
         } else {
@@ -467,6 +479,12 @@ impl Store for MemoryStore {
 
         st.entries.extend_from_slice(entries);
         st.bytes += bytes;
+        if entries
+            .iter()
+            .any(|e| matches!(e.body, EntryBody::Gap { .. }))
+        {
+            st.meta.lost_history = true;
+        }
         if let EntryBody::End(outcome) = &last.body {
             st.meta.end = Some((last.seq, outcome.clone()));
             st.expires_at = now + s.opts.retention;
@@ -480,7 +498,7 @@ impl Store for MemoryStore {
             }
         }
         drop(st);
-        s.notify(stream, last.seq);
+        s.notify(stream, last.last_seq());
         Ok(())
     }
 
@@ -505,10 +523,9 @@ impl Store for MemoryStore {
         if !st.alive(Instant::now()) {
             return Ok(Vec::new());
         }
-        // Entries are stored densely from seq 1, so seq n sits at index n - 1.
-        let start = usize::try_from(after.0)
-            .unwrap_or(usize::MAX)
-            .min(st.entries.len());
+        // Entries are in seq order and so is their last covered seq: skip
+        // those that end at or before `after` (a gap containing `after` stays).
+        let start = st.entries.partition_point(|e| e.last_seq() <= after);
         let end = start.saturating_add(limit).min(st.entries.len());
         Ok(st.entries[start..end].to_vec())
     }

@@ -12,10 +12,18 @@
 //!
 //! | key | type | content |
 //! |-----|------|---------|
-//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any) |
-//! | `P{<sid>}:e` | stream | entries with explicit ids `<seq>-0`; field `e` = event bytes, or field `x` = outcome JSON for the terminal entry |
+//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history) |
+//! | `P{<sid>}:e` | stream | one Redis stream entry per entry, with an explicit id `<seq>-0` and one field: `e` = event bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
+//!
+//! A gap entry covering seqs `S..=U` ([`EntryBody::Gap`]) is stored under
+//! the id `<U>-0` (its *last* seq) with field `g` = `S`. So the id of every
+//! Redis entry is the last seq it covers, and ids stay strictly increasing:
+//! the append function's "last stored seq" is simply the top id, and
+//! `XRANGE <after+1>-0 +` returns exactly the entries whose last covered seq
+//! is greater than `after`, including a gap that contains `after`. A read
+//! needs no second command to find a gap that started before its position.
 //!
 //! Lifetimes: metadata and entries expire `max_stream_duration + retention`
 //! after creation while live, and `retention` after the end. A binding
@@ -28,19 +36,32 @@
 //! connect and again whenever a server answers that it is missing, e.g. after a
 //! restart). The function checks that the stream exists, is not finished and
 //! that the batch starts right after the last stored seq, then runs one `XADD`
-//! per entry, the expiry updates and one `SPUBLISH`, atomically: a rejected
-//! batch writes nothing. The batch that ends a stream costs one more round
+//! per entry, an `HINCRBY … gaps` if the batch holds gaps, the expiry updates
+//! and one `SPUBLISH` (of the last covered seq), atomically: a rejected batch
+//! writes nothing. The batch itself (consecutive seqs, gaps not ending before
+//! they start, the end last) is checked before sending, as the memory store
+//! does. The batch that ends a stream costs one more round
 //! trip when a key binding points at the stream (to shorten it; best effort).
 //! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
 //!
 //! `create` is one pipeline (`DEL` meta and entries, `HSET`, `PEXPIRE`);
-//! `read` one `XRANGE <after+1>-0 + COUNT <limit>`; `meta` one `HGETALL`;
+//! `read` one `XRANGE <after+1>-0 + COUNT <limit>` (one round trip, gaps or
+//! not); `meta` one `HGETALL`;
 //! `bind_key` a `SET … PX` and an `FCALL` noting the binding in the metadata,
 //! concurrently; `resolve_key` one `GET`.
 //!
 //! Appends are sent with fred's fail-fast option and a single write attempt:
 //! an append issued while disconnected fails at once with `Unavailable`
 //! instead of being queued and replayed later behind the caller's back.
+//!
+//! # Connecting
+//!
+//! [`RedisStore::connect_with`] waits for the server and fails if it does not
+//! answer. [`RedisStore::connect_lazy`] returns at once and connects in the
+//! background (forever, with the reconnection backoff), so a relay can start
+//! while Redis is down; until the first connection is up and the function
+//! library loaded, every call fails at once with `Unavailable` without
+//! touching the network. After that both behave the same.
 //!
 //! # Live tails
 //!
@@ -51,6 +72,7 @@
 //! notifications sent while disconnected are lost.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -61,6 +83,7 @@ use fred::clients::{Pool, SubscriberClient};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::prelude::*;
 use fred::types::config::UnresponsiveConfig;
+use fred::types::ConnectHandle;
 use fred::types::Message;
 use tokio::sync::{watch, OnceCell};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -74,21 +97,24 @@ use crate::{Entry, EntryBody, KeyRef, Store, StoreError, StoreOptions, StreamMet
 /// Name of the Redis function library this version of Reprise loads. The
 /// version suffix lets instances of two Reprise versions share one Redis
 /// during a rolling upgrade.
-pub const LIBRARY_NAME: &str = "reprise_store_1";
+///
+/// Version 2: gap entries (field `g`, counted in the metadata's `gaps`).
+pub const LIBRARY_NAME: &str = "reprise_store_2";
 
-const FN_APPEND: &str = "reprise_store_1_append";
-const FN_NOTE_BINDING: &str = "reprise_store_1_note_binding";
-const FN_END_BINDING: &str = "reprise_store_1_end_binding";
+const FN_APPEND: &str = "reprise_store_2_append";
+const FN_NOTE_BINDING: &str = "reprise_store_2_note_binding";
+const FN_END_BINDING: &str = "reprise_store_2_end_binding";
 
 /// Error prefix the library uses for batches that do not follow the stream.
 const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
 
-const LIBRARY: &str = r#"#!lua name=reprise_store_1
+const LIBRARY: &str = r#"#!lua name=reprise_store_2
 
 -- Append a batch of entries to a stream, atomically.
 -- KEYS: metadata hash, entries stream, notification shard channel.
--- ARGV: first seq, last seq, live TTL ms, retention ms, end record JSON or '',
---       then for each entry: its id, its field name, its value.
+-- ARGV: first seq, last covered seq, live TTL ms, retention ms, end record
+--       JSON or '', then for each entry: its id, its field name, its value.
+--       Entry ids are the last seq each entry covers (a gap's `upto`).
 -- Returns the key binding pointing at the stream when the batch ends it.
 local function append(keys, args)
   local meta, entries, channel = keys[1], keys[2], keys[3]
@@ -98,6 +124,7 @@ local function append(keys, args)
   if redis.call('HEXISTS', meta, 'end') == 1 then
     return redis.error_reply('REPRISE_CONFLICT stream already ended')
   end
+  -- The top id is the last covered seq, a gap's included.
   local stored = 0
   local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
   if #top > 0 then
@@ -105,10 +132,15 @@ local function append(keys, args)
   end
   if stored + 1 ~= tonumber(args[1]) then
     return redis.error_reply('REPRISE_CONFLICT append at seq ' .. args[1] ..
-      ' but the stream has ' .. stored .. ' entries')
+      ' but the last stored seq is ' .. stored)
   end
+  local gaps = 0
   for i = 6, #args, 3 do
     redis.call('XADD', entries, args[i], args[i + 1], args[i + 2])
+    if args[i + 1] == 'g' then gaps = gaps + 1 end
+  end
+  if gaps > 0 then
+    redis.call('HINCRBY', meta, 'gaps', gaps)
   end
   if stored == 0 then
     -- The entries expire with the metadata, whose life started at creation.
@@ -146,9 +178,9 @@ local function end_binding(keys, args)
   return 0
 end
 
-redis.register_function('reprise_store_1_append', append)
-redis.register_function('reprise_store_1_note_binding', note_binding)
-redis.register_function('reprise_store_1_end_binding', end_binding)
+redis.register_function('reprise_store_2_append', append)
+redis.register_function('reprise_store_2_note_binding', note_binding)
+redis.register_function('reprise_store_2_end_binding', end_binding)
 "#;
 
 /// Connection settings of the Redis backend.
@@ -162,7 +194,8 @@ pub struct RedisOptions {
     /// Bound of one command, queueing while reconnecting included. A connection
     /// that leaves a command unanswered for twice this is dropped and re-made.
     pub command_timeout: Duration,
-    /// First delay between reconnection attempts after a connection is lost.
+    /// First delay between reconnection attempts after a connection is lost
+    /// (or, with [`RedisStore::connect_lazy`], before it was ever made).
     /// Attempts never stop; the delay doubles up to `reconnect_max_delay`.
     pub reconnect_min_delay: Duration,
     /// Longest delay between reconnection attempts.
@@ -211,6 +244,9 @@ struct Inner {
     write_opts: Options,
     /// The shared subscriber, created by the first `watch`.
     notifier: OnceCell<Arc<Notifier>>,
+    /// Set once a connection is up and the function library loaded; until
+    /// then (only with [`RedisStore::connect_lazy`]) calls fail at once.
+    ready: AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -269,33 +305,7 @@ impl RedisStore {
         opts: StoreOptions,
         ropts: RedisOptions,
     ) -> Result<RedisStore, StoreError> {
-        // The URL may carry a password: never put it in an error or a log.
-        let config = Config::from_url(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {}", e.details())))?;
-        if opts.key_prefix.contains(['{', '}']) {
-            tracing::warn!("key_prefix contains braces: every stream will share one cluster slot");
-        }
-        let mut builder = Builder::from_config(config);
-        builder
-            .with_connection_config(|c| {
-                c.connection_timeout = ropts.connect_timeout;
-                c.internal_command_timeout = ropts.command_timeout;
-                c.max_command_buffer_len = ropts.max_command_buffer;
-                c.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(ropts.command_timeout.saturating_mul(2)),
-                    interval: (ropts.command_timeout / 4).max(Duration::from_millis(50)),
-                };
-            })
-            .with_performance_config(|p| {
-                p.default_command_timeout = ropts.command_timeout;
-                p.broadcast_channel_capacity = ropts.notification_buffer.max(1);
-            })
-            .set_policy(ReconnectPolicy::new_exponential(
-                0, // never give up once connected
-                u32::try_from(ropts.reconnect_min_delay.as_millis()).unwrap_or(u32::MAX),
-                u32::try_from(ropts.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX),
-                2,
-            ));
+        let builder = configure(url, &opts, &ropts)?;
         let pool = builder
             .build_pool(ropts.pool_size.max(1))
             .map_err(map_err)?;
@@ -334,13 +344,61 @@ impl RedisStore {
             });
             return Err(e);
         }
+        Ok(Self::assemble(pool, builder, opts, ropts, true, Vec::new()))
+    }
 
+    /// Like [`connect_with`](Self::connect_with), but without waiting for the
+    /// server: returns at once, and fails only on an invalid URL (with
+    /// [`StoreError::Unavailable`], the URL never echoed).
+    ///
+    /// The store connects in the background and keeps trying forever, with
+    /// the reconnection backoff of `ropts`. Until a connection is up and the
+    /// function library is loaded, every call fails at once with
+    /// [`StoreError::Unavailable`] (nothing is queued) and
+    /// [`ping`](Store::ping) reports the same; from then on the store behaves
+    /// exactly like one made by `connect_with`. Must be called within a tokio
+    /// runtime.
+    pub async fn connect_lazy(
+        url: &str,
+        opts: StoreOptions,
+        ropts: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
+        let builder = configure(url, &opts, &ropts)?;
+        // The first connection follows the reconnection policy instead of
+        // failing. Only the pool's: the subscriber, made by the first `watch`
+        // (which waits for `ready`), keeps failing fast like any call.
+        let mut lazy = builder.clone();
+        lazy.with_config(|c| c.fail_fast = false);
+        let pool = lazy.build_pool(ropts.pool_size.max(1)).map_err(map_err)?;
+        pool.prefer_connected(true);
+        let tasks = pool.connect_pool();
+        let store = Self::assemble(pool, builder, opts, ropts, false, tasks);
+        let token = store.inner.shutdown.child_token();
+        tokio::spawn(
+            become_ready(store.inner.clone(), token)
+                .instrument(tracing::debug_span!("redis_store_connect")),
+        );
+        Ok(store)
+    }
+
+    /// Wraps a built pool into a store and starts its shutdown task, which
+    /// closes the pool (and stops `tasks`, its connection tasks, if given)
+    /// when the store is dropped.
+    fn assemble(
+        pool: Pool,
+        builder: Builder,
+        opts: StoreOptions,
+        ropts: RedisOptions,
+        ready: bool,
+        tasks: Vec<ConnectHandle>,
+    ) -> RedisStore {
         let shutdown = CancellationToken::new();
         let write_opts = Options {
             fail_fast: true,
             max_attempts: Some(1),
             ..Default::default()
         };
+        let quit_bound = ropts.command_timeout;
         let inner = Arc::new(Inner {
             pool: pool.clone(),
             builder,
@@ -348,6 +406,7 @@ impl RedisStore {
             ropts,
             write_opts,
             notifier: OnceCell::new(),
+            ready: AtomicBool::new(ready),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(
@@ -355,15 +414,32 @@ impl RedisStore {
                 let token = shutdown.clone();
                 async move {
                     token.cancelled().await;
-                    let _ = pool.quit().await;
+                    let _ = tokio::time::timeout(quit_bound, pool.quit()).await;
+                    // A connection task still in its first connection loop
+                    // may have missed the quit: it must not retry forever.
+                    for task in tasks {
+                        task.abort();
+                    }
                 }
             }
             .instrument(tracing::debug_span!("redis_store_shutdown")),
         );
-        Ok(RedisStore {
+        RedisStore {
             inner,
             _shutdown: shutdown.drop_guard(),
-        })
+        }
+    }
+
+    /// Fails at once while a store made by
+    /// [`connect_lazy`](Self::connect_lazy) has not connected yet.
+    fn ready(&self) -> Result<(), StoreError> {
+        if self.inner.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "not connected to Redis yet (still trying in the background)".into(),
+            ))
+        }
     }
 
     fn keys(&self, stream: StreamId) -> StreamKeys {
@@ -440,6 +516,97 @@ impl RedisStore {
     }
 }
 
+/// Reads the URL and the connection settings into a fred builder, shared by
+/// the constructors (and by the subscriber client).
+fn configure(url: &str, opts: &StoreOptions, ropts: &RedisOptions) -> Result<Builder, StoreError> {
+    // The URL may carry a password: never put it in an error or a log.
+    // fred takes any scheme for a standalone server; refuse what is not
+    // Redis here, so that a lazy store does not retry an `http://` forever.
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    let base = scheme
+        .strip_suffix("-cluster")
+        .or_else(|| scheme.strip_suffix("-sentinel"))
+        .unwrap_or(scheme);
+    if !["redis", "rediss", "valkey", "valkeys"].contains(&base) {
+        return Err(StoreError::Unavailable(
+            "invalid Redis URL: expected redis://, rediss://, redis-cluster:// or \
+             redis-sentinel:// (or their valkey forms)"
+                .into(),
+        ));
+    }
+    let config = Config::from_url(url)
+        .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {}", e.details())))?;
+    if opts.key_prefix.contains(['{', '}']) {
+        tracing::warn!("key_prefix contains braces: every stream will share one cluster slot");
+    }
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = ropts.connect_timeout;
+            c.internal_command_timeout = ropts.command_timeout;
+            c.max_command_buffer_len = ropts.max_command_buffer;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(ropts.command_timeout.saturating_mul(2)),
+                interval: (ropts.command_timeout / 4).max(Duration::from_millis(50)),
+            };
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = ropts.command_timeout;
+            p.broadcast_channel_capacity = ropts.notification_buffer.max(1);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(
+            0, // never give up once connected
+            u32::try_from(ropts.reconnect_min_delay.as_millis()).unwrap_or(u32::MAX),
+            u32::try_from(ropts.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX),
+            2,
+        ));
+    Ok(builder)
+}
+
+/// The background half of [`RedisStore::connect_lazy`]: waits until one
+/// pooled connection is up (fred makes the attempts, with the reconnection
+/// backoff), loads the function library, then opens the store to calls.
+async fn become_ready(inner: Arc<Inner>, token: CancellationToken) {
+    let ropts = &inner.ropts;
+    // How often to look whether fred got a connection: cheap (a flag), and
+    // it bounds how long calls keep failing after Redis is back.
+    let poll = ropts.reconnect_min_delay.max(Duration::from_millis(10));
+    let mut backoff = ropts.reconnect_min_delay;
+    let mut waiting_logged = false;
+    loop {
+        let pause = if inner.pool.clients().iter().any(|c| c.is_connected()) {
+            let load = inner
+                .pool
+                .next_connected()
+                .function_load_cluster::<Value, _>(true, LIBRARY);
+            match tokio::time::timeout(ropts.command_timeout, load).await {
+                Ok(Ok(_)) => {
+                    inner.ready.store(true, Ordering::Release);
+                    tracing::info!("connected to Redis");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "loading the Redis function library failed; retrying")
+                }
+                Err(_) => tracing::warn!("loading the Redis function library timed out; retrying"),
+            }
+            let pause = backoff;
+            backoff = backoff.saturating_mul(2).min(ropts.reconnect_max_delay);
+            pause
+        } else {
+            if !waiting_logged {
+                tracing::warn!("Redis not reachable yet; store calls fail until it is, retrying in the background");
+                waiting_logged = true;
+            }
+            poll
+        };
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 fn stream_keys(prefix: &str, stream: StreamId) -> StreamKeys {
     StreamKeys {
         meta: format!("{prefix}{{{stream}}}:m"),
@@ -474,6 +641,10 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         Some(s) => Some(serde_json::from_str(&s).map_err(corrupt)?),
         None => None,
     };
+    let lost_history = match h.remove("gaps") {
+        Some(n) => n.parse::<u64>().map_err(corrupt)? > 0,
+        None => false,
+    };
     Ok(StreamMeta {
         id,
         epoch,
@@ -482,10 +653,12 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         headers,
         format,
         end,
+        lost_history,
     })
 }
 
-/// Decodes one `XRANGE` item: `[id, [field, value]]`.
+/// Decodes one `XRANGE` item: `[id, [field, value]]`. The id is the last
+/// seq the entry covers; for a gap (field `g`) the value is its first seq.
 fn parse_entry(item: Value) -> Result<Entry, StoreError> {
     let Value::Array(mut parts) = item else {
         return Err(corrupt("stream entry is not an array"));
@@ -498,7 +671,7 @@ fn parse_entry(item: Value) -> Result<Entry, StoreError> {
         .pop()
         .and_then(|v| v.into_string())
         .ok_or_else(|| corrupt("stream entry id"))?;
-    let seq = id
+    let last = id
         .strip_suffix("-0")
         .and_then(|s| s.parse::<u64>().ok())
         .map(Seq)
@@ -515,12 +688,28 @@ fn parse_entry(item: Value) -> Result<Entry, StoreError> {
         .next()
         .and_then(|v| v.into_bytes())
         .ok_or_else(|| corrupt(format!("entry {id}: value")))?;
-    let body = match name.as_str() {
-        "e" => EntryBody::Event(value),
-        "x" => EntryBody::End(serde_json::from_slice(&value).map_err(corrupt)?),
-        other => return Err(corrupt(format!("entry {id}: unknown field {other:?}"))),
-    };
-    Ok(Entry { seq, body })
+    match name.as_str() {
+        "e" => Ok(Entry {
+            seq: last,
+            body: EntryBody::Event(value),
+        }),
+        "x" => Ok(Entry {
+            seq: last,
+            body: EntryBody::End(serde_json::from_slice(&value).map_err(corrupt)?),
+        }),
+        "g" => {
+            let first = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .filter(|&first| first >= 1 && first <= last.0)
+                .ok_or_else(|| corrupt(format!("gap entry {id}: first seq {value:?}")))?;
+            Ok(Entry {
+                seq: Seq(first),
+                body: EntryBody::Gap { upto: last },
+            })
+        }
+        other => Err(corrupt(format!("entry {id}: unknown field {other:?}"))),
+    }
 }
 
 #[async_trait]
@@ -530,6 +719,7 @@ impl Store for RedisStore {
     }
 
     async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        self.ready()?;
         let k = self.keys(meta.id);
         let headers = serde_json::to_string(&meta.headers).map_err(corrupt)?;
         let mut fields: Vec<(&str, String)> = vec![
@@ -542,6 +732,9 @@ impl Store for RedisStore {
         ];
         if let Some(end) = &meta.end {
             fields.push(("end", serde_json::to_string(end).map_err(corrupt)?));
+        }
+        if meta.lost_history {
+            fields.push(("gaps", "1".into()));
         }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
@@ -561,21 +754,23 @@ impl Store for RedisStore {
             return Ok(());
         };
         validate_batch(stream, entries)?;
+        self.ready()?;
         let k = self.keys(stream);
         let end_record = match &last.body {
             EntryBody::End(outcome) => {
                 serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
             }
-            EntryBody::Event(_) => String::new(),
+            EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
         };
         let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len());
         args.push(first.seq.0.to_string().into());
-        args.push(last.seq.0.to_string().into());
+        args.push(last.last_seq().0.to_string().into());
         args.push(self.live_ttl_ms().into());
         args.push(self.retention_ms().into());
         args.push(end_record.into());
         for e in entries {
-            args.push(format!("{}-0", e.seq.0).into());
+            // Every entry is stored under the last seq it covers.
+            args.push(format!("{}-0", e.last_seq().0).into());
             match &e.body {
                 EntryBody::Event(b) => {
                     args.push("e".into());
@@ -584,6 +779,10 @@ impl Store for RedisStore {
                 EntryBody::End(o) => {
                     args.push("x".into());
                     args.push(serde_json::to_string(o).map_err(corrupt)?.into());
+                }
+                EntryBody::Gap { .. } => {
+                    args.push("g".into());
+                    args.push(e.seq.0.to_string().into());
                 }
             }
         }
@@ -603,7 +802,7 @@ impl Store for RedisStore {
 
         // Same-process tails need not wait for the notification's round trip.
         if let Some(n) = self.inner.notifier.get() {
-            n.bump(stream, last.seq.0);
+            n.bump(stream, last.last_seq().0);
         }
 
         if let Some(binding) = binding.into_string() {
@@ -619,6 +818,7 @@ impl Store for RedisStore {
     }
 
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+        self.ready()?;
         let k = self.keys(stream);
         let h: HashMap<String, String> = self.inner.pool.hgetall(&k.meta).await.map_err(map_err)?;
         if h.is_empty() {
@@ -639,7 +839,9 @@ impl Store for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        self.ready()?;
         let k = self.keys(stream);
+        // Ids are last covered seqs, so this also returns a gap holding `after`.
         // COUNT is a signed 64-bit integer, which fred wants strictly below i64::MAX.
         let count = u64::try_from(limit)
             .unwrap_or(u64::MAX)
@@ -658,6 +860,7 @@ impl Store for RedisStore {
     }
 
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        self.ready()?;
         let name = self.binding_key(key);
         let k = self.keys(stream);
         let set = self.inner.pool.set::<(), _, _>(
@@ -680,6 +883,7 @@ impl Store for RedisStore {
     }
 
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+        self.ready()?;
         let v: Option<String> = self
             .inner
             .pool
@@ -694,11 +898,13 @@ impl Store for RedisStore {
     }
 
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
+        self.ready()?;
         let n = self.notifier().await?;
         n.watch(stream).await
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {
+        self.ready()?;
         let start = Instant::now();
         let () = self.inner.pool.ping(None).await.map_err(map_err)?;
         Ok(start.elapsed())
@@ -1034,6 +1240,15 @@ mod tests {
         let e = parse_entry(good).unwrap();
         assert_eq!(e.seq, Seq(7));
         assert_eq!(e.body, EntryBody::Event(Bytes::from_static(b"\0\xff")));
+        // A gap is stored under its last seq, with its first seq as value.
+        let gap = Value::Array(vec![
+            "9-0".into(),
+            Value::Array(vec!["g".into(), "4".into()]),
+        ]);
+        let e = parse_entry(gap).unwrap();
+        assert_eq!(e.seq, Seq(4));
+        assert_eq!(e.body, EntryBody::Gap { upto: Seq(9) });
+        assert_eq!(e.last_seq(), Seq(9));
         for bad in [
             Value::Array(vec![
                 "7-1".into(),
@@ -1046,6 +1261,19 @@ mod tests {
             Value::Array(vec![
                 "7-0".into(),
                 Value::Array(vec!["x".into(), "not json".into()]),
+            ]),
+            // Gaps that end before they start, start at 0, or are not numbers.
+            Value::Array(vec![
+                "7-0".into(),
+                Value::Array(vec!["g".into(), "8".into()]),
+            ]),
+            Value::Array(vec![
+                "7-0".into(),
+                Value::Array(vec!["g".into(), "0".into()]),
+            ]),
+            Value::Array(vec![
+                "7-0".into(),
+                Value::Array(vec!["g".into(), "x".into()]),
             ]),
             Value::Array(vec!["7-0".into()]),
             "nope".into(),
