@@ -26,11 +26,17 @@ use crate::{admin, reader, recorder};
 /// Longest key value (chat id) accepted for a key binding.
 const MAX_KEY_LEN: usize = 512;
 
-/// Response headers kept with a stream and replayed to resuming readers.
-const REPLAY_HEADERS: [&str; 3] = [
+/// Response headers kept with a stream and replayed to resuming readers:
+/// the content type, the AI SDK's stream markers, and the upstream's CORS
+/// answer (a cross-origin `EventSource` cannot reconnect without it).
+const REPLAY_HEADERS: [&str; 7] = [
     "content-type",
     "x-vercel-ai-ui-message-stream",
     "x-vercel-ai-data-stream",
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-expose-headers",
+    "vary",
 ];
 
 /// Entry point of every request.

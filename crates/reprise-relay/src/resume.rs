@@ -163,10 +163,21 @@ async fn answer(
 const NO_CONTENT: &str = "no_content";
 const HISTORY_LOST: &str = "history_lost";
 
-/// Headers every SSE response of Reprise carries.
+/// Headers every SSE response of Reprise carries. Where the upstream
+/// allows cross-origin reads, `Reprise-Stream-Id` is exposed to scripts too.
 pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {
     if let Ok(v) = HeaderValue::from_str(&stream.to_string()) {
         h.insert(HeaderName::from_static(STREAM_ID_HEADER), v);
+    }
+    if h.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        let exposed = match h.get(header::ACCESS_CONTROL_EXPOSE_HEADERS).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.to_ascii_lowercase().contains(STREAM_ID_HEADER) => format!("{prev}, {STREAM_ID_HEADER}"),
+            Some(prev) => prev.to_string(),
+            None => STREAM_ID_HEADER.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&exposed) {
+            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        }
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));

@@ -13,8 +13,8 @@
 //! | key | type | content |
 //! |-----|------|---------|
 //! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history) |
-//! | `P{<sid>}:e` | stream | one Redis stream entry per entry, with an explicit id `<seq>-0` and one field: `e` = event bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
-//! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq |
+//! | `P{<sid>}:e` | stream | one Redis stream entry per entry, with an explicit id `<seq>-0` (a gap's: its last seq, see below) and one field: `e` = event bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
+//! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
 //!
 //! A gap entry covering seqs `S..=U` ([`EntryBody::Gap`]) is stored under
@@ -293,8 +293,9 @@ impl RedisStore {
     /// `redis-cluster://host:port?node=host:port&node=…`.
     ///
     /// Fails with [`StoreError::Unavailable`] if the server cannot be reached
-    /// within the connect bound. Once connected, lost connections are re-made
-    /// in the background forever.
+    /// within the connect bound (see [`connect_lazy`](Self::connect_lazy) to
+    /// start without it). Once connected, lost connections are re-made in the
+    /// background forever.
     pub async fn connect(url: &str, opts: StoreOptions) -> Result<RedisStore, StoreError> {
         Self::connect_with(url, opts, RedisOptions::default()).await
     }
