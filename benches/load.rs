@@ -16,6 +16,9 @@
 //! stream and prints one Markdown table per scenario. It prints figures; it
 //! asserts nothing about them.
 //!
+//! `REPRISE_BIN=path` measures that binary instead of building
+//! `target/release/reprise` (e.g. a build of an exact commit).
+//!
 //! `--perf DIR` records a `perf record -e cpu-clock` profile of each proxy
 //! process during each measured window into DIR (set `LOAD_PERF_ARGS` to
 //! change the perf options).
@@ -350,8 +353,11 @@ struct Snap {
     redis: Duration,
     upstream: Duration,
     gen: Duration,
-    cmds: BTreeMap<String, u64>,
+    cmds: BTreeMap<String, (u64, u64)>,
     ticks: (u64, u64),
+    /// The proxy's read and write system calls.
+    io: (u64, u64),
+    overflows: u64,
 }
 
 /// What happened in a measured window.
@@ -362,11 +368,18 @@ struct Delta {
     upstream: Duration,
     gen: Duration,
     cmds: BTreeMap<String, u64>,
+    /// Microseconds Redis spent per command name (a function's time
+    /// includes the commands it ran).
+    cmd_usec: BTreeMap<String, u64>,
     /// Whole machine, percent of all cores.
     busy: f64,
     /// The part of `busy` that none of the measured processes used (other
     /// work on the machine: noise in every figure of the window).
     others: f64,
+    /// The proxy's read and write system calls.
+    io: (u64, u64),
+    /// SYNs dropped on full accept queues, machine-wide.
+    overflows: u64,
 }
 
 impl Delta {
@@ -374,14 +387,18 @@ impl Delta {
         self.cmds.values().sum()
     }
 
-    /// `xadd 80,000 · fcall 1,234 · …`, most called first.
+    /// `xadd 80,000 (1.2 µs) · fcall 1,234 (9.9 µs) · …`: calls, most
+    /// called first, with Redis's time per call.
     fn cmd_breakdown(&self, limit: usize) -> String {
         let mut v: Vec<_> = self.cmds.iter().filter(|(_, n)| **n > 0).collect();
         v.sort_by(|a, b| b.1.cmp(a.1));
         let s: Vec<String> = v
             .iter()
             .take(limit)
-            .map(|(c, n)| format!("{c} {}", thousands(**n)))
+            .map(|(c, n)| {
+                let usec = self.cmd_usec.get(*c).copied().unwrap_or(0) as f64;
+                format!("{c} {} ({:.1} µs)", thousands(**n), usec / **n as f64)
+            })
             .collect();
         if s.is_empty() {
             "none".into()
@@ -478,10 +495,17 @@ fn run(args: Args) -> Result<(), String> {
     };
     println!("- command: `cargo bench -p reprise-benches --bench load{extra}`");
     println!("- machine: {}", procs::machine_summary());
-    println!(
-        "- reprise: {} ({})",
-        reprise_bin.display(),
+    // The checkout's revision says what was built only when the bench built it.
+    let origin = if std::env::var_os("REPRISE_BIN").is_some() {
+        "set by REPRISE_BIN".to_string()
+    } else {
         git_describe(&root)
+    };
+    println!(
+        "- reprise: {} ({}; {})",
+        reprise_bin.display(),
+        procs::version_of(&reprise_bin.to_string_lossy(), "--version"),
+        origin
     );
     println!(
         "- redis: {} (private, port {}, `--save \"\" --appendonly no`)",
@@ -645,20 +669,24 @@ impl Bench {
             gen: procs::cpu_time(std::process::id()).unwrap_or_default(),
             cmds: self.redis.commandstats(),
             ticks: procs::machine_ticks(),
+            io: procs::io_calls_sum(&u.cpu_pids),
+            overflows: procs::listen_overflows(),
         }
     }
 
     fn delta(a: &Snap, b: &Snap) -> Delta {
-        let cmds = b
+        let before = |k: &String| a.cmds.get(k).copied().unwrap_or((0, 0));
+        let cmds: BTreeMap<String, u64> = b
             .cmds
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.saturating_sub(a.cmds.get(k).copied().unwrap_or(0)),
-                )
-            })
+            .map(|(k, v)| (k.clone(), v.0.saturating_sub(before(k).0)))
             .filter(|(_, v)| *v > 0)
+            .collect();
+        let cmd_usec = b
+            .cmds
+            .iter()
+            .map(|(k, v)| (k.clone(), v.1.saturating_sub(before(k).1)))
+            .filter(|(k, _)| cmds.contains_key(k))
             .collect();
         let busy = b.ticks.0.saturating_sub(a.ticks.0) as f64 * 100.0
             / b.ticks.1.saturating_sub(a.ticks.1).max(1) as f64;
@@ -675,8 +703,11 @@ impl Bench {
             upstream: b.upstream.saturating_sub(a.upstream),
             gen: b.gen.saturating_sub(a.gen),
             cmds,
+            cmd_usec,
             busy,
             others,
+            io: (b.io.0.saturating_sub(a.io.0), b.io.1.saturating_sub(a.io.1)),
+            overflows: b.overflows.saturating_sub(a.overflows),
         }
     }
 
@@ -956,6 +987,7 @@ impl Bench {
             proxied
         };
         let t0 = Instant::now();
+        let overflows0 = procs::listen_overflows();
         for j in 0..conns {
             let job = if recording {
                 let k = j % streams;
@@ -990,6 +1022,7 @@ impl Bench {
         }
         let all_connected = connected.load(Ordering::Relaxed);
         let connect_wall = t0.elapsed();
+        let connect_overflows = procs::listen_overflows().saturating_sub(overflows0);
         std::thread::sleep(Duration::from_secs(1));
         let rss_with = rss();
         let clients_with = redis_clients();
@@ -1012,6 +1045,7 @@ impl Bench {
             conns,
             all_connected,
             connect_wall,
+            connect_overflows,
             rss_before,
             rss_with,
             clients_before,
@@ -1143,6 +1177,20 @@ fn load_table(title: &str, spec: &LoadSpec, results: &[(Col, Result<Measure, Str
         }),
     );
     t.row(
+        "proxy read / write syscalls per event",
+        cells(results, |c, m| {
+            if c == Col::Direct || m.totals.events == 0 {
+                return NA.into();
+            }
+            let ev = m.totals.events as f64;
+            format!(
+                "{:.2} / {:.2}",
+                m.delta.io.0 as f64 / ev,
+                m.delta.io.1 as f64 / ev
+            )
+        }),
+    );
+    t.row(
         "proxy peak RSS, VmHWM (MiB)",
         cells(results, |_, m| mib(m.hwm_kib)),
     );
@@ -1171,6 +1219,10 @@ fn load_table(title: &str, spec: &LoadSpec, results: &[(Col, Result<Measure, Str
             };
             format!("{} / {}{f}", m.totals.lost, m.totals.dup)
         }),
+    );
+    t.row(
+        "SYNs dropped, full accept queue (machine-wide)",
+        cells(results, |_, m| thousands(m.delta.overflows)),
     );
     t.row(
         "upstream CPU µs/event",
@@ -1278,6 +1330,14 @@ fn storm_table(
             }
         }),
     );
+    t.row(
+        "Reprise write syscalls per replayed event",
+        row(&|_, m| format!("{:.4}", m.delta.io.1 as f64 / m.totals.events.max(1) as f64)),
+    );
+    t.row(
+        "SYNs dropped, full accept queue (machine-wide)",
+        row(&|_, m| thousands(m.delta.overflows)),
+    );
     t.row("Reprise peak RSS, VmHWM (MiB)", row(&|_, m| mib(m.hwm_kib)));
     t.row(
         "lost / duplicated",
@@ -1328,6 +1388,8 @@ struct IdleMeasure {
     conns: usize,
     all_connected: usize,
     connect_wall: Duration,
+    /// SYNs dropped on full accept queues while connecting (machine-wide).
+    connect_overflows: u64,
     rss_before: Option<u64>,
     rss_with: Option<u64>,
     clients_before: Option<u64>,
@@ -1394,6 +1456,10 @@ fn idle_table(
             (Some(a), Some(b)) => format!("{a} → {b}"),
             _ => NA.into(),
         }),
+    );
+    t.row(
+        "SYNs dropped while connecting (machine-wide)",
+        cells(results, |_, m| thousands(m.connect_overflows)),
     );
     t.row(
         "time to response headers p50 / p99 (ms)",

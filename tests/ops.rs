@@ -13,7 +13,7 @@ use reprise_tests::relay::binary;
 use reprise_tests::upstream::{event, numbered_event};
 use reprise_tests::{with_timeout, Reply, SseClient, Upstream};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
 use tokio::process::Child;
 
@@ -328,6 +328,16 @@ impl NotifySocket {
         }
     }
 
+    /// Datagrams until one has a line starting with `prefix`; returns it.
+    async fn wait_for_prefix(&self, child: &mut Child, prefix: &str) -> String {
+        loop {
+            let msg = self.next(child, prefix).await;
+            if msg.lines().any(|l| l.starts_with(prefix)) {
+                return msg;
+            }
+        }
+    }
+
     /// A queued datagram, without waiting.
     fn try_next(&self) -> Option<String> {
         let mut buf = vec![0u8; 4096];
@@ -399,38 +409,39 @@ async fn ready_is_notified_once_listening_with_the_store_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_is_not_notified_when_the_store_is_unreachable() {
+async fn ready_waits_for_an_unreachable_store_while_serving() {
     let notify = NotifySocket::bind();
     let port = free_port().expect("free port");
+    let upstream = Upstream::start().await;
+    upstream.respond(|_| Reply::sse([numbered_event(1)]));
     let mut cmd = reprise(&[
         "--listen",
         "127.0.0.1:0",
         "--upstream",
-        "http://127.0.0.1:9",
+        &upstream.url(),
         "--redis",
         &format!("redis://127.0.0.1:{port}"),
     ]);
-    cmd.env("NOTIFY_SOCKET", &notify.path)
-        .stderr(Stdio::piped());
+    cmd.env("NOTIFY_SOCKET", &notify.path);
     let mut child = spawn(cmd);
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        with_timeout("reprise's stderr", pipe.read_to_string(&mut stderr))
-            .await
-            .expect("read stderr");
-    }
-    let code = exit_code(&mut child).await;
-    assert!(
-        code.is_some_and(|c| c != 0),
-        "reprise without its store exited {code:?}: {stderr}"
-    );
-    assert!(stderr.contains("cannot open the store"), "{stderr}");
-    // Every datagram sent before the exit is queued by now.
-    let sent = notify.drain();
-    assert!(
-        sent.iter().all(|m| !m.contains("READY=1")),
-        "READY=1 without a store: {sent:?}"
-    );
+    // It starts and serves without Redis, but is neither READY nor ready.
+    let msg = notify.wait_for_prefix(&mut child, "STATUS=listening").await;
+    assert!(!msg.contains("READY=1"), "{msg}");
+    let (addr, _) = status_addr(&msg);
+    let readyz = format!("http://{addr}/_reprise/readyz");
+    let r = reqwest::get(&readyz).await.expect("readyz");
+    assert_eq!(r.status(), 503);
+    // Streams are proxied (and recorded in memory) meanwhile.
+    let mut s = SseClient::new().open_get(&format!("http://{addr}/gen")).await;
+    assert_eq!(s.collect_until_end().await.len(), 1);
+    // Redis comes up: READY=1 follows, and readiness turns 200.
+    let _redis = RedisServer::start_on_port(port).await.expect("start redis-server");
+    notify.wait_for(&mut child, "READY=1").await;
+    let r = reqwest::get(&readyz).await.expect("readyz");
+    assert_eq!(r.status(), 200);
+    terminate(&child);
+    notify.wait_for(&mut child, "STOPPING=1").await;
+    assert_eq!(exit_code(&mut child).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

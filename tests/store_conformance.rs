@@ -160,6 +160,9 @@ fn sample_meta(id: StreamId) -> StreamMeta {
         format: "sse".into(),
         end: None,
         lost_history: false,
+        lease_owner: None,
+        lease_until_ms: None,
+        cancel_requested: false,
     }
 }
 
@@ -900,6 +903,352 @@ mod cases {
         assert_eq!(f.peer.meta(id).await.unwrap(), Some(fresh));
     }
 
+    pub async fn lease_fields_round_trip(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        let meta = StreamMeta {
+            lease_owner: Some("instance-a ✓".into()),
+            lease_until_ms: Some(now_ms() + 5_000),
+            cancel_requested: true,
+            ..sample_meta(id)
+        };
+        f.store.create(&meta).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(meta));
+        // Re-creating replaces the lease and the cancel request too.
+        let fresh = sample_meta(id);
+        f.store.create(&fresh).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(fresh));
+    }
+
+    pub async fn lease_take_renew_conflict_and_takeover(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let t = now_ms();
+        // Unowned: anyone takes it.
+        let r = f.store.renew_lease(s, "a", t, t + 1_000).await.unwrap();
+        assert!(!r.cancel_requested);
+        let m = f.peer.meta(s).await.unwrap().unwrap();
+        assert_eq!(m.lease_owner.as_deref(), Some("a"));
+        assert_eq!(m.lease_until_ms, Some(t + 1_000));
+        // The owner renews, from any instance of the store.
+        f.peer
+            .renew_lease(s, "a", t + 500, t + 2_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            f.store.meta(s).await.unwrap().unwrap().lease_until_ms,
+            Some(t + 2_000)
+        );
+        // Another owner conflicts while the lease is valid, its last ms included.
+        for now in [t + 500, t + 2_000] {
+            match f.peer.renew_lease(s, "b", now, now + 1_000).await {
+                Err(StoreError::Conflict { .. }) => {}
+                other => panic!("takeover of a valid lease at {now}: {other:?}"),
+            }
+        }
+        let m = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(
+            m.lease_owner.as_deref(),
+            Some("a"),
+            "a refused takeover wrote"
+        );
+        assert_eq!(m.lease_until_ms, Some(t + 2_000));
+        // Once it expired, another owner takes it over, and the old one conflicts.
+        f.peer
+            .renew_lease(s, "b", t + 2_001, t + 3_000)
+            .await
+            .unwrap();
+        let m = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(m.lease_owner.as_deref(), Some("b"));
+        assert_eq!(m.lease_until_ms, Some(t + 3_000));
+        match f.store.renew_lease(s, "a", t + 2_002, t + 4_000).await {
+            Err(StoreError::Conflict { .. }) => {}
+            other => panic!("the old owner renewed a lease taken over: {other:?}"),
+        }
+        // A stream created with its lease already set is owned from the start.
+        let id = StreamId::random();
+        let meta = StreamMeta {
+            lease_owner: Some("c".into()),
+            lease_until_ms: Some(t + 1_000),
+            ..sample_meta(id)
+        };
+        f.store.create(&meta).await.unwrap();
+        assert!(f.peer.renew_lease(id, "d", t, t + 1_000).await.is_err());
+        f.peer.renew_lease(id, "c", t, t + 1_000).await.unwrap();
+
+        // Unknown and ended streams conflict.
+        match f.store.renew_lease(StreamId::random(), "a", t, t + 1).await {
+            Err(StoreError::Conflict { .. }) => {}
+            other => panic!("lease of an unknown stream: {other:?}"),
+        }
+        f.store
+            .append(s, &[end(1, Outcome::Completed)])
+            .await
+            .unwrap();
+        match f.store.renew_lease(s, "b", t + 2_500, t + 4_000).await {
+            Err(StoreError::Conflict { .. }) => {}
+            other => panic!("lease of an ended stream: {other:?}"),
+        }
+    }
+
+    pub async fn renewal_reports_a_cancel_request(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let t = now_ms();
+        let r = f.store.renew_lease(s, "a", t, t + 1_000).await.unwrap();
+        assert!(!r.cancel_requested);
+        assert!(f.peer.request_cancel(s).await.unwrap());
+        assert!(f.store.meta(s).await.unwrap().unwrap().cancel_requested);
+        let r = f.store.renew_lease(s, "a", t + 1, t + 1_000).await.unwrap();
+        assert!(r.cancel_requested);
+        // It stays requested, and asking again is harmless.
+        assert!(f.peer.request_cancel(s).await.unwrap());
+        let r = f.store.renew_lease(s, "a", t + 2, t + 1_000).await.unwrap();
+        assert!(r.cancel_requested);
+        // The request does not touch the lease or the entries.
+        let m = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(m.lease_owner.as_deref(), Some("a"));
+        assert!(m.end.is_none());
+        assert!(f.store.read(s, Seq::ZERO, 10).await.unwrap().is_empty());
+    }
+
+    pub async fn request_cancel_of_unknown_or_ended_stream(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let ghost = StreamId::random();
+        assert!(!f.store.request_cancel(ghost).await.unwrap());
+        // It created nothing.
+        assert_eq!(f.store.meta(ghost).await.unwrap(), None);
+        let s = new_stream(&*f.store).await;
+        f.store
+            .append(s, &[end(1, Outcome::Completed)])
+            .await
+            .unwrap();
+        assert!(f.peer.request_cancel(s).await.unwrap());
+        let m = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(m.end, Some((Seq(1), Outcome::Completed)));
+    }
+
+    pub async fn end_if_abandoned_fences_the_old_producer(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let lost = Outcome::Failed {
+            reason: FailReason::ProducerLost,
+            message: "the producing instance stopped renewing its lease".into(),
+        };
+        let t = now_ms();
+        let s = new_stream(&*f.store).await;
+        // No lease: never abandoned.
+        assert_eq!(
+            f.peer.end_if_abandoned(s, t + 60_000, &lost).await.unwrap(),
+            None
+        );
+        f.store.renew_lease(s, "a", t, t + 1_000).await.unwrap();
+        f.store.append(s, &events(1..=2)).await.unwrap();
+        f.store.append(s, &[gap(3, 4)]).await.unwrap();
+        // Valid lease (its last ms included): nothing written.
+        for now in [t, t + 1_000] {
+            assert_eq!(f.peer.end_if_abandoned(s, now, &lost).await.unwrap(), None);
+        }
+        assert_eq!(f.store.meta(s).await.unwrap().unwrap().end, None);
+        assert_eq!(f.store.read(s, Seq::ZERO, 10).await.unwrap().len(), 3);
+
+        let mut w = f.store.watch(s).await.unwrap();
+        // Expired: the End entry follows the last stored seq (a gap's upto).
+        assert_eq!(
+            f.peer.end_if_abandoned(s, t + 1_001, &lost).await.unwrap(),
+            Some(Seq(5))
+        );
+        wakes(&mut w, "the wake-up of an abandoned end").await;
+        let entries = f.store.read(s, Seq(4), 10).await.unwrap();
+        assert_eq!(entries, vec![end(5, lost.clone())]);
+        let m = f.store.meta(s).await.unwrap().unwrap();
+        assert_eq!(m.end, Some((Seq(5), lost.clone())));
+        assert!(m.lost_history);
+
+        // The paused producer wakes up: it can neither append nor renew.
+        assert_conflict(
+            f.store.append(s, &events(5..=5)).await,
+            "an append by the old producer after the abandoned end",
+        );
+        assert_conflict(
+            f.store.append(s, &[end(5, Outcome::Completed)]).await,
+            "the old producer's own end after the abandoned end",
+        );
+        assert!(f
+            .store
+            .renew_lease(s, "a", t + 1_002, t + 2_000)
+            .await
+            .is_err());
+        // Ending twice does nothing.
+        assert_eq!(
+            f.peer.end_if_abandoned(s, t + 60_000, &lost).await.unwrap(),
+            None
+        );
+        assert_eq!(f.store.read(s, Seq::ZERO, 10).await.unwrap().len(), 4);
+
+        // A stream without entries ends at seq 1; an unknown one is left alone.
+        let empty = StreamId::random();
+        let meta = StreamMeta {
+            lease_owner: Some("a".into()),
+            lease_until_ms: Some(t),
+            ..sample_meta(empty)
+        };
+        f.store.create(&meta).await.unwrap();
+        assert_eq!(
+            f.peer.end_if_abandoned(empty, t + 1, &lost).await.unwrap(),
+            Some(Seq(1))
+        );
+        assert_eq!(
+            f.store.read(empty, Seq::ZERO, 10).await.unwrap(),
+            vec![end(1, lost.clone())]
+        );
+        let ghost = StreamId::random();
+        assert_eq!(
+            f.peer.end_if_abandoned(ghost, t, &lost).await.unwrap(),
+            None
+        );
+        assert_eq!(f.store.meta(ghost).await.unwrap(), None);
+        assert!(f.store.read(ghost, Seq::ZERO, 10).await.unwrap().is_empty());
+    }
+
+    /// Of concurrent abandoned ends and a late append, exactly one End lands.
+    pub async fn abandoned_end_races_leave_one_end(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let lost = Outcome::Failed {
+            reason: FailReason::ProducerLost,
+            message: String::new(),
+        };
+        let t = now_ms();
+        let s = new_stream(&*f.store).await;
+        f.store.renew_lease(s, "a", t, t + 10).await.unwrap();
+        f.store.append(s, &events(1..=3)).await.unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let st = if i % 2 == 0 {
+                    f.store.clone()
+                } else {
+                    f.peer.clone()
+                };
+                let lost = lost.clone();
+                tokio::spawn(async move { st.end_if_abandoned(s, t + 11, &lost).await })
+            })
+            .collect();
+        let late = f.store.append(s, &events(4..=4));
+        let (results, late) = tokio::join!(futures::future::join_all(tasks), late);
+        let ended: Vec<Seq> = results
+            .into_iter()
+            .filter_map(|r| r.expect("task").expect("end_if_abandoned"))
+            .collect();
+        assert_eq!(ended.len(), 1, "ends written: {ended:?}");
+        // The late append either landed before the end or conflicted.
+        let expected_end = if late.is_ok() { Seq(5) } else { Seq(4) };
+        assert_eq!(ended[0], expected_end);
+        let entries = f.store.read(s, Seq::ZERO, 10).await.unwrap();
+        assert_eq!(entries.last(), Some(&end(expected_end.0, lost)));
+        assert_eq!(entries.len() as u64, expected_end.0);
+    }
+
+    pub async fn claim_key_first_wins(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let key = KeyRef {
+            route: "/api/chat".into(),
+            key: "idem-1\r\n{x}".into(),
+        };
+        let first = new_stream(&*f.store).await;
+        let second = new_stream(&*f.store).await;
+        assert_eq!(f.store.claim_key(&key, first).await.unwrap(), None);
+        assert_eq!(f.peer.claim_key(&key, second).await.unwrap(), Some(first));
+        assert_eq!(f.peer.claim_key(&key, first).await.unwrap(), Some(first));
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(first));
+        // Another key, or the same key on another route, is another claim.
+        let other_route = KeyRef {
+            route: "/api/other".into(),
+            ..key.clone()
+        };
+        assert_eq!(f.store.claim_key(&other_route, second).await.unwrap(), None);
+        // bind_key still moves a claimed key on; claims then see the new stream.
+        f.store.bind_key(&key, second).await.unwrap();
+        assert_eq!(f.peer.claim_key(&key, first).await.unwrap(), Some(second));
+        // A claim of a stream not created yet is allowed, like a binding.
+        let fresh = KeyRef {
+            route: "/api/chat".into(),
+            key: "idem-2".into(),
+        };
+        let ghost = StreamId::random();
+        assert_eq!(f.store.claim_key(&fresh, ghost).await.unwrap(), None);
+        assert_eq!(f.store.resolve_key(&fresh).await.unwrap(), Some(ghost));
+    }
+
+    pub async fn concurrent_claims_one_wins(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let key = KeyRef {
+            route: "/api/chat".into(),
+            key: "idem-race".into(),
+        };
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let st = if i % 2 == 0 {
+                    f.store.clone()
+                } else {
+                    f.peer.clone()
+                };
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let s = StreamId::random();
+                    st.create(&sample_meta(s)).await?;
+                    st.claim_key(&key, s).await.map(|r| (s, r))
+                })
+            })
+            .collect();
+        let results: Vec<(StreamId, Option<StreamId>)> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.expect("task").expect("claim"))
+            .collect();
+        let winners: Vec<StreamId> = results
+            .iter()
+            .filter(|(_, r)| r.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(winners.len(), 1, "claims that won: {winners:?}");
+        let winner = winners[0];
+        for (s, r) in &results {
+            if *s != winner {
+                assert_eq!(*r, Some(winner), "a losing claim saw another stream");
+            }
+        }
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(winner));
+    }
+
+    pub async fn claim_key_respects_expiry(backend: Backend) {
+        let retention = Duration::from_secs(1);
+        let f = Fixture::new(backend, options(retention, Duration::from_secs(30))).await;
+        let key = KeyRef {
+            route: "/r".into(),
+            key: "idem".into(),
+        };
+        let done = new_stream(&*f.store).await;
+        assert_eq!(f.store.claim_key(&key, done).await.unwrap(), None);
+        f.store
+            .append(done, &[end(1, Outcome::Completed)])
+            .await
+            .unwrap();
+        // Still claimed during the retention.
+        let next = new_stream(&*f.store).await;
+        assert_eq!(f.peer.claim_key(&key, next).await.unwrap(), Some(done));
+        // The end shortened the claim to the retention, as for bind_key: then
+        // the key is free again.
+        let store = f.store.clone();
+        let k = key.clone();
+        eventually(retention * 8, "the claimed key to expire", || {
+            let store = store.clone();
+            let k = k.clone();
+            async move { store.resolve_key(&k).await.unwrap().is_none() }
+        })
+        .await;
+        assert_eq!(f.peer.claim_key(&key, next).await.unwrap(), None);
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(next));
+    }
+
     pub async fn ping_answers(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let rtt = f.store.ping().await.unwrap();
@@ -954,6 +1303,15 @@ conformance!(
     appends_must_follow_a_gap,
     gap_then_end,
     lost_history_flag_in_meta,
+    lease_fields_round_trip,
+    lease_take_renew_conflict_and_takeover,
+    renewal_reports_a_cancel_request,
+    request_cancel_of_unknown_or_ended_stream,
+    end_if_abandoned_fences_the_old_producer,
+    abandoned_end_races_leave_one_end,
+    claim_key_first_wins,
+    concurrent_claims_one_wins,
+    claim_key_respects_expiry,
     ping_answers,
 );
 
@@ -1010,8 +1368,29 @@ async fn every_key_has_a_ttl(backend: Backend) {
         .append(done, &[end(2, Outcome::Cancelled)])
         .await
         .unwrap();
-    // Watching creates no keys.
+    // A claimed key, and a stream ended as abandoned before any entry.
+    let claimed = KeyRef {
+        route: "/api/chat".into(),
+        key: "c".into(),
+    };
+    assert_eq!(f.store.claim_key(&claimed, done).await.unwrap(), None);
+    let abandoned = new_stream(&*f.store).await;
+    f.store.renew_lease(abandoned, "a", 0, 1).await.unwrap();
+    assert_eq!(
+        f.store
+            .end_if_abandoned(abandoned, 2, &Outcome::Cancelled)
+            .await
+            .unwrap(),
+        Some(Seq(1))
+    );
+    // Watching, cancel requests and leases of unknown streams create no keys.
     let _w = f.store.watch(live).await.unwrap();
+    assert!(!f.store.request_cancel(StreamId::random()).await.unwrap());
+    assert!(f
+        .store
+        .renew_lease(StreamId::random(), "a", 0, 1)
+        .await
+        .is_err());
 
     let prefix = &f.opts.key_prefix;
     let mut names = Vec::new();
@@ -1032,7 +1411,10 @@ async fn every_key_has_a_ttl(backend: Backend) {
         format!("{prefix}{{{live}}}:e"),
         format!("{prefix}{{{done}}}:m"),
         format!("{prefix}{{{done}}}:e"),
+        format!("{prefix}{{{abandoned}}}:m"),
+        format!("{prefix}{{{abandoned}}}:e"),
         format!("{prefix}k:L2FwaS9jaGF0:aw0K"),
+        format!("{prefix}k:L2FwaS9jaGF0:Yw"),
     ];
     expected.sort();
     assert_eq!(names, expected);
@@ -1089,6 +1471,39 @@ mod redis_only {
                     let st = store.clone();
                     let k = key.clone();
                     async move { st.resolve_key(&k).await.map(drop) }
+                }),
+            ),
+            (
+                "claim_key",
+                Box::pin({
+                    let st = store.clone();
+                    let k = key.clone();
+                    async move { st.claim_key(&k, s).await.map(drop) }
+                }),
+            ),
+            (
+                "renew_lease",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.renew_lease(s, "a", 0, 1).await.map(drop) }
+                }),
+            ),
+            (
+                "request_cancel",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.request_cancel(s).await.map(drop) }
+                }),
+            ),
+            (
+                "end_if_abandoned",
+                Box::pin({
+                    let st = store.clone();
+                    async move {
+                        st.end_if_abandoned(s, 0, &Outcome::Cancelled)
+                            .await
+                            .map(drop)
+                    }
                 }),
             ),
             (

@@ -174,6 +174,40 @@ pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// Read and write system calls of a process so far (`syscr`, `syscw` of
+/// `/proc/<pid>/io`): socket reads and writes, for a proxy.
+pub fn io_calls(pid: u32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+    };
+    Some((get("syscr:")?, get("syscw:")?))
+}
+
+/// Summed `io_calls` of several processes.
+pub fn io_calls_sum(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|p| io_calls(*p))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// `TcpExt: ListenOverflows` of `/proc/net/netstat`: SYNs dropped because a
+/// listener's accept queue was full (machine-wide, since boot).
+pub fn listen_overflows() -> u64 {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Busy and total jiffies of the whole machine, from `/proc/stat`.
 pub fn machine_ticks() -> (u64, u64) {
     let text = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -417,19 +451,21 @@ impl Redis {
         }
     }
 
-    /// Calls per command since start (`INFO commandstats`), without the
-    /// benchmark's own `INFO`s.
-    pub fn commandstats(&self) -> BTreeMap<String, u64> {
+    /// Calls and microseconds per command since start (`INFO
+    /// commandstats`), without the benchmark's own `INFO`s. Commands run
+    /// inside a function (`FCALL`) are counted too, under their own names.
+    pub fn commandstats(&self) -> BTreeMap<String, (u64, u64)> {
         self.info("commandstats")
             .lines()
             .filter_map(|l| {
                 let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix("calls="))?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
+                let field = |key: &str| -> Option<u64> {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(key))?
+                        .parse()
+                        .ok()
+                };
+                Some((name.to_string(), (field("calls=")?, field("usec=")?)))
             })
             .filter(|(name, _)| name != "info")
             .collect()

@@ -100,11 +100,30 @@ impl TestRelay {
                 panic!("relay failed to start: {e}");
             }
         });
-        TestRelay {
+        let relay = TestRelay {
             addr,
             shutdown,
             task: Some(task),
-        }
+        };
+        relay.wait_ready().await;
+        relay
+    }
+
+    /// Waits until `/_reprise/readyz` answers 200 (the store is reachable).
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/_reprise/readyz", self.url());
+        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        crate::with_timeout("the relay to become ready", async {
+            loop {
+                if let Ok(r) = client.get(&url).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
     }
 
     pub fn url(&self) -> String {

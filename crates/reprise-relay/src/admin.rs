@@ -2,6 +2,7 @@
 //!
 //! - `GET /_reprise/streams/{id}`: resume a stream by id (`Last-Event-ID`,
 //!   `last_event_id` or `start_index=N`);
+//! - `DELETE /_reprise/streams/{id}`: cancel a stream (see `cancel`);
 //! - `GET /_reprise/healthz`: the process is alive;
 //! - `GET /_reprise/readyz`: the store answers (JSON, `503` when not ready);
 //! - `GET /_reprise/metrics`: Prometheus metrics.
@@ -23,6 +24,13 @@ use crate::server::Relay;
 pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
     let path = req.uri().path();
     if let Some(id) = path.strip_prefix("/_reprise/streams/") {
+        if req.method() == Method::DELETE {
+            let stream: StreamId = id.parse().map_err(|e| RelayError::BadRequest {
+                code: "invalid_stream_id",
+                message: format!("{e}"),
+            })?;
+            return crate::cancel::cancel(relay, stream).await;
+        }
         if req.method() != Method::GET {
             return Err(method_not_allowed());
         }
@@ -49,7 +57,7 @@ pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Respon
 fn method_not_allowed() -> RelayError {
     RelayError::BadRequest {
         code: "method_not_allowed",
-        message: "only GET is supported here".into(),
+        message: "only GET (and DELETE on streams) is supported here".into(),
     }
 }
 

@@ -195,6 +195,15 @@ pub struct StreamsConfig {
     /// fast resumes, after its last entry is stored.
     #[serde(with = "humantime_serde")]
     pub hot_linger: Duration,
+    /// The producing instance renews its lease on each stream it records
+    /// every third of this; readers elsewhere end a stream whose lease
+    /// expired with `producer_lost`.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a request with a known `Idempotency-Key` waits for the
+    /// stream of the first request to start before calling the upstream itself.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_wait: Duration,
 }
 
 impl Default for StreamsConfig {
@@ -203,6 +212,8 @@ impl Default for StreamsConfig {
             heartbeat: Duration::from_secs(15),
             tail_poll_interval: Duration::from_secs(1),
             hot_linger: Duration::from_secs(30),
+            lease: Duration::from_secs(6),
+            idempotency_wait: Duration::from_secs(10),
         }
     }
 }
@@ -308,6 +319,9 @@ impl Config {
         }
         if self.store.retention.is_zero() {
             return bad("store.retention must be more than 0".into());
+        }
+        if self.streams.lease < Duration::from_millis(300) {
+            return bad("streams.lease must be at least 300ms".into());
         }
         if self.streams.heartbeat.is_zero() || self.streams.tail_poll_interval.is_zero() {
             return bad("streams.heartbeat and streams.tail_poll_interval must be more than 0".into());

@@ -118,6 +118,8 @@ pub struct LoaderCtx {
     pub stop: CancellationToken,
     pub poll_interval: Duration,
     pub linger: Duration,
+    /// Producer lease length: a stream whose lease ran out is abandoned.
+    pub lease: Duration,
 }
 
 /// Follows a stream in the store until its end; see the module docs.
@@ -165,6 +167,20 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
             Ok(_) => {
                 backoff.reset();
                 empty_polls += 1;
+                // Nothing new: if the producing instance stopped renewing its
+                // lease (it died), record that, once, for every reader.
+                let lost = Outcome::Failed {
+                    reason: FailReason::ProducerLost,
+                    message: "the instance recording this stream stopped".into(),
+                };
+                match ctx.store.end_if_abandoned(live.id, crate::proxy::now_ms(), &lost).await {
+                    Ok(Some(seq)) => {
+                        tracing::warn!(end = seq.0, "producer lease expired; stream ended as producer_lost");
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(cause = %e, "abandonment check failed"),
+                }
                 // Nothing new for a while: if the stream itself vanished
                 // (expired) and stays gone, end the readers instead of
                 // waiting forever. A producer whose store lost the stream

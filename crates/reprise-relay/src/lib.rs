@@ -12,11 +12,13 @@
 //! - [`reader`]: the response body that sends a client a stream;
 //! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
 //! - [`admin`]: `/_reprise/...` endpoints;
+//! - [`cancel`]: `DELETE`: stop a stream's generation from any instance;
 //! - [`metrics`]: Prometheus metrics and the instrumented store.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod body;
+pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod hub;

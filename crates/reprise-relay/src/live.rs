@@ -107,6 +107,10 @@ pub struct LiveStream {
     readers: AtomicUsize,
     /// Relay-wide count of unstored payload bytes, shared by all logs.
     unstored_total: Arc<AtomicUsize>,
+    /// Cancels the producer, for streams produced on this instance.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// True for a stream produced on this instance (false: loaded from the store).
+    pub local: bool,
 }
 
 #[derive(Default)]
@@ -132,17 +136,30 @@ impl LogState {
 }
 
 impl LiveStream {
+    /// A log filled from the store (a stream produced elsewhere).
     pub fn new(id: StreamId, epoch: Epoch, headers: Vec<(String, String)>, format: Format) -> Arc<Self> {
-        Self::with_budget(id, epoch, headers, format, Arc::new(AtomicUsize::new(0)))
+        Self::build(id, epoch, headers, format, Arc::new(AtomicUsize::new(0)), false)
     }
 
-    /// A log that accounts its unstored bytes in a relay-wide counter.
+    /// The log of a stream produced here, accounting its unstored bytes in
+    /// a relay-wide counter.
     pub fn with_budget(
         id: StreamId,
         epoch: Epoch,
         headers: Vec<(String, String)>,
         format: Format,
         unstored_total: Arc<AtomicUsize>,
+    ) -> Arc<Self> {
+        Self::build(id, epoch, headers, format, unstored_total, true)
+    }
+
+    fn build(
+        id: StreamId,
+        epoch: Epoch,
+        headers: Vec<(String, String)>,
+        format: Format,
+        unstored_total: Arc<AtomicUsize>,
+        local: bool,
     ) -> Arc<Self> {
         Arc::new(LiveStream {
             id,
@@ -156,6 +173,8 @@ impl LiveStream {
             last_tx: watch::channel(0).0,
             readers: AtomicUsize::new(0),
             unstored_total,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            local,
         })
     }
 

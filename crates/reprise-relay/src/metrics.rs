@@ -15,8 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use reprise_core::{Seq, StreamId};
-use reprise_store::{Entry, KeyRef, Store, StoreError, StreamMeta, Watcher};
+use reprise_core::{Outcome, Seq, StreamId};
+use reprise_store::{Entry, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -245,6 +245,29 @@ impl Store for InstrumentedStore {
     }
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         timed!(self, "resolve_key", self.inner.resolve_key(key))
+    }
+    async fn claim_key(&self, key: &KeyRef, stream: StreamId) -> Result<Option<StreamId>, StoreError> {
+        timed!(self, "claim_key", self.inner.claim_key(key, stream))
+    }
+    async fn renew_lease(
+        &self,
+        stream: StreamId,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<LeaseRenewal, StoreError> {
+        timed!(self, "renew_lease", self.inner.renew_lease(stream, owner, now_ms, until_ms))
+    }
+    async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
+        timed!(self, "request_cancel", self.inner.request_cancel(stream))
+    }
+    async fn end_if_abandoned(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<Seq>, StoreError> {
+        timed!(self, "end_if_abandoned", self.inner.end_if_abandoned(stream, now_ms, outcome))
     }
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
         self.inner.watch(stream).await

@@ -63,9 +63,12 @@ async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr
             message: "paths with '.' or '..' segments or encoded slashes are refused".into(),
         });
     }
-    if req.method() == Method::GET {
+    if req.method() == Method::GET || req.method() == Method::DELETE {
         if let Some((route, key)) = relay.router.match_resume(&path) {
             let route = route.clone();
+            if req.method() == Method::DELETE {
+                return cancel_by_key(relay, &route, key).await;
+            }
             return resume_by_key(relay, &route, key).await;
         }
     }
@@ -116,8 +119,79 @@ async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> R
     }
 }
 
+/// `DELETE` on a resume template: cancel the key's latest stream.
+async fn cancel_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> Result<Response<Body>, RelayError> {
+    let key = KeyRef {
+        route: route.path.clone(),
+        key,
+    };
+    match relay.store.resolve_key(&key).await? {
+        Some(stream) => crate::cancel::cancel(relay, stream).await,
+        None => Err(RelayError::NotFound {
+            code: "stream_not_found",
+            message: "no stream for this key".into(),
+        }),
+    }
+}
+
+/// The `Idempotency-Key` of a request, namespaced by route.
+fn idempotency_key(route: &Route, headers: &HeaderMap) -> Option<KeyRef> {
+    let v = headers.get("idempotency-key")?.to_str().ok()?.trim();
+    if v.is_empty() || v.len() > MAX_KEY_LEN {
+        return None;
+    }
+    Some(KeyRef {
+        route: format!("idempotency:{}", route.path),
+        key: v.to_string(),
+    })
+}
+
+/// Claims `key` for the stream about to start (`stream`). If another
+/// request claimed it first, answers with that request's stream (waiting up
+/// to `streams.idempotency_wait` for it to start); if it never started,
+/// takes the key over and lets this request call the upstream.
+async fn attach_idempotent(relay: &Arc<Relay>, key: &KeyRef, stream: StreamId) -> Result<Option<Response<Body>>, RelayError> {
+    let existing = match relay.store.claim_key(key, stream).await {
+        Ok(None) => return Ok(None),
+        Ok(Some(existing)) => existing,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot check the Idempotency-Key; calling the upstream");
+            return Ok(None);
+        }
+    };
+    let deadline = tokio::time::Instant::now() + relay.config.streams.idempotency_wait;
+    loop {
+        let known = relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
+        if known {
+            tracing::debug!(stream.id = %existing, "Idempotency-Key matches a stream: attaching to it");
+            let mut resp = resume::resume(relay, existing, Position::Beginning, Via::Idempotent).await?;
+            resp.headers_mut().insert(
+                HeaderName::from_static("reprise-idempotent-replay"),
+                http::HeaderValue::from_static("true"),
+            );
+            return Ok(Some(resp));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // The first request never produced a stream (upstream error,
+            // not an event stream): this one tries for real.
+            relay.store.bind_key(key, stream).await?;
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Forwards a request upstream and relays (and maybe records) the response.
 async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, RelayError> {
+    // The id of the stream this request may start, known up front so that
+    // an Idempotency-Key can be claimed for it.
+    let stream = StreamId::random();
+    let idempotency = if route.record { idempotency_key(route, req.headers()) } else { None };
+    if let Some(key) = &idempotency {
+        if let Some(resp) = attach_idempotent(relay, key, stream).await? {
+            return Ok(resp);
+        }
+    }
     let (parts, body) = req.into_parts();
     let pq = parts
         .uri
@@ -204,7 +278,6 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         return Ok(Response::from_parts(resp_parts, body));
     };
 
-    let stream = StreamId::random();
     let epoch = Epoch::random();
     let headers = replay_headers(&resp_parts.headers);
     let meta = StreamMeta {
@@ -216,6 +289,9 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         format: format.as_str().into(),
         end: None,
         lost_history: false,
+        lease_owner: Some(relay.instance.clone()),
+        lease_until_ms: Some(now_ms() + relay.config.streams.lease.as_millis() as u64),
+        cancel_requested: false,
     };
     let live = LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
     relay.hub.insert(live.clone());
@@ -290,7 +366,7 @@ fn replay_headers(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

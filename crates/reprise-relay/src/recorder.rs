@@ -78,6 +78,7 @@ pub fn spawn(
     let producer = produce(relay.clone(), live.clone(), body, meta.route.clone());
     relay.producers.spawn(producer.instrument(span.clone()));
     let busy = Busy::new(relay);
+    relay.tasks.spawn(keep_lease(relay.clone(), live.clone()).instrument(span.clone()));
     let writer = write(relay.clone(), live, meta, key, registered, busy);
     relay.tasks.spawn(writer.instrument(span));
 }
@@ -138,6 +139,44 @@ impl Framer {
     }
 }
 
+/// Renews this instance's lease on a stream it records, every third of the
+/// lease, until the stream ends; a renewal that reports a cancel request
+/// (`DELETE` on another instance) cancels the producer.
+async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
+    let lease = relay.config.streams.lease;
+    let mut rx = live.subscribe();
+    let ended = async {
+        while !live.is_ended() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::pin!(ended);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(lease / 3) => {}
+            _ = &mut ended => return,
+            _ = relay.hard_stop.cancelled() => return,
+        }
+        let now = crate::proxy::now_ms();
+        match relay
+            .store
+            .renew_lease(live.id, &relay.instance, now, now + lease.as_millis() as u64)
+            .await
+        {
+            Ok(r) if r.cancel_requested => {
+                tracing::info!("cancel requested through the store");
+                live.cancel.cancel();
+            }
+            Ok(_) => {}
+            // The store may have lost the stream (the writer re-creates it),
+            // or be unreachable: keep producing, renew again later.
+            Err(e) => tracing::debug!(cause = %e, "lease renewal failed"),
+        }
+    }
+}
+
 /// Reads the upstream body to its end and appends each entry to the log.
 async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, route: String) {
     let cfg = &relay.config;
@@ -191,6 +230,7 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
                 format!("stream exceeded the maximum duration of {}", humantime(cfg.timeouts.max_stream_duration)),
             ),
             _ = interrupt.cancelled() => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
+            _ = live.cancel.cancelled() => break Outcome::Cancelled,
         };
         let data = match frame {
             Err(_) => break failed(FailReason::UpstreamTimeout, format!("upstream sent nothing for {}", humantime(idle))),
@@ -260,7 +300,14 @@ async fn write(
     let store = relay.store.clone();
     let stop = relay.hard_stop.clone();
     let id = live.id;
-    if !registered.meta_stored && retry(&stop, || store.create(&meta)).await.is_err() {
+    // Metadata written late (store down at the start, or lost) carries a
+    // fresh lease, so other instances do not take it for abandoned.
+    let lease = relay.config.streams.lease;
+    let fresh = |m: &StreamMeta| StreamMeta {
+        lease_until_ms: Some(crate::proxy::now_ms() + lease.as_millis() as u64),
+        ..m.clone()
+    };
+    if !registered.meta_stored && retry(&stop, || async { store.create(&fresh(&meta)).await }).await.is_err() {
         return;
     }
     if let (Some(key), false) = (&key, registered.key_bound) {
@@ -293,7 +340,7 @@ async fn write(
                 live.mark_stored(persisted);
             }
             Appended::Stop => return,
-            Appended::Conflict => match recover(&stop, &*store, &meta, key.as_ref()).await {
+            Appended::Conflict => match recover(&stop, &*store, &fresh(&meta), key.as_ref()).await {
                 // The store lost the stream (a Redis restart without
                 // persistence, a flush): it was re-created; rewrite it all
                 // from the log, which still holds every entry.

@@ -34,6 +34,9 @@ pub enum Via {
     StreamsEndpoint,
     /// The route's `resume` template, by key.
     Key,
+    /// A request whose `Idempotency-Key` names a stream already started: the
+    /// whole stream, finished or not.
+    Idempotent,
 }
 
 /// Where the replay starts.
@@ -68,6 +71,7 @@ pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Vi
         Via::LastEventId => "last_event_id",
         Via::StreamsEndpoint => "stream_id",
         Via::Key => "key",
+        Via::Idempotent => "idempotent",
     };
     relay.metrics.resume(kind, outcome);
     result.map(|(resp, _)| resp)
@@ -106,7 +110,7 @@ async fn answer(
                             message: "no such stream (unknown, or expired after its retention)".into(),
                         })
                     }
-                    Via::Key => (no_content(stream), NO_CONTENT),
+                    Via::Key | Via::Idempotent => (no_content(stream), NO_CONTENT),
                 })
             }
         },

@@ -69,6 +69,8 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Payload bytes recorded and not yet stored, over all streams.
     pub unstored_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// This process's identity as a producer (lease owner), random per start.
+    pub instance: String,
 }
 
 impl Relay {
@@ -90,6 +92,7 @@ impl Relay {
             hard_stop: CancellationToken::new(),
             writers_busy: AtomicUsize::new(0),
             unstored_total: Arc::new(AtomicUsize::new(0)),
+            instance: reprise_core::StreamId::random().to_string(),
             config,
         }))
     }
@@ -100,6 +103,7 @@ impl Relay {
             tasks: self.tasks.clone(),
             stop: self.hard_stop.clone(),
             poll_interval: self.config.streams.tail_poll_interval,
+            lease: self.config.streams.lease,
             linger: self.config.streams.hot_linger,
         }
     }
@@ -115,7 +119,16 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     match &config.store.redis_url {
         Some(url) => {
             tracing::info!(url = %redact_url(url.expose()), "connecting to Redis");
-            let store = RedisStore::connect(url.expose(), opts).await?;
+            // Connect now if Redis answers; if it does not, start anyway and
+            // keep trying in the background (only an invalid URL fails).
+            let ropts = reprise_store::RedisOptions::default();
+            let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone()).await {
+                Ok(store) => store,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "Redis unreachable at start-up; starting anyway");
+                    RedisStore::connect_lazy(url.expose(), opts, ropts).await?
+                }
+            };
             Ok(Arc::new(store))
         }
         None => {
@@ -137,18 +150,43 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     run_with(config, listener, shutdown, || {}).await
 }
 
-/// [`run`], calling `on_ready` once the store is open (Redis answered a PING)
-/// and the bound `listener` is about to be served: the binary's `READY=1`.
+/// [`run`], calling `on_ready` once the store answered for the first time
+/// (the binary's `READY=1`). The relay serves from the start: while Redis is
+/// unreachable, streams are proxied and recorded in memory, `/readyz`
+/// answers 503, and the store is retried in the background.
 pub async fn run_with(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(),
+    on_ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), StartError> {
     config.validate()?;
     let store = open_store(&config).await?;
     let relay = Relay::new(config, store, shutdown)?;
-    on_ready();
+    let probe = relay.clone();
+    relay.tasks.spawn(async move {
+        let mut warned = false;
+        loop {
+            match probe.store.ping().await {
+                Ok(_) => {
+                    if warned {
+                        tracing::info!("store reachable");
+                    }
+                    on_ready();
+                    return;
+                }
+                Err(e) if !warned => {
+                    tracing::warn!(cause = %e, "store unreachable; serving and recording in memory, retrying in the background");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = probe.shutdown.cancelled() => return,
+            }
+        }
+    });
     serve(relay, listener).await;
     Ok(())
 }

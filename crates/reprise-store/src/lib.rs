@@ -78,6 +78,28 @@ pub struct StreamMeta {
     /// replaces it).
     #[serde(default)]
     pub lost_history: bool,
+    /// The instance (its id) whose producer holds the stream's lease, if any
+    /// (see [`Store::renew_lease`]). Appends do not check it: the fence
+    /// against a stale producer is the End entry of
+    /// [`Store::end_if_abandoned`].
+    #[serde(default)]
+    pub lease_owner: Option<String>,
+    /// Until when the lease is valid, in milliseconds since the Unix epoch.
+    /// After that another instance may take it over or end the stream as
+    /// abandoned ([`Store::end_if_abandoned`]).
+    #[serde(default)]
+    pub lease_until_ms: Option<u64>,
+    /// Set by [`Store::request_cancel`]; the producer learns it at its next
+    /// renewal. Never cleared (re-creating the stream replaces it).
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+/// What a successful [`Store::renew_lease`] tells the producer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LeaseRenewal {
+    /// Someone asked the stream to stop ([`Store::request_cancel`]).
+    pub cancel_requested: bool,
 }
 
 /// What one entry holds.
@@ -195,8 +217,61 @@ pub trait Store: Send + Sync + 'static {
     /// Point `key` at `stream` (the latest stream for a key wins).
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError>;
 
+    /// Bind `key` to `stream` only if it is not bound (an expired binding
+    /// counts as unbound), with the same lifetime rules as
+    /// [`Store::bind_key`]. Returns the stream it was already bound to
+    /// (possibly `stream` itself), or `None` if this call bound it. Atomic: of
+    /// concurrent claims of one key, exactly one gets `None`. This is how
+    /// a retried request with an idempotency key finds the stream the first
+    /// attempt started instead of starting another.
+    async fn claim_key(
+        &self,
+        key: &KeyRef,
+        stream: StreamId,
+    ) -> Result<Option<StreamId>, StoreError>;
+
     /// The stream `key` points at, if any.
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError>;
+
+    /// Take or renew the producer lease of `stream` for `owner` (an instance
+    /// id), valid until `until_ms` (ms since the Unix epoch). Succeeds if the
+    /// stream is unowned, owned by `owner`, or its lease expired before
+    /// `now_ms` (`lease_until_ms < now_ms`); fails with
+    /// [`StoreError::Conflict`] if another owner holds an unexpired lease, or
+    /// the stream is unknown or ended. Returns whether a cancel was requested.
+    ///
+    /// `now_ms` is the caller's clock: instances must agree on time to within
+    /// a small fraction of the lease length.
+    async fn renew_lease(
+        &self,
+        stream: StreamId,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<LeaseRenewal, StoreError>;
+
+    /// Ask the stream's producer to stop (it learns it at its next
+    /// [`Store::renew_lease`]). Returns `false` if the stream is unknown or
+    /// expired; `true` otherwise, also if it already ended.
+    async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError>;
+
+    /// If the stream is not ended and has a lease that expired before
+    /// `now_ms`, append `outcome` as its End entry right after the last
+    /// stored entry, atomically, exactly as an [`Store::append`] of that
+    /// entry would (metadata `end`, retention countdown, watchers notified),
+    /// and return its seq. Otherwise (unknown, ended, lease still valid, or
+    /// no lease at all) return `None` and write nothing.
+    ///
+    /// This is how another instance records `producer_lost` for a producer
+    /// that died. The End entry makes every later append conflict, so a
+    /// paused producer that wakes up can never add entries after it
+    /// (fencing).
+    async fn end_if_abandoned(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<Seq>, StoreError>;
 
     /// Watch a stream for appends (see [`Watcher`]).
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError>;

@@ -29,9 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use reprise_core::{Seq, StreamId};
+use reprise_core::{Outcome, Seq, StreamId};
 
-use crate::{Entry, EntryBody, KeyRef, Store, StoreError, StoreOptions, StreamMeta, Watcher};
+use crate::{
+    Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
+};
 
 /// Bookkeeping bytes charged per entry on top of its payload, so that a flood
 /// of tiny events is bounded too.
@@ -132,6 +134,7 @@ fn meta_bytes(meta: &StreamMeta) -> usize {
     META_OVERHEAD
         + meta.route.len()
         + meta.format.len()
+        + meta.lease_owner.as_ref().map_or(0, String::len)
         + meta
             .headers
             .iter()
@@ -372,6 +375,28 @@ impl Shared {
         }
     }
 
+    /// Marks a stream finished by its End entry at `seq`: metadata `end`,
+    /// retention countdown, and its key binding shortened to match.
+    fn finish(&self, stream: StreamId, st: &mut StreamState, seq: Seq, outcome: &Outcome) {
+        st.meta.end = Some((seq, outcome.clone()));
+        st.expires_at = Instant::now() + self.opts.retention;
+        lock(&self.queues)
+            .finished
+            .push_back((st.expires_at, stream));
+        if let Some(key) = st.bound_key.clone() {
+            if let Some(b) = lock(&self.keys).get_mut(&key) {
+                if b.stream == stream {
+                    b.expires_at = b.expires_at.min(st.expires_at);
+                }
+            }
+        }
+    }
+
+    /// The stream's record if it exists and has not expired.
+    fn alive(&self, stream: StreamId) -> Option<Arc<Mutex<StreamState>>> {
+        self.get(stream).filter(|h| lock(h).alive(Instant::now()))
+    }
+
     fn notify(&self, stream: StreamId, last: Seq) {
         if let Some(slot) = lock(&self.watchers).get(&stream) {
             slot.tx.send_modify(|v| *v = (*v).max(last.0));
@@ -486,16 +511,7 @@ impl Store for MemoryStore {
             st.meta.lost_history = true;
         }
         if let EntryBody::End(outcome) = &last.body {
-            st.meta.end = Some((last.seq, outcome.clone()));
-            st.expires_at = now + s.opts.retention;
-            lock(&s.queues).finished.push_back((st.expires_at, stream));
-            if let Some(key) = st.bound_key.clone() {
-                if let Some(b) = lock(&s.keys).get_mut(&key) {
-                    if b.stream == stream {
-                        b.expires_at = b.expires_at.min(st.expires_at);
-                    }
-                }
-            }
+            s.finish(stream, &mut st, last.seq, outcome);
         }
         drop(st);
         s.notify(stream, last.last_seq());
@@ -540,12 +556,122 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn claim_key(
+        &self,
+        key: &KeyRef,
+        stream: StreamId,
+    ) -> Result<Option<StreamId>, StoreError> {
+        let s = &self.shared;
+        let now = Instant::now();
+        {
+            // Check and set under one lock: concurrent claims serialize here.
+            let mut keys = lock(&s.keys);
+            if let Some(b) = keys.get(key).filter(|b| b.expires_at > now) {
+                return Ok(Some(b.stream));
+            }
+            let expires_at = now + s.live_ttl();
+            keys.insert(key.clone(), Binding { stream, expires_at });
+        }
+        if let Some(handle) = s.get(stream) {
+            lock(&handle).bound_key = Some(key.clone());
+        }
+        Ok(None)
+    }
+
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         let now = Instant::now();
         Ok(lock(&self.shared.keys)
             .get(key)
             .filter(|b| b.expires_at > now)
             .map(|b| b.stream))
+    }
+
+    async fn renew_lease(
+        &self,
+        stream: StreamId,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<LeaseRenewal, StoreError> {
+        let conflict = |detail: String| StoreError::Conflict { stream, detail };
+        let Some(handle) = self.shared.alive(stream) else {
+            return Err(conflict("unknown or expired stream".into()));
+        };
+        let mut st = lock(&handle);
+        // Checked again under the lock: it may have expired or been replaced.
+        if !st.alive(Instant::now()) {
+            return Err(conflict("unknown or expired stream".into()));
+        }
+        if st.meta.end.is_some() {
+            return Err(conflict("stream already ended".into()));
+        }
+        if let (Some(other), Some(until)) = (&st.meta.lease_owner, st.meta.lease_until_ms) {
+            if other != owner && until >= now_ms {
+                return Err(conflict(format!("leased by {other:?} until {until}")));
+            }
+        }
+        st.meta.lease_owner = Some(owner.to_string());
+        st.meta.lease_until_ms = Some(until_ms);
+        Ok(LeaseRenewal {
+            cancel_requested: st.meta.cancel_requested,
+        })
+    }
+
+    async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
+        let Some(handle) = self.shared.alive(stream) else {
+            return Ok(false);
+        };
+        let mut st = lock(&handle);
+        if !st.alive(Instant::now()) {
+            return Ok(false);
+        }
+        st.meta.cancel_requested = true;
+        Ok(true)
+    }
+
+    async fn end_if_abandoned(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<Seq>, StoreError> {
+        let s = &self.shared;
+        let Some(handle) = s.alive(stream) else {
+            return Ok(None);
+        };
+        let abandoned = |st: &StreamState| {
+            st.alive(Instant::now())
+                && st.meta.end.is_none()
+                && st.meta.lease_until_ms.is_some_and(|until| until < now_ms)
+        };
+        // Cheap check first, so a valid lease costs no reservation.
+        if !abandoned(&lock(&handle)) {
+            return Ok(None);
+        }
+        let probe = Entry {
+            seq: Seq::ZERO,
+            body: EntryBody::End(outcome.clone()),
+        };
+        let bytes = entry_bytes(&probe);
+        // Reserve before taking the stream's lock: eviction locks other streams.
+        s.reserve(bytes)?;
+        let mut st = lock(&handle);
+        // Decided again under the lock: a renewal or an append may have come in.
+        if !abandoned(&st) {
+            drop(st);
+            s.release(bytes);
+            return Ok(None);
+        }
+        let seq = Seq(st.entries.last().map_or(0, |e| e.last_seq().0) + 1);
+        st.entries.push(Entry {
+            seq,
+            body: EntryBody::End(outcome.clone()),
+        });
+        st.bytes += bytes;
+        s.finish(stream, &mut st, seq, outcome);
+        drop(st);
+        s.notify(stream, seq);
+        Ok(Some(seq))
     }
 
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {

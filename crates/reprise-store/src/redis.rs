@@ -92,23 +92,29 @@ use tracing::Instrument;
 use reprise_core::{Epoch, Outcome, Seq, StreamId};
 
 use crate::memory::validate_batch;
-use crate::{Entry, EntryBody, KeyRef, Store, StoreError, StoreOptions, StreamMeta, Watcher};
+use crate::{
+    Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
+};
 
 /// Name of the Redis function library this version of Reprise loads. The
 /// version suffix lets instances of two Reprise versions share one Redis
 /// during a rolling upgrade.
 ///
 /// Version 2: gap entries (field `g`, counted in the metadata's `gaps`).
-pub const LIBRARY_NAME: &str = "reprise_store_2";
+/// Version 3: producer leases, cancel requests, ending abandoned streams.
+pub const LIBRARY_NAME: &str = "reprise_store_3";
 
-const FN_APPEND: &str = "reprise_store_2_append";
-const FN_NOTE_BINDING: &str = "reprise_store_2_note_binding";
-const FN_END_BINDING: &str = "reprise_store_2_end_binding";
+const FN_APPEND: &str = "reprise_store_3_append";
+const FN_NOTE_BINDING: &str = "reprise_store_3_note_binding";
+const FN_END_BINDING: &str = "reprise_store_3_end_binding";
+const FN_RENEW_LEASE: &str = "reprise_store_3_renew_lease";
+const FN_REQUEST_CANCEL: &str = "reprise_store_3_request_cancel";
+const FN_END_IF_ABANDONED: &str = "reprise_store_3_end_if_abandoned";
 
 /// Error prefix the library uses for batches that do not follow the stream.
 const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
 
-const LIBRARY: &str = r#"#!lua name=reprise_store_2
+const LIBRARY: &str = r#"#!lua name=reprise_store_3
 
 -- Append a batch of entries to a stream, atomically.
 -- KEYS: metadata hash, entries stream, notification shard channel.
@@ -178,9 +184,69 @@ local function end_binding(keys, args)
   return 0
 end
 
-redis.register_function('reprise_store_2_append', append)
-redis.register_function('reprise_store_2_note_binding', note_binding)
-redis.register_function('reprise_store_2_end_binding', end_binding)
+-- Take or renew the producer lease.
+-- KEYS: metadata hash. ARGV: owner, now ms, until ms.
+-- Returns 1 if a cancel was requested, else 0.
+local function renew_lease(keys, args)
+  local meta = keys[1]
+  if redis.call('EXISTS', meta) == 0 then
+    return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
+  end
+  if redis.call('HEXISTS', meta, 'end') == 1 then
+    return redis.error_reply('REPRISE_CONFLICT stream already ended')
+  end
+  local lease = redis.call('HMGET', meta, 'lease_owner', 'lease_until_ms')
+  local owner, lease_until = lease[1], lease[2]
+  if owner and lease_until and owner ~= args[1] and tonumber(lease_until) >= tonumber(args[2]) then
+    return redis.error_reply('REPRISE_CONFLICT leased by ' .. owner .. ' until ' .. lease_until)
+  end
+  redis.call('HSET', meta, 'lease_owner', args[1], 'lease_until_ms', args[3])
+  return redis.call('HEXISTS', meta, 'cancel')
+end
+
+-- Flag a cancel request for the stream's producer, if the stream exists.
+-- KEYS: metadata hash. Returns 1 if it exists, else 0.
+local function request_cancel(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return 0
+  end
+  redis.call('HSET', keys[1], 'cancel', '1')
+  return 1
+end
+
+-- End a stream whose lease expired, with an End entry after the last one.
+-- KEYS: metadata hash, entries stream, notification shard channel.
+-- ARGV: now ms, retention ms, outcome JSON.
+-- Returns false if nothing was written, else {seq, key binding or ''}.
+local function end_if_abandoned(keys, args)
+  local meta, entries, channel = keys[1], keys[2], keys[3]
+  if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'end') == 1 then
+    return false
+  end
+  local lease_until = redis.call('HGET', meta, 'lease_until_ms')
+  if not lease_until or tonumber(lease_until) >= tonumber(args[1]) then
+    return false
+  end
+  local stored = 0
+  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
+  if #top > 0 then
+    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
+  end
+  local seq = string.format('%d', stored + 1)
+  redis.call('XADD', entries, seq .. '-0', 'x', args[3])
+  redis.call('HSET', meta, 'end', '[' .. seq .. ',' .. args[3] .. ']')
+  redis.call('PEXPIRE', meta, args[2])
+  redis.call('PEXPIRE', entries, args[2])
+  redis.call('SPUBLISH', channel, seq)
+  return {seq, redis.call('HGET', meta, 'k') or ''}
+end
+
+redis.register_function('reprise_store_3_append', append)
+redis.register_function('reprise_store_3_renew_lease', renew_lease)
+redis.register_function('reprise_store_3_request_cancel', request_cancel)
+redis.register_function('reprise_store_3_end_if_abandoned', end_if_abandoned)
+redis.register_function('reprise_store_3_note_binding', note_binding)
+redis.register_function('reprise_store_3_end_binding', end_binding)
 "#;
 
 /// Connection settings of the Redis backend.
@@ -274,6 +340,19 @@ fn map_err(e: FredError) -> StoreError {
         // IO, timeouts, cancellations while disconnected, cluster
         // reconfiguration, LOADING, and anything else the server refuses.
         _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// Maps a function's `REPRISE_CONFLICT …` refusal to [`StoreError::Conflict`],
+/// anything else as [`map_err`] does.
+fn conflict_or(stream: StreamId, e: FredError) -> StoreError {
+    let details = e.details();
+    match details.find(CONFLICT_MARK) {
+        Some(at) => StoreError::Conflict {
+            stream,
+            detail: details[at + CONFLICT_MARK.len()..].trim().to_string(),
+        },
+        None => map_err(e),
     }
 }
 
@@ -509,6 +588,24 @@ impl RedisStore {
         }
     }
 
+    /// What follows a successful append (or abandoned end): wake this
+    /// process's tails at once, and when the stream just ended with a key
+    /// binding pointing at it, shorten the binding (best effort).
+    async fn after_append(&self, stream: StreamId, last: Seq, binding: Option<String>) {
+        // Same-process tails need not wait for the notification's round trip.
+        if let Some(n) = self.inner.notifier.get() {
+            n.bump(stream, last.0);
+        }
+        let Some(binding) = binding else { return };
+        // Only ever our own key names; anything else (or '') is left alone.
+        if binding.starts_with(&format!("{}k:", self.inner.opts.key_prefix)) {
+            let args: Vec<Value> = vec![stream.to_string().into(), self.retention_ms().into()];
+            if let Err(e) = self.fcall(false, FN_END_BINDING, vec![binding], args).await {
+                tracing::debug!(stream.id = %stream, cause = %e, "could not shorten the key binding");
+            }
+        }
+    }
+
     async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
         self.inner
             .notifier
@@ -646,6 +743,12 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         Some(n) => n.parse::<u64>().map_err(corrupt)? > 0,
         None => false,
     };
+    let lease_owner = h.remove("lease_owner");
+    let lease_until_ms = match h.remove("lease_until_ms") {
+        Some(ms) => Some(ms.parse::<u64>().map_err(corrupt)?),
+        None => None,
+    };
+    let cancel_requested = h.remove("cancel").is_some();
     Ok(StreamMeta {
         id,
         epoch,
@@ -655,6 +758,9 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         format,
         end,
         lost_history,
+        lease_owner,
+        lease_until_ms,
+        cancel_requested,
     })
 }
 
@@ -737,6 +843,15 @@ impl Store for RedisStore {
         if meta.lost_history {
             fields.push(("gaps", "1".into()));
         }
+        if let Some(owner) = &meta.lease_owner {
+            fields.push(("lease_owner", owner.clone()));
+        }
+        if let Some(until) = meta.lease_until_ms {
+            fields.push(("lease_until_ms", until.to_string()));
+        }
+        if meta.cancel_requested {
+            fields.push(("cancel", "1".into()));
+        }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
         let p = self.inner.pool.next_connected().pipeline();
@@ -788,33 +903,12 @@ impl Store for RedisStore {
             }
         }
         let keys = vec![k.meta, k.entries, k.channel];
-        let binding = match self.fcall(true, FN_APPEND, keys, args).await {
-            Ok(v) => v,
-            Err(e) if e.details().contains(CONFLICT_MARK) => {
-                let detail = e.details();
-                let detail = detail[detail.find(CONFLICT_MARK).unwrap_or(0)..]
-                    .trim_start_matches(CONFLICT_MARK)
-                    .trim()
-                    .to_string();
-                return Err(StoreError::Conflict { stream, detail });
-            }
-            Err(e) => return Err(map_err(e)),
-        };
-
-        // Same-process tails need not wait for the notification's round trip.
-        if let Some(n) = self.inner.notifier.get() {
-            n.bump(stream, last.last_seq().0);
-        }
-
-        if let Some(binding) = binding.into_string() {
-            // Only ever our own key names; anything else is left alone.
-            if binding.starts_with(&format!("{}k:", self.inner.opts.key_prefix)) {
-                let args: Vec<Value> = vec![stream.to_string().into(), self.retention_ms().into()];
-                if let Err(e) = self.fcall(false, FN_END_BINDING, vec![binding], args).await {
-                    tracing::debug!(stream.id = %stream, cause = %e, "could not shorten the key binding");
-                }
-            }
-        }
+        let binding = self
+            .fcall(true, FN_APPEND, keys, args)
+            .await
+            .map_err(|e| conflict_or(stream, e))?;
+        self.after_append(stream, last.last_seq(), binding.into_string())
+            .await;
         Ok(())
     }
 
@@ -883,6 +977,47 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn claim_key(
+        &self,
+        key: &KeyRef,
+        stream: StreamId,
+    ) -> Result<Option<StreamId>, StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        let k = self.keys(stream);
+        // SET NX GET: sets only if absent and answers the previous value, in
+        // one command. Sent once: a replay would find its own binding.
+        let client = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write_opts);
+        let set = client.set::<Option<String>, _, _>(
+            &name,
+            stream.to_string(),
+            Some(Expiration::PX(self.live_ttl_ms())),
+            Some(SetOptions::NX),
+            true,
+        );
+        // Noted concurrently (one round trip), even if the claim loses: the
+        // end of the stream only shortens a binding still pointing at it.
+        let note = self.fcall(
+            false,
+            FN_NOTE_BINDING,
+            vec![k.meta],
+            vec![name.clone().into()],
+        );
+        let (set, note) = tokio::join!(set, note);
+        let previous = set.map_err(map_err)?;
+        note.map_err(map_err)?;
+        previous
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| corrupt(format!("key binding holds {s:?}")))
+            })
+            .transpose()
+    }
+
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         self.ready()?;
         let v: Option<String> = self
@@ -896,6 +1031,89 @@ impl Store for RedisStore {
                 .map_err(|_| corrupt(format!("key binding holds {s:?}")))
         })
         .transpose()
+    }
+
+    async fn renew_lease(
+        &self,
+        stream: StreamId,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<LeaseRenewal, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            owner.into(),
+            now_ms.to_string().into(),
+            until_ms.to_string().into(),
+        ];
+        let cancel = self
+            .fcall(true, FN_RENEW_LEASE, vec![k.meta], args)
+            .await
+            .map_err(|e| conflict_or(stream, e))?;
+        match cancel.as_i64() {
+            Some(flag) => Ok(LeaseRenewal {
+                cancel_requested: flag != 0,
+            }),
+            None => Err(corrupt(format!("renew_lease answered {:?}", cancel.kind()))),
+        }
+    }
+
+    async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let known = self
+            .fcall(true, FN_REQUEST_CANCEL, vec![k.meta], Vec::new())
+            .await
+            .map_err(map_err)?;
+        match known.as_i64() {
+            Some(flag) => Ok(flag != 0),
+            None => Err(corrupt(format!(
+                "request_cancel answered {:?}",
+                known.kind()
+            ))),
+        }
+    }
+
+    async fn end_if_abandoned(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<Seq>, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            now_ms.to_string().into(),
+            self.retention_ms().into(),
+            serde_json::to_string(outcome).map_err(corrupt)?.into(),
+        ];
+        let keys = vec![k.meta, k.entries, k.channel];
+        let reply = self
+            .fcall(true, FN_END_IF_ABANDONED, keys, args)
+            .await
+            .map_err(map_err)?;
+        let (seq, binding) = match reply {
+            // Lua's false arrives as a nil.
+            Value::Null => return Ok(None),
+            Value::Array(parts) if parts.len() == 2 => {
+                let mut parts = parts.into_iter();
+                let seq = parts
+                    .next()
+                    .and_then(|v| v.as_u64())
+                    .map(Seq)
+                    .ok_or_else(|| corrupt("end_if_abandoned answered a bad seq"))?;
+                (seq, parts.next().and_then(|v| v.into_string()))
+            }
+            other => {
+                return Err(corrupt(format!(
+                    "end_if_abandoned answered {:?}",
+                    other.kind()
+                )))
+            }
+        };
+        self.after_append(stream, seq, binding).await;
+        Ok(Some(seq))
     }
 
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {

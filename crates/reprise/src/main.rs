@@ -170,8 +170,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         "memory"
     };
-    // Called once the store answered and just before the accept loop: only
-    // then may systemd start the units ordered after this one.
+    notify_systemd(&[NotifyState::Status(&format!("listening on {addr}, store: {store}, waiting for it"))]);
+    // Called once the store answered: only then may systemd start the units
+    // ordered after this one.
     let ready = move || {
         let status = format!("listening on {addr}, store: {store}");
         notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);

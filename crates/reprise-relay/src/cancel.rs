@@ -1,0 +1,66 @@
+//! Cancelling a stream ("stop generating"): `DELETE /_reprise/streams/{id}`
+//! and `DELETE` on a route's resume template.
+//!
+//! On the instance that produces the stream, the producer stops reading the
+//! upstream (closing its connection, which aborts the generation), records
+//! the outcome `cancelled`, and every reader gets the `cancelled` signal.
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Response, StatusCode};
+use reprise_core::StreamId;
+use serde_json::json;
+
+use crate::body::{full, Body};
+use crate::error::RelayError;
+use crate::server::Relay;
+
+/// Cancels `stream` and answers with what happened:
+/// `200 {"outcome":"cancelled"}` once recorded here, `202
+/// {"outcome":"cancel_requested"}` when another instance produces it,
+/// `200 {"outcome":"<completed|failed|cancelled>"}` if it had already ended,
+/// `404` if unknown.
+pub async fn cancel(relay: &Arc<Relay>, stream: StreamId) -> Result<Response<Body>, RelayError> {
+    if let Some(live) = relay.hub.get(stream) {
+        if let Some((_, outcome)) = live.end() {
+            return Ok(answer(StatusCode::OK, stream, outcome.label()));
+        }
+        if live.local {
+            let mut rx = live.subscribe();
+            live.cancel.cancel();
+            // The producer records the outcome at once; wait for it so that
+            // the answer states a fact.
+            while live.end().is_none() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            let label = live.end().map(|(_, o)| o.label()).unwrap_or("cancelled");
+            tracing::info!(stream.id = %stream, "stream cancelled");
+            return Ok(answer(StatusCode::OK, stream, label));
+        }
+    }
+    match relay.store.meta(stream).await? {
+        None => Err(RelayError::NotFound {
+            code: "stream_not_found",
+            message: "no such stream (unknown, or expired after its retention)".into(),
+        }),
+        Some(meta) => match meta.end {
+            Some((_, outcome)) => Ok(answer(StatusCode::OK, stream, outcome.label())),
+            None => {
+                relay.store.request_cancel(stream).await?;
+                tracing::info!(stream.id = %stream, "cancel requested from the producing instance");
+                Ok(answer(StatusCode::ACCEPTED, stream, "cancel_requested"))
+            }
+        },
+    }
+}
+
+fn answer(status: StatusCode, stream: StreamId, outcome: &str) -> Response<Body> {
+    let body = json!({ "stream_id": stream.to_string(), "outcome": outcome });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

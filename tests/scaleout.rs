@@ -1,0 +1,189 @@
+//! Several Reprise processes over one Redis: producer failure detection,
+//! cancel from any instance, idempotent starts.
+
+use reprise_tests::redis::RedisServer;
+use reprise_tests::relay::{chat_config, Backend, RelayProcess, TestRelay};
+use reprise_tests::upstream::{numbered_event, numbered_event_data};
+use reprise_tests::{open_sse, read_raw, SseClient, SseEvent, Upstream};
+use serde_json::json;
+
+fn data(events: &[SseEvent]) -> Vec<String> {
+    events.iter().map(|e| e.data.clone()).collect()
+}
+
+/// A config file for a `reprise` process: one recorded route `/`, a short
+/// lease, and the chat route with a resume template.
+fn config_file(redis: &RedisServer, upstream: &Upstream, tag: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("reprise-scaleout-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reprise.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[store]
+redis_url = "{redis}"
+[streams]
+lease = "1500ms"
+tail_poll_interval = "200ms"
+[[routes]]
+path = "/api/chat"
+upstream = "{up}"
+key = {{ json = "/id" }}
+resume = "/api/chat/{{key}}/stream"
+[[routes]]
+path = "/"
+upstream = "{up}"
+"#,
+            redis = redis.url(),
+            up = upstream.url()
+        ),
+    )
+    .unwrap();
+    path.to_string_lossy().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let cfg = config_file(&redis, &upstream, "kill");
+    let args = ["--config", cfg.as_str()];
+    let (mut a, b) = tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("{}/gen", a.url())).await;
+    let stream_id = origin.header("reprise-stream-id").unwrap().to_string();
+    for i in 1..=3 {
+        ctl.send(numbered_event(i)).await;
+    }
+    origin.next_events(3).await;
+    let mut elsewhere = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    assert_eq!(data(&elsewhere.next_events(3).await), (1..=3).map(numbered_event_data).collect::<Vec<_>>());
+
+    a.kill().await;
+    // Within the lease bound (1.5 s here; the wait is bounded generously).
+    let rest = elsewhere.collect_until_end().await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].event, "reprise-error");
+    assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
+    // Later resumes replay what was recorded, then the failure.
+    let mut later = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    let events = later.collect_until_end().await;
+    assert_eq!(data(&events[..3]), (1..=3).map(numbered_event_data).collect::<Vec<_>>());
+    assert_eq!(events[3].json()["reprise"]["code"], "producer_lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_any_instance_stops_the_generation() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let cfg = config_file(&redis, &upstream, "cancel");
+    let args = ["--config", cfg.as_str()];
+    let (a, b, c) = tokio::join!(
+        RelayProcess::start(&args),
+        RelayProcess::start(&args),
+        RelayProcess::start(&args)
+    );
+    let client = SseClient::new();
+
+    // Cancel by stream id on C, for a stream produced on A and read on B.
+    let ctl = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("{}/gen", a.url())).await;
+    let stream_id = origin.header("reprise-stream-id").unwrap().to_string();
+    ctl.send(numbered_event(1)).await;
+    origin.next_event().await;
+    let mut on_b = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    on_b.next_event().await;
+    let resp = client
+        .http()
+        .delete(format!("{}/_reprise/streams/{stream_id}", c.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancel_requested");
+    // The upstream sees its connection closed: the generation is aborted.
+    ctl.closed().await;
+    for reader in [&mut origin, &mut on_b] {
+        let rest = reader.collect_until_end().await;
+        let last = rest.last().expect("a signal");
+        assert_eq!(last.event, "reprise-error");
+        assert_eq!(last.json()["reprise"]["code"], "cancelled");
+    }
+    // Cancelling again reports the outcome; an unknown stream is 404.
+    let resp = client
+        .http()
+        .delete(format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancelled");
+    let (status, _, _) = read_raw(
+        client
+            .http()
+            .delete(format!("{}/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA", a.url())),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Cancel through the AI SDK resume template, on the producing instance.
+    let ctl = upstream.controlled_stream();
+    let mut chat = open_sse(client.post_json(&format!("{}/api/chat", a.url()), &json!({"id": "chat-x"}))).await;
+    ctl.send(numbered_event(1)).await;
+    chat.next_event().await;
+    let resp = client
+        .http()
+        .delete(format!("{}/api/chat/chat-x/stream", a.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancelled");
+    ctl.closed().await;
+    let rest = chat.collect_until_end().await;
+    assert_eq!(rest.last().unwrap().json()["reprise"]["code"], "cancelled");
+}
+
+/// A retried or double-clicked request with the same `Idempotency-Key`
+/// costs one upstream call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_makes_one_upstream_call() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let (reply, ctl) = reprise_tests::Reply::controlled();
+    upstream.respond_once(reply);
+    let a = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let b = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let client = SseClient::new();
+    let body = json!({"id": "c1", "messages": []});
+    let first = client
+        .post_json(&format!("{}/api/chat", a.url()), &body)
+        .header("idempotency-key", "send-42");
+    let second = client
+        .post_json(&format!("{}/api/chat", b.url()), &body)
+        .header("idempotency-key", "send-42");
+    let (mut one, mut two) = tokio::join!(open_sse(first), open_sse(second));
+    assert_eq!(one.status(), 200);
+    assert_eq!(two.status(), 200);
+    assert_eq!(one.header("reprise-stream-id"), two.header("reprise-stream-id"));
+    for i in 1..=5 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    let expected: Vec<String> = (1..=5).map(numbered_event_data).collect();
+    assert_eq!(data(&one.collect_until_end().await), expected);
+    assert_eq!(data(&two.collect_until_end().await), expected);
+    // A retry after the end replays the answer too.
+    let mut third = open_sse(
+        client
+            .post_json(&format!("{}/api/chat", b.url()), &body)
+            .header("idempotency-key", "send-42"),
+    )
+    .await;
+    assert_eq!(third.header("reprise-idempotent-replay"), Some("true"));
+    assert_eq!(data(&third.collect_until_end().await), expected);
+    assert_eq!(upstream.request_count(), 1);
+    a.stop().await;
+    b.stop().await;
+}
