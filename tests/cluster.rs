@@ -695,13 +695,15 @@ async fn three_processes_over_a_cluster() {
 }
 
 /// An instance that only reads (the streams are produced on another one)
-/// holds the same few Redis connections with ten readers as with ten
-/// thousand: one command pool and one subscriber, shared by every reader.
+/// holds the same few Redis connections with ten readers as with thousands:
+/// one command pool and one subscriber, shared by every reader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_share_redis_connections() {
     const STREAMS: usize = 20;
-    const READERS: usize = 10_000;
-    const BATCH: usize = 1_000;
+    // 10,000 work too (still 5 connections) but take about 12 s to open on
+    // a two-core machine in a debug build; 4,000 keep the suite's load sane.
+    const READERS: usize = 4_000;
+    const BATCH: usize = 500;
     const BEFORE: usize = 5;
     const TOTAL: usize = 15;
     raise_fd_limit(READERS as u64 + 1024);
@@ -1033,5 +1035,80 @@ async fn live_tail_follows_a_moved_slot() {
         3,
         5,
         "remote reader",
+    );
+}
+
+/// Store calls that meet the half-way state of a migration (the stream's
+/// keys already on the new master, the old one answering `ASK`) do no
+/// lasting harm: once the slot has moved, the instance that made them is
+/// ready again and serves the stream from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_recovers_from_redirections_during_a_migration() {
+    const DURING: usize = 8;
+    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+    let masters = masters(&cluster).await;
+    let upstream = Upstream::start().await;
+    let url = cluster.url();
+    let args = ["--upstream", &upstream.url(), "--redis", &url];
+    let (producer, reader_side) =
+        tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+    let client = SseClient::new();
+    let mut s = produce(&upstream, &client, &producer.url(), 0, 3).await;
+    let sid = s.id();
+    let resume_url = format!("{}/_reprise/streams/{sid}", reader_side.url());
+
+    let slot = key_slot(masters[0].port, &meta_key(&sid)).await;
+    let from = owner(&slot_owners(masters[0].port).await, slot);
+    let to = masters
+        .iter()
+        .find(|m| **m != from)
+        .expect("another master")
+        .clone();
+    begin_migration(slot, &from, &to).await;
+    migrate_keys(slot, &from, &to).await;
+    // Resumes that read the stream's metadata from the store now; how they
+    // are answered is `topology_change_with_readers_resuming`'s concern.
+    let during = (0..DURING).map(|_| async {
+        let response = client.http().get(&resume_url).send().await;
+        response
+            .map(|r| r.status().as_u16())
+            .map_err(|e| error_chain(&e))
+    });
+    let during = with_timeout_of(
+        BULK,
+        "resumes during the migration",
+        futures::future::join_all(during),
+    )
+    .await;
+    end_migration(slot, &to, &masters).await;
+    s.send_and_see(4..=5).await;
+    s.ctl.finish();
+    assert_eq!(s.origin.collect_until_end().await.len(), 0);
+
+    // Ready again, within a bound, and serving the stream from the store.
+    let readyz = format!("{}/_reprise/readyz", reader_side.url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = reprise_tests::read_raw(client.get(&readyz)).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instance that resumed {DURING} times during the migration (answers: \
+             {during:?}) is still not ready 30 s after the slot moved: {status} {}",
+            body.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut all = client.open_get(&resume_url).await;
+    assert_eq!(all.status(), 200);
+    assert_events(
+        &all.collect_until_end().await,
+        &s.first,
+        0,
+        0,
+        5,
+        "resume after the move",
     );
 }

@@ -1132,7 +1132,8 @@ mod cases {
                 tokio::spawn(async move { st.end_if_abandoned(s, t + 11, &lost).await })
             })
             .collect();
-        let late = f.store.append(s, &events(4..=4));
+        let late_entries = events(4..=4);
+        let late = f.store.append(s, &late_entries);
         let (results, late) = tokio::join!(futures::future::join_all(tasks), late);
         let ended: Vec<Seq> = results
             .into_iter()

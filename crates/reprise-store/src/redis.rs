@@ -12,7 +12,7 @@
 //!
 //! | key | type | content |
 //! |-----|------|---------|
-//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history) |
+//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested) |
 //! | `P{<sid>}:e` | stream | one Redis stream entry per entry, with an explicit id `<seq>-0` (a gap's: its last seq, see below) and one field: `e` = event bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
@@ -44,11 +44,20 @@
 //! trip when a key binding points at the stream (to shorten it; best effort).
 //! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
 //!
+//! `renew_lease`, `request_cancel` and `end_if_abandoned` are one `FCALL`
+//! each, on the stream's keys only. `end_if_abandoned` checks the lease and
+//! writes the End entry after the top id in the same call, so no append can
+//! slip in between; like an ending append it sets `end`, shortens the TTLs,
+//! `SPUBLISH`es, and costs one more round trip when a key binding points at
+//! the stream.
+//!
 //! `create` is one pipeline (`DEL` meta and entries, `HSET`, `PEXPIRE`);
 //! `read` one `XRANGE <after+1>-0 + COUNT <limit>` (one round trip, gaps or
 //! not); `meta` one `HGETALL`;
 //! `bind_key` a `SET … PX` and an `FCALL` noting the binding in the metadata,
-//! concurrently; `resolve_key` one `GET`.
+//! concurrently; `claim_key` the same with `SET … NX GET` (a losing claim
+//! notes the key too: harmless, since the end of a stream only shortens a
+//! binding that still points at it); `resolve_key` one `GET`.
 //!
 //! Appends are sent with fred's fail-fast option and a single write attempt:
 //! an append issued while disconnected fails at once with `Unavailable`
