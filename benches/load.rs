@@ -62,6 +62,11 @@ const NGINX_CONNS: u64 = 19_500;
 /// A proxy holds two sockets per proxied stream and the machine's hard limit
 /// on open files is often 20,000: proxied idle streams are capped below it.
 const MAX_PROXIED_IDLE: usize = 9_000;
+/// The machine is shared (builds, tests): a load-scenario column whose
+/// window saw other processes use more than this share of all cores (%) is
+/// run again, at most [`MAX_TRIES`] times in all, and the quietest run kept.
+const QUIET_OTHERS: f64 = 10.0;
+const MAX_TRIES: usize = 2;
 /// Connections being opened at once in the idle scenario.
 const CONNECT_CONCURRENCY: usize = 256;
 
@@ -413,6 +418,8 @@ struct Measure {
     totals: Totals,
     delta: Delta,
     hwm_kib: Option<u64>,
+    /// Runs made to get a window quiet enough (see [`QUIET_OTHERS`]).
+    tries: usize,
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -493,7 +500,10 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         format!(" -- {}", args.raw.join(" "))
     };
-    println!("- command: `cargo bench -p reprise-benches --bench load{extra}`");
+    let env = std::env::var("REPRISE_BIN")
+        .map(|b| format!("REPRISE_BIN={b} "))
+        .unwrap_or_default();
+    println!("- command: `{env}cargo bench -p reprise-benches --bench load{extra}`");
     println!("- machine: {}", procs::machine_summary());
     // The checkout's revision says what was built only when the bench built it.
     let origin = if std::env::var_os("REPRISE_BIN").is_some() {
@@ -747,7 +757,32 @@ impl Bench {
                 continue;
             }
             progress(format!("{}: {}", spec.name, col.title()));
-            results.push((col, self.load_column(spec, col)));
+            let mut best: Option<Result<Measure, String>> = None;
+            // --quick must stay quick: one run per column.
+            let max_tries = if self.args.quick { 1 } else { MAX_TRIES };
+            for tries in 1..=max_tries {
+                let m = self.load_column(spec, col).map(|m| Measure { tries, ..m });
+                let others = m.as_ref().map_or(0.0, |m| m.delta.others);
+                let quieter = match (&best, &m) {
+                    (Some(Ok(b)), Ok(m)) => m.delta.others < b.delta.others,
+                    (Some(Ok(_)), Err(_)) => false,
+                    _ => true,
+                };
+                if quieter {
+                    best = Some(m);
+                }
+                if others <= QUIET_OTHERS || tries == max_tries {
+                    break;
+                }
+                progress(format!(
+                    "{}: {}: other processes used {others:.0}% of the machine; running it again",
+                    spec.name,
+                    col.title()
+                ));
+            }
+            if let Some(m) = best {
+                results.push((col, m));
+            }
         }
         load_table(title, spec, &results)
     }
@@ -786,6 +821,7 @@ impl Bench {
             totals: Totals::of(results),
             delta: Self::delta(&a, &b),
             hwm_kib: u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM")),
+            tries: 1,
         })
     }
 
@@ -839,6 +875,10 @@ impl Bench {
         ));
         let id = check_recording(&r)?;
         wait_finished(u.addr, &id, events)?;
+        if col == Col::Redis {
+            // The end is in memory first: let the writer's last append land.
+            self.wait_redis_quiet();
+        }
         let hot = self.storm_once(
             &u,
             &id,
@@ -870,6 +910,21 @@ impl Bench {
             self.storm_once(&u2, &id, tag, events, clients, "resume-storm-redis-cold")
         });
         Ok((hot, cold))
+    }
+
+    /// Waits (at most 10 s) until Redis's command counters stop moving.
+    fn wait_redis_quiet(&self) {
+        let calls = || self.redis.commandstats().values().map(|v| v.0).sum::<u64>();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = calls();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = calls();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
     }
 
     fn storm_once(
@@ -906,6 +961,7 @@ impl Bench {
             totals: Totals::of(results),
             delta: Self::delta(&a, &b),
             hwm_kib: u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM")),
+            tries: 1,
         })
     }
 
@@ -1177,17 +1233,12 @@ fn load_table(title: &str, spec: &LoadSpec, results: &[(Col, Result<Measure, Str
         }),
     );
     t.row(
-        "proxy read / write syscalls per event",
+        "proxy write(v) syscalls per event",
         cells(results, |c, m| {
             if c == Col::Direct || m.totals.events == 0 {
                 return NA.into();
             }
-            let ev = m.totals.events as f64;
-            format!(
-                "{:.2} / {:.2}",
-                m.delta.io.0 as f64 / ev,
-                m.delta.io.1 as f64 / ev
-            )
+            format!("{:.2}", m.delta.io.1 as f64 / m.totals.events as f64)
         }),
     );
     t.row(
@@ -1242,6 +1293,13 @@ fn load_table(title: &str, spec: &LoadSpec, results: &[(Col, Result<Measure, Str
         "wall time (s)",
         cells(results, |_, m| format!("{:.1}", m.delta.wall.as_secs_f64())),
     );
+    t.row(
+        "runs (quietest kept)",
+        cells(results, |_, m| m.tries.to_string()),
+    );
+    t.note(format!(
+        "A column whose window saw other processes use more than {QUIET_OTHERS:.0}% of the machine was run again (at most {MAX_TRIES} runs); the table shows its quietest run (`--quick`: one run)."
+    ));
     for (col, r) in results {
         if let (Col::Redis, Ok(m)) = (col, r) {
             t.note(format!(
@@ -1331,7 +1389,7 @@ fn storm_table(
         }),
     );
     t.row(
-        "Reprise write syscalls per replayed event",
+        "Reprise write(v) syscalls per replayed event",
         row(&|_, m| format!("{:.4}", m.delta.io.1 as f64 / m.totals.events.max(1) as f64)),
     );
     t.row(

@@ -23,7 +23,7 @@ use reprise_tests::{
 };
 
 /// Bound of a phase that opens or drains thousands of readers at once.
-const BULK: Duration = Duration::from_secs(180);
+const BULK: Duration = Duration::from_secs(60);
 /// Readers opened at once (each is one TCP connection until it is drained).
 const OPENING: usize = 64;
 /// The key prefix `reprise` uses by default.
@@ -731,6 +731,9 @@ async fn readers_share_redis_connections() {
         }
     };
 
+    // Counted per process (its sockets, as `CLIENT LIST` shows them), so
+    // that the producer's connections and this test's probes do not blur
+    // the figure; `connected_clients` is only reported.
     let idle = relay_connections(port, &reader_side).await;
     // Ten readers, on ten streams.
     let mut readers = open_readers(&client, (0..10).map(|j| spec(j * 2)).collect(), &firsts).await;
@@ -766,10 +769,6 @@ async fn readers_share_redis_connections() {
             "Redis connections of the reader instance with {n} readers vs. with 10"
         );
     }
-    assert_eq!(
-        total_with_all, total_with_ten,
-        "connected_clients with {READERS} readers vs. 10"
-    );
 
     // Every reader receives the rest of its stream.
     let handles: Vec<_> = readers.into_iter().map(follow).collect();
@@ -786,8 +785,10 @@ async fn readers_share_redis_connections() {
 
 /// A stream's slot moves to another master (`SETSLOT IMPORTING/MIGRATING`,
 /// `MIGRATE … KEYS`, `SETSLOT NODE` on every master) while the upstream
-/// keeps sending and readers on other instances follow it: they end with
-/// every event once, in order, and a fresh instance replays it all.
+/// keeps sending and readers on another instance follow it: they end with
+/// every event once, in order; a resume that reads the store half-way
+/// through the move is served; a fresh instance replays it all; and the
+/// instances go on serving new streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_change_with_readers_resuming() {
     const BEFORE: usize = 10;
@@ -861,10 +862,10 @@ async fn topology_change_with_readers_resuming() {
             handles.push(follow(Reader { spec, got, events }));
             None
         }
-        status => Some(format!(
-            "{status} {}",
-            during.text().await.unwrap_or_default()
-        )),
+        status => {
+            let body = with_timeout("the body of a refused resume", during.text()).await;
+            Some(format!("{status} {}", body.unwrap_or_default()))
+        }
     };
     end_migration(slot, &to, &masters).await;
     s.send_and_see(26..=TOTAL).await;

@@ -163,6 +163,7 @@ fn sample_meta(id: StreamId) -> StreamMeta {
         lease_owner: None,
         lease_until_ms: None,
         cancel_requested: false,
+        caller: Some("9f86d081884c7d659a2feaa0c55ad015".into()),
     }
 }
 

@@ -175,7 +175,9 @@ pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
 }
 
 /// Read and write system calls of a process so far (`syscr`, `syscw` of
-/// `/proc/<pid>/io`): socket reads and writes, for a proxy.
+/// `/proc/<pid>/io`). They count read/readv and write/writev, not
+/// recv/send: a proxy's socket reads (recv) do not show here, its writev
+/// calls do.
 pub fn io_calls(pid: u32) -> Option<(u64, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
     let get = |key: &str| {

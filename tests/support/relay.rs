@@ -31,6 +31,9 @@ pub fn config(upstream: &str, backend: &Backend) -> Config {
             key: None,
             resume: None,
             record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         }],
         ..Config::default()
     };
@@ -52,6 +55,9 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             key: Some(KeySource::Json("/id".into())),
             resume: Some("/api/chat/{key}/stream".into()),
             record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         },
         RouteConfig {
             path: "/plain".into(),
@@ -59,6 +65,9 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             key: None,
             resume: None,
             record: false,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         },
         RouteConfig {
             path: "/".into(),
@@ -66,6 +75,9 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             key: None,
             resume: None,
             record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         },
     ];
     c
@@ -178,6 +190,16 @@ impl RelayProcess {
     /// Starts `reprise --listen 127.0.0.1:<free> <args>` and waits until
     /// `/_reprise/readyz` answers 200.
     pub async fn start(args: &[&str]) -> RelayProcess {
+        Self::spawn(args, None, None).await
+    }
+
+    /// Like [`RelayProcess::start`], with stderr (the logs) written to `log`
+    /// and the log filter `level`.
+    pub async fn start_logging(args: &[&str], log: &std::path::Path, level: &str) -> RelayProcess {
+        Self::spawn(args, Some(log), Some(level)).await
+    }
+
+    async fn spawn(args: &[&str], log: Option<&std::path::Path>, level: Option<&str>) -> RelayProcess {
         let port = free_port().expect("free port");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let child = tokio::process::Command::new(binary())
@@ -186,7 +208,14 @@ impl RelayProcess {
             .args(args)
             .env_remove("REDIS_URL")
             .env_remove("REPRISE_REDIS_URL")
-            .env("REPRISE_LOG", std::env::var("REPRISE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "REPRISE_LOG",
+                level.map(String::from).unwrap_or_else(|| std::env::var("REPRISE_LOG").unwrap_or_else(|_| "warn".into())),
+            )
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("create log file")),
+                None => Stdio::inherit(),
+            })
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

@@ -29,7 +29,7 @@ pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Respon
                 code: "invalid_stream_id",
                 message: format!("{e}"),
             })?;
-            return crate::cancel::cancel(relay, stream).await;
+            return crate::cancel::cancel(relay, stream, req.headers()).await;
         }
         if req.method() != Method::GET {
             return Err(method_not_allowed());
@@ -98,7 +98,7 @@ async fn stream(relay: &Arc<Relay>, id: &str, req: &Request<Incoming>) -> Result
         })?),
         (None, None) => Position::Beginning,
     };
-    resume::resume(relay, stream, pos, Via::StreamsEndpoint).await
+    resume::resume(relay, stream, pos, Via::StreamsEndpoint, req.headers()).await
 }
 
 async fn ready(relay: &Arc<Relay>) -> Response<Body> {

@@ -7,11 +7,13 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use reprise_core::StreamId;
 use serde_json::json;
 
+use crate::auth::is_owner;
 use crate::body::{full, Body};
+use crate::live::Owner;
 use crate::error::RelayError;
 use crate::server::Relay;
 
@@ -20,8 +22,20 @@ use crate::server::Relay;
 /// {"outcome":"cancel_requested"}` when another instance produces it,
 /// `200 {"outcome":"<completed|failed|cancelled>"}` if it had already ended,
 /// `404` if unknown.
-pub async fn cancel(relay: &Arc<Relay>, stream: StreamId) -> Result<Response<Body>, RelayError> {
+///
+/// Only the caller that started the stream may cancel it; anyone else gets
+/// the same `404` as for an unknown stream.
+pub async fn cancel(relay: &Arc<Relay>, stream: StreamId, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+    let not_found = || RelayError::NotFound {
+        code: "stream_not_found",
+        message: "no such stream (unknown, or expired after its retention)".into(),
+    };
     if let Some(live) = relay.hub.get(stream) {
+        if let Some(owner) = live.owner.get() {
+            if !is_owner(relay, owner, headers) {
+                return Err(not_found());
+            }
+        }
         if let Some((_, outcome)) = live.end() {
             return Ok(answer(StatusCode::OK, stream, outcome.label()));
         }
@@ -41,10 +55,19 @@ pub async fn cancel(relay: &Arc<Relay>, stream: StreamId) -> Result<Response<Bod
         }
     }
     match relay.store.meta(stream).await? {
-        None => Err(RelayError::NotFound {
-            code: "stream_not_found",
-            message: "no such stream (unknown, or expired after its retention)".into(),
-        }),
+        None => Err(not_found()),
+        Some(meta)
+            if !is_owner(
+                relay,
+                &Owner {
+                    route: meta.route.clone(),
+                    caller: meta.caller.clone(),
+                },
+                headers,
+            ) =>
+        {
+            Err(not_found())
+        }
         Some(meta) => match meta.end {
             Some((_, outcome)) => Ok(answer(StatusCode::OK, stream, outcome.label())),
             None => {

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -63,10 +64,13 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the relay listens on.
     pub listen: SocketAddr,
+    /// `[tls]`: serve HTTPS on `listen` with this certificate.
+    pub tls: Option<ListenerTls>,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub streams: StreamsConfig,
+    pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -74,10 +78,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             streams: StreamsConfig::default(),
+            auth: AuthConfig::default(),
             routes: Vec::new(),
         }
     }
@@ -96,6 +102,8 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// Memory bound of the embedded store (payload bytes of all streams).
     pub memory_max_bytes: ByteSize,
+    /// PEM file of a CA trusted, besides the system's roots, for `rediss://`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -105,8 +113,20 @@ impl Default for StoreConfig {
             key_prefix: "reprise:".to_string(),
             retention: Duration::from_secs(24 * 3600),
             memory_max_bytes: ByteSize::mib(256),
+            ca_file: None,
         }
     }
+}
+
+/// `[tls]`: the listener's certificate; when set, `listen` serves HTTPS
+/// (HTTP/2 or HTTP/1.1 through ALPN).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM: the server certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// `[limits]`: bounds on input, all enforced without buffering past them.
@@ -218,6 +238,45 @@ impl Default for StreamsConfig {
     }
 }
 
+/// `[auth]`: the secret behind caller identities.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HMAC key for caller identities; the same on every instance. Falls
+    /// back to `REPRISE_AUTH_SECRET`, else a built-in key (with a warning).
+    pub secret: Option<Secret>,
+}
+
+/// `routes[].caller`: what identifies a caller on a route.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallerConfig {
+    /// Request headers (whole values).
+    pub headers: Vec<String>,
+    /// Cookie names (their values in the `Cookie` header).
+    pub cookies: Vec<String>,
+}
+
+impl Default for CallerConfig {
+    fn default() -> Self {
+        CallerConfig {
+            headers: vec!["authorization".into(), "cookie".into()],
+            cookies: Vec::new(),
+        }
+    }
+}
+
+/// `routes[].resume_auth`: who may resume by stream id or `Last-Event-ID`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResumeAuth {
+    /// Whoever has the (unguessable) stream id or event id.
+    #[default]
+    Capability,
+    /// Only the caller that started the stream.
+    SameCaller,
+}
+
 /// Where a route finds the key (e.g. chat id) that names its latest stream.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
@@ -248,6 +307,16 @@ pub struct RouteConfig {
     /// Record SSE responses (default true); `false` makes a plain pass-through route.
     #[serde(default = "default_true")]
     pub record: bool,
+    /// What identifies a caller (for key resumes, cancels, `same-caller`).
+    #[serde(default)]
+    pub caller: CallerConfig,
+    /// Who may resume by stream id or `Last-Event-ID`.
+    #[serde(default)]
+    pub resume_auth: ResumeAuth,
+    /// PEM file of a CA trusted, besides the system's roots, for this
+    /// route's `https://` upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -329,8 +398,50 @@ impl Config {
         if self.store.key_prefix.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return bad("store.key_prefix must not contain spaces or control characters".into());
         }
+        self.validate_tls()?;
         Ok(())
     }
+
+    /// Reads every TLS file the config names, so that a missing or invalid
+    /// one stops start-up (and `--check-config`) with its name.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(t) = &self.tls {
+            if let Err(e) = crate::tls::server_config(&t.cert_file, &t.key_file) {
+                return bad(format!("tls: {e}"));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let Some(ca) = &r.ca_file else { continue };
+            if !r.upstream.starts_with("https://") {
+                return bad(format!("routes[{i}].ca_file needs an https:// upstream"));
+            }
+            if let Err(e) = crate::tls::check_ca_file(ca) {
+                return bad(format!("routes[{i}].ca_file: {e}"));
+            }
+        }
+        if let Some(ca) = &self.store.ca_file {
+            let url = self.store.redis_url.as_ref();
+            let tls_url = url.is_some_and(|u| redis_url_uses_tls(u.expose()));
+            if !tls_url {
+                return bad("store.ca_file needs a rediss:// (TLS) Redis URL".into());
+            }
+            if let Err(e) = crate::tls::check_ca_file(ca) {
+                return bad(format!("store.ca_file: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a Redis URL asks for TLS (`rediss://`, `rediss-cluster://`, ...).
+pub fn redis_url_uses_tls(url: &str) -> bool {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    let base = scheme
+        .strip_suffix("-cluster")
+        .or_else(|| scheme.strip_suffix("-sentinel"))
+        .unwrap_or(scheme);
+    matches!(base, "rediss" | "valkeys")
 }
 
 /// `/api/chat/` and `/api/chat` are the same prefix.

@@ -77,6 +77,10 @@ impl Hub {
         }
         let format = meta.format.parse().unwrap_or(Format::Sse);
         let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone(), format);
+        let _ = live.owner.set(crate::live::Owner {
+            route: meta.route.clone(),
+            caller: meta.caller.clone(),
+        });
         let guard = live.attach();
         map.insert(meta.id, live.clone());
         drop(map);

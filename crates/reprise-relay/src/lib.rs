@@ -6,17 +6,20 @@
 //! - [`proxy`]: dispatches each request (own endpoints, resume, forward);
 //! - [`routes`]: matches a path to a route and builds the upstream URI;
 //! - [`upstream`]: the HTTP(S) client and reverse-proxy header rules;
+//! - [`tls`]: certificates and trusted roots (listener, upstreams, Redis);
 //! - [`recorder`]: producer (upstream body → log) and writer (log → store);
 //! - [`live`]: one stream's in-memory log, shared by producer and readers;
 //! - [`hub`]: this instance's logs, and loaders that follow the store;
 //! - [`reader`]: the response body that sends a client a stream;
 //! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
 //! - [`admin`]: `/_reprise/...` endpoints;
+//! - [`auth`]: caller identities for key resumes, cancels and `same-caller`;
 //! - [`cancel`]: `DELETE`: stop a stream's generation from any instance;
 //! - [`metrics`]: Prometheus metrics and the instrumented store.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod cancel;
 pub mod config;
@@ -31,6 +34,7 @@ pub mod resume;
 pub mod retry;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

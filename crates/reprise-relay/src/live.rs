@@ -111,6 +111,15 @@ pub struct LiveStream {
     pub cancel: tokio_util::sync::CancellationToken,
     /// True for a stream produced on this instance (false: loaded from the store).
     pub local: bool,
+    /// The route and caller that started the stream, once known.
+    pub owner: std::sync::OnceLock<Owner>,
+}
+
+/// Who started a stream: its route path and caller identity (see `auth`).
+#[derive(Clone, Debug)]
+pub struct Owner {
+    pub route: String,
+    pub caller: Option<String>,
 }
 
 #[derive(Default)]
@@ -175,6 +184,7 @@ impl LiveStream {
             unstored_total,
             cancel: tokio_util::sync::CancellationToken::new(),
             local,
+            owner: std::sync::OnceLock::new(),
         })
     }
 
@@ -205,8 +215,10 @@ impl LiveStream {
         st.unstored_bytes += fields.len();
         self.unstored_total.fetch_add(fields.len(), Ordering::Relaxed);
         st.frames.push(self.event_frame(seq, fields));
-        drop(st);
+        // Published under the lock, so that `last_seq()` never lags a frame
+        // someone already read.
         self.last_tx.send_replace(seq.0);
+        drop(st);
         Some(seq)
     }
 
@@ -220,8 +232,8 @@ impl LiveStream {
         st.next += 1;
         st.frames.push(self.end_frame(seq, outcome));
         st.ended = true;
-        drop(st);
         self.last_tx.send_replace(seq.0);
+        drop(st);
         Some(seq)
     }
 
@@ -310,8 +322,8 @@ impl LiveStream {
         st.next = next;
         // Loaded frames are in the store already.
         st.stored_upto = Seq(next - 1);
-        drop(st);
         self.last_tx.send_replace(next - 1);
+        drop(st);
         true
     }
 

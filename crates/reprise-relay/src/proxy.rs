@@ -67,14 +67,14 @@ async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr
         if let Some((route, key)) = relay.router.match_resume(&path) {
             let route = route.clone();
             if req.method() == Method::DELETE {
-                return cancel_by_key(relay, &route, key).await;
+                return cancel_by_key(relay, &route, key, req.headers()).await;
             }
-            return resume_by_key(relay, &route, key).await;
+            return resume_by_key(relay, &route, key, req.headers()).await;
         }
     }
     let route = relay.router.match_path(&path).ok_or(RelayError::NoRoute)?.clone();
     if let Some(cursor) = reprise_cursor(&req) {
-        return resume::resume(relay, cursor.stream(), Position::Cursor(cursor), Via::LastEventId).await;
+        return resume::resume(relay, cursor.stream(), Position::Cursor(cursor), Via::LastEventId, req.headers()).await;
     }
     forward(relay, &route, req, client).await
 }
@@ -103,13 +103,21 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
-async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> Result<Response<Body>, RelayError> {
-    let key = KeyRef {
-        route: route.path.clone(),
+/// A route key as bound in the store: namespaced by route and caller, so
+/// that keys of different routes or callers never collide, and another
+/// caller's key resolves to nothing.
+fn route_key(relay: &Relay, route: &Route, headers: &HeaderMap, key: String) -> KeyRef {
+    let caller = relay.auth.caller(&route.path, &route.caller, headers);
+    KeyRef {
+        route: format!("{}#{caller}", route.path),
         key,
-    };
+    }
+}
+
+async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+    let key = route_key(relay, route, headers, key);
     match relay.store.resolve_key(&key).await? {
-        Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key).await,
+        Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key, headers).await,
         None => {
             relay.metrics.resume("key", "no_content");
             let mut resp = Response::new(crate::body::empty());
@@ -120,13 +128,10 @@ async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> R
 }
 
 /// `DELETE` on a resume template: cancel the key's latest stream.
-async fn cancel_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> Result<Response<Body>, RelayError> {
-    let key = KeyRef {
-        route: route.path.clone(),
-        key,
-    };
+async fn cancel_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+    let key = route_key(relay, route, headers, key);
     match relay.store.resolve_key(&key).await? {
-        Some(stream) => crate::cancel::cancel(relay, stream).await,
+        Some(stream) => crate::cancel::cancel(relay, stream, headers).await,
         None => Err(RelayError::NotFound {
             code: "stream_not_found",
             message: "no stream for this key".into(),
@@ -134,23 +139,27 @@ async fn cancel_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String) -> R
     }
 }
 
-/// The `Idempotency-Key` of a request, namespaced by route.
-fn idempotency_key(route: &Route, headers: &HeaderMap) -> Option<KeyRef> {
+/// The `Idempotency-Key` of a request, namespaced by route and caller.
+fn idempotency_key(relay: &Relay, route: &Route, headers: &HeaderMap) -> Option<KeyRef> {
     let v = headers.get("idempotency-key")?.to_str().ok()?.trim();
     if v.is_empty() || v.len() > MAX_KEY_LEN {
         return None;
     }
-    Some(KeyRef {
-        route: format!("idempotency:{}", route.path),
-        key: v.to_string(),
-    })
+    let mut k = route_key(relay, route, headers, v.to_string());
+    k.route = format!("idempotency:{}", k.route);
+    Some(k)
 }
 
 /// Claims `key` for the stream about to start (`stream`). If another
 /// request claimed it first, answers with that request's stream (waiting up
 /// to `streams.idempotency_wait` for it to start); if it never started,
 /// takes the key over and lets this request call the upstream.
-async fn attach_idempotent(relay: &Arc<Relay>, key: &KeyRef, stream: StreamId) -> Result<Option<Response<Body>>, RelayError> {
+async fn attach_idempotent(
+    relay: &Arc<Relay>,
+    key: &KeyRef,
+    stream: StreamId,
+    headers: &HeaderMap,
+) -> Result<Option<Response<Body>>, RelayError> {
     let existing = match relay.store.claim_key(key, stream).await {
         Ok(None) => return Ok(None),
         Ok(Some(existing)) => existing,
@@ -164,7 +173,7 @@ async fn attach_idempotent(relay: &Arc<Relay>, key: &KeyRef, stream: StreamId) -
         let known = relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
         if known {
             tracing::debug!(stream.id = %existing, "Idempotency-Key matches a stream: attaching to it");
-            let mut resp = resume::resume(relay, existing, Position::Beginning, Via::Idempotent).await?;
+            let mut resp = resume::resume(relay, existing, Position::Beginning, Via::Idempotent, headers).await?;
             resp.headers_mut().insert(
                 HeaderName::from_static("reprise-idempotent-replay"),
                 http::HeaderValue::from_static("true"),
@@ -186,12 +195,17 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
     // The id of the stream this request may start, known up front so that
     // an Idempotency-Key can be claimed for it.
     let stream = StreamId::random();
-    let idempotency = if route.record { idempotency_key(route, req.headers()) } else { None };
+    let idempotency = if route.record {
+        idempotency_key(relay, route, req.headers())
+    } else {
+        None
+    };
     if let Some(key) = &idempotency {
-        if let Some(resp) = attach_idempotent(relay, key, stream).await? {
+        if let Some(resp) = attach_idempotent(relay, key, stream, req.headers()).await? {
             return Ok(resp);
         }
     }
+    let caller = relay.auth.caller(&route.path, &route.caller, req.headers());
     let (parts, body) = req.into_parts();
     let pq = parts
         .uri
@@ -220,7 +234,13 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
     };
     let key = key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
 
-    let headers = crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
+    let mut headers = crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
+    if relay.tls.is_some() {
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            http::HeaderValue::from_static("https"),
+        );
+    }
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method.clone();
     *up_req.uri_mut() = uri;
@@ -237,7 +257,7 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
             })
             .inc();
     };
-    let resp = match tokio::time::timeout(timeout, relay.client.request(up_req)).await {
+    let resp = match tokio::time::timeout(timeout, relay.client_for(route).request(up_req)).await {
         Err(_) => {
             upstream_error("timeout");
             return Err(RelayError::UpstreamTimeout(format!(
@@ -292,11 +312,16 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         lease_owner: Some(relay.instance.clone()),
         lease_until_ms: Some(now_ms() + relay.config.streams.lease.as_millis() as u64),
         cancel_requested: false,
+        caller: Some(caller.clone()),
     };
     let live = LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
+    let _ = live.owner.set(crate::live::Owner {
+        route: route.path.clone(),
+        caller: Some(caller.clone()),
+    });
     relay.hub.insert(live.clone());
     let key_ref = key.map(|key| KeyRef {
-        route: route.path.clone(),
+        route: format!("{}#{caller}", route.path),
         key,
     });
     let registered = recorder::register(relay, &meta, key_ref.as_ref()).await;

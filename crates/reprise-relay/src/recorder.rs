@@ -320,7 +320,7 @@ async fn write(
     let buffered = Buffered::new(&relay);
     loop {
         rx.borrow_and_update();
-        buffered.set(live.last_seq().0 - persisted.0);
+        buffered.set(live.last_seq().0.saturating_sub(persisted.0));
         let batch = live.entries_after(persisted, MAX_BATCH);
         let Some(last) = batch.last() else {
             tokio::select! {

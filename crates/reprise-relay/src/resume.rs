@@ -12,13 +12,15 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use reprise_core::outcome::{signal_frame, Signal};
 use reprise_core::{Cursor, Epoch, Outcome, Seq, StreamId};
 
 use crate::body::{empty, full, Body};
 use crate::error::RelayError;
-use crate::live::{LiveStream, ReaderGuard};
+use crate::auth::is_owner;
+use crate::config::ResumeAuth;
+use crate::live::{LiveStream, Owner, ReaderGuard};
 use crate::reader;
 use crate::server::Relay;
 
@@ -52,6 +54,7 @@ pub enum Position {
 
 /// What is known about a stream before attaching to it.
 struct Known {
+    owner: Option<Owner>,
     epoch: Epoch,
     end: Option<(Seq, Outcome)>,
     /// Set when this instance already holds the stream.
@@ -60,8 +63,17 @@ struct Known {
 }
 
 /// Answers a resume of `stream` from `pos`.
-pub async fn resume(relay: &Arc<Relay>, stream: StreamId, pos: Position, via: Via) -> Result<Response<Body>, RelayError> {
-    let result = answer(relay, stream, pos, via).await;
+///
+/// `headers` are the resuming request's, for routes with
+/// `resume_auth = "same-caller"`.
+pub async fn resume(
+    relay: &Arc<Relay>,
+    stream: StreamId,
+    pos: Position,
+    via: Via,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
+    let result = answer(relay, stream, pos, via, headers).await;
     let outcome = match &result {
         Ok((_, outcome)) => *outcome,
         Err(RelayError::NotFound { .. }) => "not_found",
@@ -83,12 +95,14 @@ async fn answer(
     stream: StreamId,
     pos: Position,
     via: Via,
+    headers: &HeaderMap,
 ) -> Result<(Response<Body>, &'static str), RelayError> {
     if let Position::Cursor(Cursor::End(_)) = pos {
         return Ok((no_content(stream), NO_CONTENT));
     }
     let known = match relay.hub.attach(stream) {
         Some((live, guard)) => Known {
+            owner: live.owner.get().cloned(),
             epoch: live.epoch,
             end: live.end(),
             held: Some((live, guard)),
@@ -96,25 +110,29 @@ async fn answer(
         },
         None => match relay.store.meta(stream).await? {
             Some(meta) => Known {
+                owner: Some(Owner {
+                    route: meta.route.clone(),
+                    caller: meta.caller.clone(),
+                }),
                 epoch: meta.epoch,
                 end: meta.end.clone(),
                 held: None,
                 meta: Some(meta),
             },
-            None => {
-                return Ok(match via {
-                    Via::LastEventId => (history_lost(stream), HISTORY_LOST),
-                    Via::StreamsEndpoint => {
-                        return Err(RelayError::NotFound {
-                            code: "stream_not_found",
-                            message: "no such stream (unknown, or expired after its retention)".into(),
-                        })
-                    }
-                    Via::Key | Via::Idempotent => (no_content(stream), NO_CONTENT),
-                })
-            }
+            None => return unknown(stream, via),
         },
     };
+    // Routes with `resume_auth = "same-caller"`: another caller is told
+    // exactly what an unknown stream gets.
+    if let Some(owner) = &known.owner {
+        let same_caller_only = relay
+            .router
+            .by_path(&owner.route)
+            .is_some_and(|r| r.resume_auth == ResumeAuth::SameCaller);
+        if same_caller_only && !is_owner(relay, owner, headers) {
+            return unknown(stream, via);
+        }
+    }
     let after = match pos {
         Position::Cursor(Cursor::At(id)) => {
             if id.epoch != known.epoch {
@@ -162,6 +180,18 @@ async fn answer(
     }
     sse_headers(h, stream);
     Ok((resp, "ok"))
+}
+
+/// The answer for a stream that does not exist (or is not the caller's).
+fn unknown(stream: StreamId, via: Via) -> Result<(Response<Body>, &'static str), RelayError> {
+    match via {
+        Via::LastEventId => Ok((history_lost(stream), HISTORY_LOST)),
+        Via::StreamsEndpoint => Err(RelayError::NotFound {
+            code: "stream_not_found",
+            message: "no such stream (unknown, or expired after its retention)".into(),
+        }),
+        Via::Key | Via::Idempotent => Ok((no_content(stream), NO_CONTENT)),
+    }
 }
 
 const NO_CONTENT: &str = "no_content";

@@ -11,7 +11,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use percent_encoding::percent_decode_str;
 
-use crate::config::{normalize_prefix, KeySource, RouteConfig};
+use crate::config::{normalize_prefix, CallerConfig, KeySource, ResumeAuth, RouteConfig};
 
 /// A configured route, ready for matching.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub struct Route {
     pub key: Option<KeySource>,
     pub resume: Option<ResumeTemplate>,
     pub record: bool,
+    pub caller: CallerConfig,
+    pub resume_auth: ResumeAuth,
 }
 
 /// `prefix{key}suffix`.
@@ -99,6 +101,8 @@ impl Router {
                 key: c.key.clone(),
                 resume,
                 record: c.record,
+                caller: c.caller.clone(),
+                resume_auth: c.resume_auth,
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
@@ -108,6 +112,11 @@ impl Router {
     /// The route whose prefix matches `path`.
     pub fn match_path(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| prefix_matches(&r.path, path))
+    }
+
+    /// The route configured with exactly this path (a stream's `route`).
+    pub fn by_path(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.path == path)
     }
 
     /// The route whose resume template matches `path`, with the key.
@@ -184,6 +193,9 @@ mod tests {
             key: resume.map(|_| KeySource::Json("/id".into())),
             resume: resume.map(String::from),
             record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         }
     }
 

@@ -29,8 +29,11 @@ use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
 use crate::error::RelayError;
 use crate::proxy;
 use crate::routes::{RouteError, Router};
-use crate::upstream::{build_client, HttpClient};
+use crate::routes::Route;
+use crate::upstream::{Clients, HttpClient};
 
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long writers get to flush after producers stopped, at shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after `hard_stop`.
@@ -53,7 +56,12 @@ pub struct Relay {
     pub router: Router,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
+    /// The default upstream client (system roots); use [`Relay::client_for`].
     pub client: HttpClient,
+    /// Upstream clients by trusted roots (`routes[].ca_file`).
+    pub clients: Clients,
+    /// The listener's TLS (`[tls]`); `None` serves plain HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Writers, loaders and connections.
     pub tasks: TaskTracker,
     /// Producers only: shutdown waits for these before interrupting them.
@@ -71,13 +79,24 @@ pub struct Relay {
     pub unstored_total: Arc<std::sync::atomic::AtomicUsize>,
     /// This process's identity as a producer (lease owner), random per start.
     pub instance: String,
+    /// Caller identities (HMAC under `auth.secret`).
+    pub auth: crate::auth::Auth,
 }
 
 impl Relay {
     pub fn new(config: Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<Arc<Relay>, StartError> {
         config.validate()?;
         let router = Router::new(&config.routes)?;
-        let client = build_client(&config.timeouts);
+        let clients = Clients::build(&config.routes, &config.timeouts)
+            .map_err(|e| ConfigError::Invalid(format!("routes[].ca_file: {e}")))?;
+        let client = clients.default_client().clone();
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(&t.cert_file, &t.key_file)
+                    .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?,
+            )),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Relay {
             router,
@@ -85,6 +104,8 @@ impl Relay {
             metrics,
             hub: Arc::new(Hub::default()),
             client,
+            clients,
+            tls,
             tasks: TaskTracker::new(),
             producers: TaskTracker::new(),
             shutdown,
@@ -93,8 +114,14 @@ impl Relay {
             writers_busy: AtomicUsize::new(0),
             unstored_total: Arc::new(AtomicUsize::new(0)),
             instance: reprise_core::StreamId::random().to_string(),
+            auth: crate::auth::Auth::new(config.auth.secret.as_ref()),
             config,
         }))
+    }
+
+    /// The client that reaches `route`'s upstream (trusting its `ca_file`).
+    pub fn client_for(&self, route: &Route) -> &HttpClient {
+        self.clients.for_route(route)
     }
 
     pub fn loader_ctx(&self) -> LoaderCtx {
@@ -121,9 +148,17 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             tracing::info!(url = %redact_url(url.expose()), "connecting to Redis");
             // Connect now if Redis answers; if it does not, start anyway and
             // keep trying in the background (only an invalid URL fails).
-            let ropts = reprise_store::RedisOptions::default();
+            let mut ropts = reprise_store::RedisOptions::default();
+            if let Some(ca) = &config.store.ca_file {
+                let tls = crate::tls::redis_tls(ca)
+                    .map_err(|e| ConfigError::Invalid(format!("store.ca_file: {e}")))?;
+                ropts.tls = Some(tls);
+            }
             let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone()).await {
                 Ok(store) => store,
+                // Wrong credentials are a configuration error, not an outage:
+                // retrying would only fill the log.
+                Err(e) if is_auth_error(&e) => return Err(StartError::Store(e)),
                 Err(e) => {
                     tracing::warn!(cause = %e, "Redis unreachable at start-up; starting anyway");
                     RedisStore::connect_lazy(url.expose(), opts, ropts).await?
@@ -142,6 +177,13 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             Ok(Arc::new(MemoryStore::new(opts, limits)))
         }
     }
+}
+
+/// Whether Redis refused the URL's credentials (`WRONGPASS`, `NOAUTH`).
+/// fred's message quotes Redis's reply, never the password.
+fn is_auth_error(e: &reprise_store::StoreError) -> bool {
+    let m = e.to_string();
+    m.contains("WRONGPASS") || m.contains("NOAUTH")
 }
 
 /// Runs the relay on `listener` until `shutdown` fires, then shuts down as
@@ -200,8 +242,10 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         .header_read_timeout(Duration::from_secs(30))
         .max_headers(100);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = relay.tls.clone();
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, store = relay.store.kind(), routes = relay.config.routes.len(), "listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, store = relay.store.kind(), routes = relay.config.routes.len(), "listening");
     }
     loop {
         let (io, addr) = tokio::select! {
@@ -235,13 +279,42 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
                 Ok::<_, Infallible>(proxy::handle(relay, req, addr).await)
             }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         let span = tracing::debug_span!("conn", client.addr = %addr);
         let open = GaugeGuard::new(&relay.metrics.connections_open);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (tls, stop) = (tls.clone(), relay.shutdown.clone());
         relay.tasks.spawn(
             async move {
                 let _open = open;
-                if let Err(e) = conn.await {
+                let result = match tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(io), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        // In the connection's task, so that a slow handshake
+                        // never holds up the accept loop.
+                        let handshake =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
+                        let stream = tokio::select! {
+                            r = handshake => match r {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(cause = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                            _ = stop.cancelled() => return,
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(e) = result {
                     // A client hanging up is routine, not an error.
                     tracing::debug!(cause = %e, "connection ended with an error");
                 }

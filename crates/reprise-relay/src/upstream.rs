@@ -1,7 +1,9 @@
 //! The client side: the HTTP(S) client Reprise uses to reach upstreams, and
 //! the header rules of a reverse proxy (RFC 9110 §7.6).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper_rustls::HttpsConnector;
@@ -10,38 +12,89 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
-use crate::config::TimeoutsConfig;
+use crate::config::{normalize_prefix, RouteConfig, TimeoutsConfig};
+use crate::routes::Route;
+use crate::tls::{self, TlsError};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The upstream clients: one per distinct set of trusted roots. Routes
+/// without `ca_file` share the default client (the system's roots); routes
+/// naming the same CA file share that file's client, and its connection pool.
+pub struct Clients {
+    default: HttpClient,
+    /// Route path (normalized, as in [`Route::path`]) → client, for the
+    /// routes with a `ca_file`.
+    by_route: HashMap<String, HttpClient>,
+}
+
+impl Clients {
+    /// Builds the clients of `routes`, reading each CA file once.
+    pub fn build(routes: &[RouteConfig], timeouts: &TimeoutsConfig) -> Result<Clients, TlsError> {
+        let default = build_client(timeouts);
+        let mut by_ca: HashMap<PathBuf, HttpClient> = HashMap::new();
+        let mut by_route = HashMap::new();
+        for r in routes {
+            let Some(ca) = &r.ca_file else { continue };
+            let client = match by_ca.get(ca) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = build_client_with_ca(timeouts, ca)?;
+                    by_ca.insert(ca.clone(), c.clone());
+                    c
+                }
+            };
+            by_route.insert(normalize_prefix(&r.path).to_string(), client);
+        }
+        Ok(Clients { default, by_route })
+    }
+
+    /// The client that reaches `route`'s upstream.
+    pub fn for_route(&self, route: &Route) -> &HttpClient {
+        self.by_route.get(&route.path).unwrap_or(&self.default)
+    }
+
+    /// The client of routes without `ca_file`.
+    pub fn default_client(&self) -> &HttpClient {
+        &self.default
+    }
+}
 
 /// Builds the shared upstream client: rustls with the system's roots,
 /// HTTP/2 where the upstream offers it through ALPN, HTTP/1.1 otherwise.
 pub fn build_client(timeouts: &TimeoutsConfig) -> HttpClient {
+    let tls = match tls::client_config(None) {
+        Ok(tls) => tls,
+        // Without a CA file only the protocol versions can fail, and the
+        // ring provider supports the default ones.
+        Err(e) => panic!("TLS client config without a CA file: {e}"),
+    };
+    client_with_tls(timeouts, tls)
+}
+
+/// A client trusting the system's roots and the CA certificates of `ca_file`.
+pub fn build_client_with_ca(
+    timeouts: &TimeoutsConfig,
+    ca_file: &Path,
+) -> Result<HttpClient, TlsError> {
+    Ok(client_with_tls(
+        timeouts,
+        tls::client_config(Some(ca_file))?,
+    ))
+}
+
+fn client_with_tls(timeouts: &TimeoutsConfig, tls: rustls::ClientConfig) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(timeouts.connect));
     http.set_nodelay(true);
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let https = match builder.with_provider_and_native_roots(provider.clone()) {
-        Ok(b) => b.https_or_http().enable_http1().enable_http2().wrap_connector(http),
-        Err(e) => {
-            tracing::warn!(cause = %e, "no system root certificates found; https upstreams will fail verification");
-            let roots = rustls::RootCertStore::empty();
-            let tls = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-            match tls {
-                Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
-                    .https_or_http()
-                    .enable_http1()
-                    .enable_http2()
-                    .wrap_connector(http),
-                Err(e) => panic!("ring provider supports the default TLS versions: {e}"),
-            }
-        }
-    };
+    // hyper-rustls sets the ALPN protocols from the enabled versions.
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .build(https)
@@ -108,7 +161,10 @@ pub fn upstream_request_headers(
     if let Some(host) = original_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     h
 }
 
@@ -119,7 +175,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped_and_end_to_end_kept() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -93,6 +93,10 @@ pub struct StreamMeta {
     /// renewal. Never cleared (re-creating the stream replaces it).
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Keyed hash (HMAC) identifying the caller that started the stream, if
+    /// the route checks callers; never the credential itself.
+    #[serde(default)]
+    pub caller: Option<String>,
 }
 
 /// What a successful [`Store::renew_lease`] tells the producer.

@@ -120,6 +120,9 @@ const FN_RENEW_LEASE: &str = "reprise_store_3_renew_lease";
 const FN_REQUEST_CANCEL: &str = "reprise_store_3_request_cancel";
 const FN_END_IF_ABANDONED: &str = "reprise_store_3_end_if_abandoned";
 
+/// How often the store looks for pooled clients whose connection task ended.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Error prefix the library uses for batches that do not follow the stream.
 const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
 
@@ -284,6 +287,9 @@ pub struct RedisOptions {
     /// Notifications buffered between the subscriber connection and the
     /// task that wakes watchers; when it overflows every watcher is woken.
     pub notification_buffer: usize,
+    /// TLS settings replacing fred's default (system roots) for a
+    /// `rediss://` URL, e.g. to trust a private CA. Ignored without TLS.
+    pub tls: Option<fred::types::config::TlsConfig>,
 }
 
 impl Default for RedisOptions {
@@ -297,6 +303,7 @@ impl Default for RedisOptions {
             heartbeat_interval: Duration::from_secs(10),
             max_command_buffer: 100_000,
             notification_buffer: 4096,
+            tls: None,
         }
     }
 }
@@ -317,6 +324,9 @@ struct Inner {
     ropts: RedisOptions,
     /// Options of appends: fail fast when disconnected, never replay.
     write_opts: Options,
+    /// Options of reads: a single redirection, so that fred answers an ASK
+    /// it cannot follow with an error instead of ending the client's task.
+    read_opts: Options,
     /// The shared subscriber, created by the first `watch`.
     notifier: OnceCell<Arc<Notifier>>,
     /// Set once a connection is up and the function library loaded; until
@@ -365,6 +375,13 @@ fn conflict_or(stream: StreamId, e: FredError) -> StoreError {
     }
 }
 
+/// Whether fred gave up on a cluster redirection (ASK or MOVED).
+fn is_redirection(e: &FredError) -> bool {
+    matches!(e.kind(), ErrorKind::Routing | ErrorKind::Cluster)
+        || e.details().contains("redirection")
+        || e.details().contains("Max attempts")
+}
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -404,20 +421,23 @@ impl RedisStore {
 
         let setup = async {
             // `fail_fast` (fred's default) makes a refused first connection an error, not a retry loop.
-            pool.init().await?;
+            let mut tasks = Vec::new();
+            for c in pool.clients() {
+                tasks.push(c.init().await?);
+            }
             let () = pool.ping(None).await?;
             let _: Value = pool
                 .next_connected()
                 .function_load_cluster(true, LIBRARY)
                 .await?;
-            Ok::<(), FredError>(())
+            Ok::<Vec<ConnectHandle>, FredError>(tasks)
         };
         let bound = ropts
             .connect_timeout
             .saturating_mul(2)
             .saturating_add(ropts.command_timeout);
         let result = match tokio::time::timeout(bound, setup).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(tasks)) => Ok(tasks),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
                 "cannot connect to Redis: {e}"
             ))),
@@ -425,15 +445,18 @@ impl RedisStore {
                 "cannot connect to Redis: no answer within {bound:?}"
             ))),
         };
-        if let Err(e) = result {
-            // Stop any connection attempt still running in the background.
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
-            });
-            return Err(e);
-        }
-        Ok(Self::assemble(pool, builder, opts, ropts, true, Vec::new()))
+        let tasks = match result {
+            Ok(tasks) => tasks,
+            Err(e) => {
+                // Stop any connection attempt still running in the background.
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
+                });
+                return Err(e);
+            }
+        };
+        Ok(Self::assemble(pool, builder, opts, ropts, true, tasks))
     }
 
     /// Like [`connect_with`](Self::connect_with), but without waiting for the
@@ -494,6 +517,10 @@ impl RedisStore {
             opts,
             ropts,
             write_opts,
+            read_opts: Options {
+                max_redirections: Some(1),
+                ..Default::default()
+            },
             notifier: OnceCell::new(),
             ready: AtomicBool::new(ready),
             shutdown: shutdown.clone(),
@@ -502,7 +529,30 @@ impl RedisStore {
             {
                 let token = shutdown.clone();
                 async move {
-                    token.cancelled().await;
+                    let mut tasks = tasks;
+                    // fred ends a client's connection task for good on some
+                    // routing errors (e.g. `Max attempts reached` after an
+                    // ASK during a slot migration), leaving the client
+                    // disconnected forever: start such a task again.
+                    let clients = pool.clients().to_vec();
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => break,
+                            _ = tokio::time::sleep(SUPERVISE_INTERVAL) => {}
+                        }
+                        if tasks.len() != clients.len() {
+                            continue;
+                        }
+                        for (task, client) in tasks.iter_mut().zip(&clients) {
+                            if task.is_finished() && !token.is_cancelled() {
+                                tracing::warn!(
+                                    client = %client.id(),
+                                    "a Redis connection task ended; restarting it"
+                                );
+                                *task = client.connect();
+                            }
+                        }
+                    }
                     let _ = tokio::time::timeout(quit_bound, pool.quit()).await;
                     // A connection task still in its first connection loop
                     // may have missed the quit: it must not retry forever.
@@ -528,6 +578,27 @@ impl RedisStore {
             Err(StoreError::Unavailable(
                 "not connected to Redis yet (still trying in the background)".into(),
             ))
+        }
+    }
+
+    /// Runs a read again, with a short backoff and within the command bound,
+    /// while it fails on a cluster redirection (a slot migrating or moved).
+    async fn retry_redirected<T, F, Fut>(&self, mut f: F) -> Result<T, FredError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, FredError>>,
+    {
+        let deadline = Instant::now() + self.inner.ropts.command_timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match f().await {
+                Err(e) if is_redirection(&e) && Instant::now() + delay < deadline => {
+                    tracing::debug!(cause = %e, "retrying a redirected read");
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -641,8 +712,11 @@ fn configure(url: &str, opts: &StoreOptions, ropts: &RedisOptions) -> Result<Bui
                 .into(),
         ));
     }
-    let config = Config::from_url(url)
+    let mut config = Config::from_url(url)
         .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {}", e.details())))?;
+    if let (Some(tls), true) = (&ropts.tls, config.tls.is_some()) {
+        config.tls = Some(tls.clone());
+    }
     if opts.key_prefix.contains(['{', '}']) {
         tracing::warn!("key_prefix contains braces: every stream will share one cluster slot");
     }
@@ -758,6 +832,7 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         None => None,
     };
     let cancel_requested = h.remove("cancel").is_some();
+    let caller = h.remove("caller");
     Ok(StreamMeta {
         id,
         epoch,
@@ -770,6 +845,7 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         lease_owner,
         lease_until_ms,
         cancel_requested,
+        caller,
     })
 }
 
@@ -861,6 +937,9 @@ impl Store for RedisStore {
         if meta.cancel_requested {
             fields.push(("cancel", "1".into()));
         }
+        if let Some(caller) = &meta.caller {
+            fields.push(("caller", caller.clone()));
+        }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
         let p = self.inner.pool.next_connected().pipeline();
@@ -924,7 +1003,17 @@ impl Store for RedisStore {
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
         self.ready()?;
         let k = self.keys(stream);
-        let h: HashMap<String, String> = self.inner.pool.hgetall(&k.meta).await.map_err(map_err)?;
+        let h: HashMap<String, String> = self
+            .retry_redirected(|| async {
+                self.inner
+                    .pool
+                    .next_connected()
+                    .with_options(&self.inner.read_opts)
+                    .hgetall(&k.meta)
+                    .await
+            })
+            .await
+            .map_err(map_err)?;
         if h.is_empty() {
             return Ok(None);
         }
@@ -951,9 +1040,14 @@ impl Store for RedisStore {
             .unwrap_or(u64::MAX)
             .min(i64::MAX as u64 - 1);
         let items: Value = self
-            .inner
-            .pool
-            .xrange(&k.entries, format!("{from}-0"), "+", Some(count))
+            .retry_redirected(|| async {
+                self.inner
+                    .pool
+                    .next_connected()
+                    .with_options(&self.inner.read_opts)
+                    .xrange(&k.entries, format!("{from}-0"), "+", Some(count))
+                    .await
+            })
             .await
             .map_err(map_err)?;
         match items {
@@ -1029,10 +1123,16 @@ impl Store for RedisStore {
 
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         self.ready()?;
+        let name = self.binding_key(key);
         let v: Option<String> = self
-            .inner
-            .pool
-            .get(self.binding_key(key))
+            .retry_redirected(|| async {
+                self.inner
+                    .pool
+                    .next_connected()
+                    .with_options(&self.inner.read_opts)
+                    .get(&name)
+                    .await
+            })
             .await
             .map_err(map_err)?;
         v.map(|s| {
@@ -1368,6 +1468,38 @@ async fn route_messages(
     }
 }
 
+/// How often a cluster subscriber checks whether its channels' slots moved.
+const CLUSTER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Refreshes the subscriber's view of the cluster and tells whether the slot
+/// of a subscribed channel changed owner since the last look.
+async fn owners_changed(n: &Notifier, owners: &mut HashMap<u16, Server>) -> bool {
+    let slots: Vec<u16> = lock(&n.topics)
+        .iter()
+        .filter(|(_, t)| t.subscribed)
+        .map(|(s, _)| fred::util::redis_keyslot(n.channel(*s).as_bytes()))
+        .collect();
+    if slots.is_empty() {
+        return false;
+    }
+    if let Err(e) = n.client.sync_cluster().await {
+        tracing::debug!(cause = %e, "refreshing the cluster state failed");
+        return false;
+    }
+    let Some(state) = n.client.cached_cluster_state() else {
+        return false;
+    };
+    let mut changed = false;
+    for slot in slots {
+        if let Some(server) = state.get_server(slot) {
+            if let Some(old) = owners.insert(slot, server.clone()) {
+                changed |= old != *server;
+            }
+        }
+    }
+    changed
+}
+
 async fn resubscribe_on_reconnect(
     n: Arc<Notifier>,
     mut rx: tokio::sync::broadcast::Receiver<Server>,
@@ -1381,9 +1513,24 @@ async fn resubscribe_on_reconnect(
     let mut delay = ropts.reconnect_min_delay;
     // fred reports the first connection as a reconnection too.
     let mut first = true;
+    // In a cluster, a moved slot ends its shard subscriptions (Redis pushes
+    // `sunsubscribe`, which fred drops): look at the slot owners now and
+    // then, and subscribe again when one changed.
+    let clustered = n.client.is_clustered();
+    let mut owners: HashMap<u16, Server> = HashMap::new();
+    let mut check = tokio::time::interval(CLUSTER_CHECK_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
+            _ = check.tick(), if clustered && !pending => {
+                if owners_changed(&n, &mut owners).await {
+                    pending = true;
+                    delay = Duration::ZERO;
+                } else {
+                    continue;
+                }
+            }
             ev = rx.recv() => match ev {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     pending = true;

@@ -68,6 +68,10 @@ fn main() -> ExitCode {
             Some(u) => println!("store = redis ({})", redact_url(u.expose())),
             None => println!("store = embedded in-memory"),
         }
+        match &config.auth.secret {
+            Some(_) => println!("auth.secret = *** (set)"),
+            None => println!("auth.secret = (not set: a built-in key; set one, the same on every instance)"),
+        }
         for r in &config.routes {
             println!(
                 "route {} -> {} (record: {}, key: {:?}, resume: {:?})",
@@ -144,6 +148,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         .or(config.store.redis_url.take())
         .or_else(|| env("REDIS_URL").map(Secret::new));
     config.store.redis_url = redis;
+    if config.auth.secret.is_none() {
+        config.auth.secret = env("REPRISE_AUTH_SECRET").map(Secret::new);
+    }
     if let Some(upstream) = &cli.upstream {
         config.routes = vec![RouteConfig {
             path: "/".into(),
@@ -151,6 +158,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             key: None,
             resume: None,
             record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
         }];
     }
     config.validate()?;
@@ -158,9 +168,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let listener = listen(config.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     start_watchdog();
@@ -208,6 +216,19 @@ fn start_watchdog() {
             notify_systemd(&[NotifyState::Watchdog]);
         }
     });
+}
+
+/// Binds the listener with a deep accept queue (4096; tokio's default of
+/// 128 drops connections when a thousand clients reconnect at once).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// SIGTERM (systemd, Kubernetes) or SIGINT starts a graceful shutdown; a
