@@ -7,9 +7,17 @@ use reprise_tests::upstream::{numbered_event, numbered_event_data};
 use reprise_tests::{open_sse, read_raw, SseClient, Upstream};
 use serde_json::json;
 
-fn chat(relay: &TestRelay, client: &SseClient, chat_id: &str, token: &str) -> reqwest::RequestBuilder {
+fn chat(
+    relay: &TestRelay,
+    client: &SseClient,
+    chat_id: &str,
+    token: &str,
+) -> reqwest::RequestBuilder {
     client
-        .post_json(&format!("{}/api/chat", relay.url()), &json!({"id": chat_id}))
+        .post_json(
+            &format!("{}/api/chat", relay.url()),
+            &json!({"id": chat_id}),
+        )
         .header("authorization", format!("Bearer {token}"))
 }
 
@@ -44,15 +52,23 @@ async fn another_caller_cannot_resume_or_cancel_by_key() {
     // A third caller gets what "no such stream" gets: 204.
     let eve = open_sse(resume("eve")).await;
     assert_eq!(eve.status(), 204);
-    let anonymous = client.open_get(&format!("{}/api/chat/c1/stream", relay.url())).await;
+    let anonymous = client
+        .open_get(&format!("{}/api/chat/c1/stream", relay.url()))
+        .await;
     assert_eq!(anonymous.status(), 204);
 
     // Cancel by key or by id: only the caller that started the stream.
     let alice_id = alice.header("reprise-stream-id").unwrap().to_string();
     for (method_url, token) in [
         (format!("{}/api/chat/c1/stream", relay.url()), "eve"),
-        (format!("{}/_reprise/streams/{alice_id}", relay.url()), "eve"),
-        (format!("{}/_reprise/streams/{alice_id}", relay.url()), "bob"),
+        (
+            format!("{}/_reprise/streams/{alice_id}", relay.url()),
+            "eve",
+        ),
+        (
+            format!("{}/_reprise/streams/{alice_id}", relay.url()),
+            "bob",
+        ),
     ] {
         let (status, _, body) = read_raw(
             client
@@ -119,7 +135,10 @@ async fn same_caller_routes_check_every_resume() {
     .await;
     ctl.send(numbered_event(2)).await;
     ctl.finish();
-    assert_eq!(owner.collect_until_end().await[0].data, numbered_event_data(2));
+    assert_eq!(
+        owner.collect_until_end().await[0].data,
+        numbered_event_data(2)
+    );
     relay.stop().await;
 }
 
@@ -136,7 +155,14 @@ async fn logs_contain_no_credential() {
     // A password in the URL: Redis ignores it without ACLs... so give the
     // default user one and use it.
     let _ = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "CONFIG", "SET", "requirepass", "hunter2-redis"])
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "hunter2-redis",
+        ])
         .output();
     std::fs::write(
         &cfg,
@@ -148,7 +174,8 @@ async fn logs_contain_no_credential() {
     )
     .unwrap();
     upstream.respond(|_| reprise_tests::Reply::sse([numbered_event(1)]));
-    let relay = RelayProcess::start_logging(&["--config", &cfg.to_string_lossy()], &log, "trace").await;
+    let relay =
+        RelayProcess::start_logging(&["--config", &cfg.to_string_lossy()], &log, "trace").await;
     let client = SseClient::new();
     let mut s = open_sse(
         client
@@ -159,12 +186,18 @@ async fn logs_contain_no_credential() {
     .await;
     let id = s.header("reprise-stream-id").unwrap().to_string();
     s.collect_until_end().await;
-    let (status, _, _) = read_raw(client.get(&format!("{}/_reprise/streams/{id}", relay.url()))).await;
+    let (status, _, _) =
+        read_raw(client.get(&format!("{}/_reprise/streams/{id}", relay.url()))).await;
     assert_eq!(status, 200);
     drop(relay);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("listening"), "the log was captured: {text}");
-    for secret in ["hunter2-token", "hunter2-cookie", "hunter2-hmac", "hunter2-redis"] {
+    for secret in [
+        "hunter2-token",
+        "hunter2-cookie",
+        "hunter2-hmac",
+        "hunter2-redis",
+    ] {
         assert!(!text.contains(secret), "{secret} leaked into the logs");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,12 +7,17 @@ use bytes::Bytes;
 use bytesize::ByteSize;
 use reprise_tests::relay::{chat_config, config, Backend, TestRelay};
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
-use reprise_tests::{open_sse, read_raw, with_timeout, RawResponse, Reply, SseClient, SseEvent, Upstream};
+use reprise_tests::{
+    open_sse, read_raw, with_timeout, RawResponse, Reply, SseClient, SseEvent, Upstream,
+};
 use serde_json::json;
 
 fn signal_code(e: &SseEvent) -> String {
     assert_eq!(e.event, "reprise-error", "not a signal: {e:?}");
-    e.json()["reprise"]["code"].as_str().unwrap_or_default().to_string()
+    e.json()["reprise"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn error_code(body: &[u8]) -> String {
@@ -27,7 +32,9 @@ async fn a_stalled_upstream_times_out_and_is_closed() {
     c.timeouts.idle = Duration::from_millis(300);
     let relay = TestRelay::start(c).await;
     let ctl = upstream.controlled_stream();
-    let mut s = SseClient::new().open_get(&format!("{}/gen", relay.url())).await;
+    let mut s = SseClient::new()
+        .open_get(&format!("{}/gen", relay.url()))
+        .await;
     ctl.send(numbered_event(1)).await;
     let events = s.collect_until_end().await;
     assert_eq!(events.len(), 2, "{events:?}");
@@ -45,11 +52,16 @@ async fn a_stream_longer_than_the_maximum_duration_is_cut() {
     let mut c = config(&upstream.url(), &Backend::Memory);
     c.timeouts.max_stream_duration = Duration::from_millis(400);
     let relay = TestRelay::start(c).await;
-    let mut s = SseClient::new().open_get(&format!("{}/gen", relay.url())).await;
+    let mut s = SseClient::new()
+        .open_get(&format!("{}/gen", relay.url()))
+        .await;
     let events = s.collect_until_end().await;
     let last = events.last().expect("events");
     assert_eq!(signal_code(last), "upstream_timeout");
-    assert!(last.json()["errorText"].as_str().unwrap_or_default().contains("maximum duration"));
+    assert!(last.json()["errorText"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("maximum duration"));
     assert!(events.len() < 1000);
     relay.stop().await;
 }
@@ -74,7 +86,11 @@ async fn an_upstream_that_never_answers_gets_504_and_a_dead_one_502() {
     relay.stop().await;
 
     let closed_port = reprise_tests::redis::free_port().unwrap();
-    let relay = TestRelay::start(config(&format!("http://127.0.0.1:{closed_port}"), &Backend::Memory)).await;
+    let relay = TestRelay::start(config(
+        &format!("http://127.0.0.1:{closed_port}"),
+        &Backend::Memory,
+    ))
+    .await;
     let (status, _, body) = read_raw(SseClient::new().get(&format!("{}/gen", relay.url()))).await;
     assert_eq!(status, 502);
     assert_eq!(error_code(&body.bytes), "upstream_unavailable");
@@ -88,7 +104,9 @@ async fn a_10_mb_line_without_newline_fails_the_stream_with_bounded_memory() {
     c.limits.max_line = ByteSize::kib(64);
     let relay = TestRelay::start(c).await;
     let ctl = upstream.controlled_stream();
-    let mut s = SseClient::new().open_get(&format!("{}/gen", relay.url())).await;
+    let mut s = SseClient::new()
+        .open_get(&format!("{}/gen", relay.url()))
+        .await;
     let stream_id = s.header("reprise-stream-id").unwrap().to_string();
     ctl.send(numbered_event(1)).await;
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
@@ -101,7 +119,12 @@ async fn a_10_mb_line_without_newline_fails_the_stream_with_bounded_memory() {
         sent += chunk.len();
     }
     let events = s.collect_until_end().await;
-    assert_eq!(events.len(), 2, "{:?}", events.iter().map(|e| &e.event).collect::<Vec<_>>());
+    assert_eq!(
+        events.len(),
+        2,
+        "{:?}",
+        events.iter().map(|e| &e.event).collect::<Vec<_>>()
+    );
     assert_eq!(signal_code(&events[1]), "upstream_protocol");
     ctl.closed().await;
     // What was recorded before the bad line is kept.
@@ -121,7 +144,9 @@ async fn a_flooding_upstream_hits_the_stream_limit() {
     let mut c = config(&upstream.url(), &Backend::Memory);
     c.limits.max_stream_events = 100;
     let relay = TestRelay::start(c).await;
-    let mut s = SseClient::new().open_get(&format!("{}/gen", relay.url())).await;
+    let mut s = SseClient::new()
+        .open_get(&format!("{}/gen", relay.url()))
+        .await;
     let events = s.collect_until_end().await;
     assert_eq!(events.len(), 101);
     assert_eq!(events[99].data, numbered_event_data(100));
@@ -140,10 +165,13 @@ async fn non_utf8_and_binary_bytes_pass_through_untouched() {
     assert_eq!(status, 200);
     let stream_id = headers["reprise-stream-id"].to_str().unwrap().to_string();
     let id_line_end = body.bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
-    assert!(body.bytes.starts_with(format!("id: {stream_id}.").as_bytes()));
+    assert!(body
+        .bytes
+        .starts_with(format!("id: {stream_id}.").as_bytes()));
     assert_eq!(&body.bytes[id_line_end..], payload);
     // And the same from the store.
-    let (_, _, replay) = read_raw(client.get(&format!("{}/_reprise/streams/{stream_id}", relay.url()))).await;
+    let (_, _, replay) =
+        read_raw(client.get(&format!("{}/_reprise/streams/{stream_id}", relay.url()))).await;
     assert_eq!(replay.bytes, body.bytes);
     relay.stop().await;
 }
@@ -155,7 +183,8 @@ async fn an_oversized_request_body_is_refused_before_the_upstream() {
     c.limits.max_request_body = ByteSize::kib(1);
     let relay = TestRelay::start(c).await;
     let big = json!({"id": "c", "messages": ["x".repeat(4096)]});
-    let (status, _, body) = read_raw(SseClient::new().post_json(&format!("{}/api/chat", relay.url()), &big)).await;
+    let (status, _, body) =
+        read_raw(SseClient::new().post_json(&format!("{}/api/chat", relay.url()), &big)).await;
     assert_eq!(status, 413);
     assert_eq!(error_code(&body.bytes), "payload_too_large");
     assert_eq!(upstream.request_count(), 0);
@@ -194,7 +223,10 @@ async fn a_reader_that_never_reads_does_not_slow_the_others() {
         let b = fast.collect_until_end().await;
         (a.len(), b.len())
     };
-    let (_, (a, b)) = with_timeout("the fast readers", async { tokio::join!(producer, readers) }).await;
+    let (_, (a, b)) = with_timeout("the fast readers", async {
+        tokio::join!(producer, readers)
+    })
+    .await;
     assert_eq!((a, b), (8000, 8000));
     drop(stuck);
     relay.stop().await;
@@ -211,7 +243,8 @@ async fn connections_over_the_limit_get_503() {
     let a = RawResponse::open(reqwest::Client::new().get(format!("{}/a", relay.url()))).await;
     let b = RawResponse::open(reqwest::Client::new().get(format!("{}/b", relay.url()))).await;
     assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
-    let (status, headers, body) = read_raw(reqwest::Client::new().get(format!("{}/c", relay.url()))).await;
+    let (status, headers, body) =
+        read_raw(reqwest::Client::new().get(format!("{}/c", relay.url()))).await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
     assert_eq!(error_code(&body.bytes), "too_many_connections");
@@ -228,8 +261,12 @@ async fn cr_lf_in_ids_never_reach_headers_or_output() {
     let upstream = Upstream::start().await;
     let relay = TestRelay::start(config(&upstream.url(), &Backend::Memory)).await;
     let client = SseClient::new();
-    for bad in ["AAAAAAAAAAAAAAAAAAAAAA%0D%0Aevil:%201", "AAAAAAAAAAAAAAAAAAAAAA%00"] {
-        let (status, headers, body) = read_raw(client.get(&format!("{}/_reprise/streams/{bad}", relay.url()))).await;
+    for bad in [
+        "AAAAAAAAAAAAAAAAAAAAAA%0D%0Aevil:%201",
+        "AAAAAAAAAAAAAAAAAAAAAA%00",
+    ] {
+        let (status, headers, body) =
+            read_raw(client.get(&format!("{}/_reprise/streams/{bad}", relay.url()))).await;
         assert_eq!(status, 400, "{bad}");
         assert!(!headers.contains_key("evil"));
         assert_eq!(error_code(&body.bytes), "invalid_stream_id");
@@ -244,7 +281,11 @@ async fn cr_lf_in_ids_never_reach_headers_or_output() {
     // A Last-Event-ID query value with CR/LF on a route is not Reprise's: it
     // goes upstream as a query string, never into Reprise's SSE output.
     upstream.respond(|_| Reply::sse([numbered_event(1)]));
-    let mut s = open_sse(client.get(&format!("{}/x?last_event_id=a%0D%0Adata:%20evil", relay.url()))).await;
+    let mut s = open_sse(client.get(&format!(
+        "{}/x?last_event_id=a%0D%0Adata:%20evil",
+        relay.url()
+    )))
+    .await;
     let events = s.collect_until_end().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].data, numbered_event_data(1));

@@ -432,10 +432,14 @@ async fn ready_waits_for_an_unreachable_store_while_serving() {
     let r = reqwest::get(&readyz).await.expect("readyz");
     assert_eq!(r.status(), 503);
     // Streams are proxied (and recorded in memory) meanwhile.
-    let mut s = SseClient::new().open_get(&format!("http://{addr}/gen")).await;
+    let mut s = SseClient::new()
+        .open_get(&format!("http://{addr}/gen"))
+        .await;
     assert_eq!(s.collect_until_end().await.len(), 1);
     // Redis comes up: READY=1 follows, and readiness turns 200.
-    let _redis = RedisServer::start_on_port(port).await.expect("start redis-server");
+    let _redis = RedisServer::start_on_port(port)
+        .await
+        .expect("start redis-server");
     notify.wait_for(&mut child, "READY=1").await;
     let r = reqwest::get(&readyz).await.expect("readyz");
     assert_eq!(r.status(), 200);

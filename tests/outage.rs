@@ -27,7 +27,10 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut live = client.open_get(&format!("{}/gen", relay.url())).await;
-    let stream_id = live.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = live
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     for i in 1..=5 {
         ctl.send(numbered_event(i)).await;
     }
@@ -41,7 +44,10 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     assert_eq!(data(&live.next_events(5).await), numbered(6..=10));
     // A resume of a stream this instance holds is served from memory.
     let mut during = client
-        .open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=8", relay.url()))
+        .open_get(&format!(
+            "{}/_reprise/streams/{stream_id}?start_index=8",
+            relay.url()
+        ))
         .await;
     assert_eq!(during.status(), 200);
     assert_eq!(data(&during.next_events(2).await), numbered(9..=10));
@@ -56,7 +62,11 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     // Readiness says the store is unreachable.
     let (status, _, body) = read_raw(client.get(&format!("{}/_reprise/readyz", relay.url()))).await;
     assert_eq!(status, 503);
-    assert!(body.text().contains("\"reachable\":false"), "{}", body.text());
+    assert!(
+        body.text().contains("\"reachable\":false"),
+        "{}",
+        body.text()
+    );
 
     redis.restart().await.expect("restart redis-server");
     for i in 11..=15 {
@@ -68,7 +78,8 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
 
     // Another instance on the same Redis replays the whole stream from the
     // store, once the writer has rewritten it.
-    let other = RelayProcess::start(&["--upstream", &upstream.url(), "--redis", &redis.url()]).await;
+    let other =
+        RelayProcess::start(&["--upstream", &upstream.url(), "--redis", &redis.url()]).await;
     let url = format!("{}/_reprise/streams/{stream_id}", other.url());
     let replayed = with_timeout("the stream to be stored again", async {
         loop {
@@ -98,11 +109,17 @@ async fn remote_readers_continue_after_a_redis_restart() {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut origin = client.open_get(&format!("{}/gen", producer.url())).await;
-    let stream_id = origin.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = origin
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     ctl.send(numbered_event(1)).await;
     origin.next_event().await;
     let mut remote = client
-        .open_get(&format!("{}/_reprise/streams/{stream_id}", reader_side.url()))
+        .open_get(&format!(
+            "{}/_reprise/streams/{stream_id}",
+            reader_side.url()
+        ))
         .await;
     assert_eq!(remote.next_event().await.data, numbered_event_data(1));
 
@@ -136,7 +153,10 @@ async fn an_outage_past_the_memory_budget_marks_lost_history() {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut live = client.open_get(&format!("{}/gen", relay.url())).await;
-    let stream_id = live.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = live
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     for i in 1..=5 {
         ctl.send(numbered_event(i)).await;
     }
@@ -181,10 +201,17 @@ async fn an_outage_past_the_memory_budget_marks_lost_history() {
     let signal = events.last().unwrap();
     assert_eq!(signal.json()["reprise"]["code"], "history_lost");
     let before: Vec<String> = data(&events[..events.len() - 1]);
-    assert!(before.len() >= 5 && before.len() < 300, "{} events before the gap", before.len());
+    assert!(
+        before.len() >= 5 && before.len() < 300,
+        "{} events before the gap",
+        before.len()
+    );
     assert_eq!(before, numbered(1..=before.len()));
     let mut after = client
-        .open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=300", other.url()))
+        .open_get(&format!(
+            "{}/_reprise/streams/{stream_id}?start_index=300",
+            other.url()
+        ))
         .await;
     assert_eq!(data(&after.collect_until_end().await), numbered(301..=310));
     relay.stop().await;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{chat_config, config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{event, numbered_event, numbered_event_data};
-use reprise_tests::{open_sse, read_raw, SseClient, SseEvent, Upstream, Reply};
+use reprise_tests::{open_sse, read_raw, Reply, SseClient, SseEvent, Upstream};
 use serde_json::json;
 
 /// Runs each scenario once with the embedded store and once with a fresh
@@ -44,7 +44,13 @@ on_both_stores!(
 fn seen(events: &[SseEvent]) -> Vec<(String, String, Option<u128>)> {
     events
         .iter()
-        .map(|e| (e.event.clone(), e.data.clone(), e.retry.map(|r| r.as_millis())))
+        .map(|e| {
+            (
+                e.event.clone(),
+                e.data.clone(),
+                e.retry.map(|r| r.as_millis()),
+            )
+        })
         .collect()
 }
 
@@ -83,7 +89,9 @@ fn tricky_chunks(with_bom: bool) -> Vec<Bytes> {
     }
     chunks.push(Bytes::copy_from_slice(e1));
     chunks.push(Bytes::copy_from_slice(e2));
-    chunks.push(Bytes::from_static(b"data: last\n\nevent: incomplete\ndata: never dispatched"));
+    chunks.push(Bytes::from_static(
+        b"data: last\n\nevent: incomplete\ndata: never dispatched",
+    ));
     chunks
 }
 
@@ -107,7 +115,10 @@ async fn framing_is_transparent(backend: Backend) {
     // Through Reprise, the same events as direct, with Reprise's ids.
     let mut via = client.open_get(&format!("{}/stream", relay.url())).await;
     assert_eq!(via.status(), 200);
-    let stream_id = via.header("reprise-stream-id").expect("stream id header").to_string();
+    let stream_id = via
+        .header("reprise-stream-id")
+        .expect("stream id header")
+        .to_string();
     let via_events = via.collect_until_end().await;
     let mut direct = client.open_get(&format!("{}/stream", upstream.url())).await;
     let direct_events = direct.collect_until_end().await;
@@ -116,7 +127,11 @@ async fn framing_is_transparent(backend: Backend) {
 
     // Ids are Reprise's: name the stream, strictly increasing, upstream ids gone.
     let ids: Vec<&str> = via_events.iter().map(|e| e.id.as_str()).collect();
-    assert!(ids.iter().all(|id| id.starts_with(&format!("{stream_id}."))), "{ids:?}");
+    assert!(
+        ids.iter()
+            .all(|id| id.starts_with(&format!("{stream_id}."))),
+        "{ids:?}"
+    );
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert!(!ids.contains(&"upstream-7"));
 
@@ -125,7 +140,9 @@ async fn framing_is_transparent(backend: Backend) {
     assert_eq!(seen(&bom.collect_until_end().await), expected);
 
     // The replay of the finished stream is identical.
-    let mut replay = client.open_get(&format!("{}/_reprise/streams/{stream_id}", relay.url())).await;
+    let mut replay = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", relay.url()))
+        .await;
     assert_eq!(replay.status(), 200);
     let replayed = replay.collect_until_end().await;
     assert_eq!(replayed, via_events);
@@ -139,9 +156,16 @@ async fn resume_by_each_way_gets_every_event_once(backend: Backend) {
     let base = relay.url();
 
     let ctl = upstream.controlled_stream();
-    let mut first = open_sse(client.post_json(&format!("{base}/api/chat"), &json!({"id": "chat-1", "messages": []}))).await;
+    let mut first = open_sse(client.post_json(
+        &format!("{base}/api/chat"),
+        &json!({"id": "chat-1", "messages": []}),
+    ))
+    .await;
     assert_eq!(first.status(), 200);
-    let stream_id = first.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = first
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     for i in 1..=3 {
         ctl.send(numbered_event(i)).await;
     }
@@ -154,9 +178,17 @@ async fn resume_by_each_way_gets_every_event_once(backend: Backend) {
     ctl.send(numbered_event(5)).await;
 
     // 1. Last-Event-ID on the route (what a browser EventSource does).
-    let mut by_last_id = open_sse(client.get(&format!("{base}/api/chat")).header("last-event-id", &last_id)).await;
+    let mut by_last_id = open_sse(
+        client
+            .get(&format!("{base}/api/chat"))
+            .header("last-event-id", &last_id),
+    )
+    .await;
     assert_eq!(by_last_id.status(), 200);
-    assert_eq!(by_last_id.header("reprise-stream-id"), Some(stream_id.as_str()));
+    assert_eq!(
+        by_last_id.header("reprise-stream-id"),
+        Some(stream_id.as_str())
+    );
     assert_eq!(data(&by_last_id.next_events(2).await), numbered(4..=5));
     // ... also as the last_event_id query parameter.
     let mut by_query = client
@@ -166,14 +198,23 @@ async fn resume_by_each_way_gets_every_event_once(backend: Backend) {
 
     // 2. The streams endpoint with start_index, and with Last-Event-ID.
     let mut by_index = client
-        .open_get(&format!("{base}/_reprise/streams/{stream_id}?start_index=2"))
+        .open_get(&format!(
+            "{base}/_reprise/streams/{stream_id}?start_index=2"
+        ))
         .await;
     assert_eq!(data(&by_index.next_events(3).await), numbered(3..=5));
-    let mut by_endpoint_id = open_sse(client.get(&format!("{base}/_reprise/streams/{stream_id}")).header("last-event-id", &last_id)).await;
+    let mut by_endpoint_id = open_sse(
+        client
+            .get(&format!("{base}/_reprise/streams/{stream_id}"))
+            .header("last-event-id", &last_id),
+    )
+    .await;
     assert_eq!(data(&by_endpoint_id.next_events(2).await), numbered(4..=5));
 
     // 3. The AI SDK resume template: the key's stream from its first event.
-    let mut by_key = client.open_get(&format!("{base}/api/chat/chat-1/stream")).await;
+    let mut by_key = client
+        .open_get(&format!("{base}/api/chat/chat-1/stream"))
+        .await;
     assert_eq!(by_key.status(), 200);
     assert_eq!(by_key.header("reprise-stream-id"), Some(stream_id.as_str()));
     assert_eq!(data(&by_key.next_events(5).await), numbered(1..=5));
@@ -183,28 +224,54 @@ async fn resume_by_each_way_gets_every_event_once(backend: Backend) {
         ctl.send(numbered_event(i)).await;
     }
     ctl.finish();
-    assert_eq!(data(&by_last_id.collect_until_end().await), numbered(6..=10));
+    assert_eq!(
+        data(&by_last_id.collect_until_end().await),
+        numbered(6..=10)
+    );
     assert_eq!(data(&by_query.collect_until_end().await), numbered(6..=10));
     assert_eq!(data(&by_index.collect_until_end().await), numbered(6..=10));
-    assert_eq!(data(&by_endpoint_id.collect_until_end().await), numbered(6..=10));
+    assert_eq!(
+        data(&by_endpoint_id.collect_until_end().await),
+        numbered(6..=10)
+    );
     assert_eq!(data(&by_key.collect_until_end().await), numbered(6..=10));
 
     // After the end: full replays still work; nothing-left answers 204.
-    let mut all = client.open_get(&format!("{base}/_reprise/streams/{stream_id}")).await;
+    let mut all = client
+        .open_get(&format!("{base}/_reprise/streams/{stream_id}"))
+        .await;
     let all_events = all.collect_until_end().await;
     assert_eq!(data(&all_events), numbered(1..=10));
-    let mut rest = open_sse(client.get(&format!("{base}/api/chat")).header("last-event-id", &all_events[6].id)).await;
+    let mut rest = open_sse(
+        client
+            .get(&format!("{base}/api/chat"))
+            .header("last-event-id", &all_events[6].id),
+    )
+    .await;
     assert_eq!(data(&rest.collect_until_end().await), numbered(8..=10));
-    let done = open_sse(client.get(&format!("{base}/api/chat")).header("last-event-id", &all_events[9].id)).await;
+    let done = open_sse(
+        client
+            .get(&format!("{base}/api/chat"))
+            .header("last-event-id", &all_events[9].id),
+    )
+    .await;
     assert_eq!(done.status(), 204);
     let done = client
-        .open_get(&format!("{base}/_reprise/streams/{stream_id}?start_index=10"))
+        .open_get(&format!(
+            "{base}/_reprise/streams/{stream_id}?start_index=10"
+        ))
         .await;
     assert_eq!(done.status(), 204);
     // The AI SDK convention: a finished stream is not resumed by key.
-    let by_key_after = client.open_get(&format!("{base}/api/chat/chat-1/stream")).await;
+    let by_key_after = client
+        .open_get(&format!("{base}/api/chat/chat-1/stream"))
+        .await;
     assert_eq!(by_key_after.status(), 204);
-    assert_eq!(upstream.request_count(), 1, "resumes must never reach the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "resumes must never reach the upstream"
+    );
     relay.stop().await;
 }
 
@@ -214,7 +281,10 @@ async fn client_disconnect_does_not_stop_recording(backend: Backend) {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut s = client.open_get(&format!("{}/gen", relay.url())).await;
-    let stream_id = s.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = s
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     ctl.send(numbered_event(1)).await;
     assert_eq!(s.next_event().await.data, numbered_event_data(1));
     s.disconnect();
@@ -225,7 +295,9 @@ async fn client_disconnect_does_not_stop_recording(backend: Backend) {
     }
     assert!(!ctl.is_closed());
     ctl.finish();
-    let mut replay = client.open_get(&format!("{}/_reprise/streams/{stream_id}", relay.url())).await;
+    let mut replay = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", relay.url()))
+        .await;
     assert_eq!(data(&replay.collect_until_end().await), numbered(1..=50));
     relay.stop().await;
 }
@@ -236,7 +308,10 @@ async fn upstream_dying_mid_stream_is_signalled(backend: Backend) {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut s = client.open_get(&format!("{}/gen", relay.url())).await;
-    let stream_id = s.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = s
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     for i in 1..=3 {
         ctl.send(numbered_event(i)).await;
     }
@@ -253,12 +328,22 @@ async fn upstream_dying_mid_stream_is_signalled(backend: Backend) {
 
     // A later resume replays what was recorded, then the signal; resuming
     // from the signal's id answers 204 so an EventSource stops.
-    let mut again = open_sse(client.get(&format!("{}/gen", relay.url())).header("last-event-id", &events[1].id)).await;
+    let mut again = open_sse(
+        client
+            .get(&format!("{}/gen", relay.url()))
+            .header("last-event-id", &events[1].id),
+    )
+    .await;
     let rest = again.collect_until_end().await;
     assert_eq!(rest.len(), 2);
     assert_eq!(rest[0].data, numbered_event_data(3));
     assert_eq!(rest[1].event, "reprise-error");
-    let done = open_sse(client.get(&format!("{}/gen", relay.url())).header("last-event-id", &signal.id)).await;
+    let done = open_sse(
+        client
+            .get(&format!("{}/gen", relay.url()))
+            .header("last-event-id", &signal.id),
+    )
+    .await;
     assert_eq!(done.status(), 204);
     relay.stop().await;
 }
@@ -278,12 +363,18 @@ async fn non_sse_and_errors_pass_through_unrecorded(backend: Backend) {
     assert_eq!(status, 404);
     assert_eq!(headers.get("x-up").map(|v| v.as_bytes()), Some(&b"1"[..]));
     assert!(headers.get("reprise-stream-id").is_none());
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap(), json!({"error": "nope"}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap(),
+        json!({"error": "nope"})
+    );
 
     let (status, headers, body) = read_raw(client.get(&format!("{}/json", relay.url()))).await;
     assert_eq!(status, 200);
     assert!(headers.get("reprise-stream-id").is_none());
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap(), json!({"answer": 42}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap(),
+        json!({"answer": 42})
+    );
 
     let (status, headers, body) = read_raw(client.get(&format!("{}/error-sse", relay.url()))).await;
     assert_eq!(status, 500);
@@ -323,11 +414,19 @@ async fn request_is_forwarded_whole(backend: Backend) {
     assert_eq!(req.header("x-custom"), Some("kept"));
     assert_eq!(req.header("x-hop"), None);
     assert_eq!(req.header("x-forwarded-for"), Some("127.0.0.1"));
-    assert_eq!(req.header("host"), Some(upstream.addr().to_string().as_str()));
+    assert_eq!(
+        req.header("host"),
+        Some(upstream.addr().to_string().as_str())
+    );
     assert_eq!(req.body_json(), body);
 
     // A Last-Event-ID that is not Reprise's belongs to the upstream.
-    let mut foreign = open_sse(client.get(&format!("{}/x", relay.url())).header("last-event-id", "chatcmpl-123")).await;
+    let mut foreign = open_sse(
+        client
+            .get(&format!("{}/x", relay.url()))
+            .header("last-event-id", "chatcmpl-123"),
+    )
+    .await;
     foreign.collect_until_end().await;
     let req = upstream.nth_request(2).await;
     assert_eq!(req.header("last-event-id"), Some("chatcmpl-123"));
@@ -341,18 +440,32 @@ async fn status_codes_of_resumes(backend: Backend) {
     let base = relay.url();
     let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
 
-    let (status, _, body) = read_raw(client.get(&format!("{base}/_reprise/streams/{unknown}"))).await;
+    let (status, _, body) =
+        read_raw(client.get(&format!("{base}/_reprise/streams/{unknown}"))).await;
     assert_eq!(status, 404);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap()["error"]["code"], "stream_not_found");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap()["error"]["code"],
+        "stream_not_found"
+    );
     for (path, code) in [
         ("/_reprise/streams/not-an-id", "invalid_stream_id"),
-        ("/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA?start_index=-1", "invalid_start_index"),
-        ("/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA?last_event_id=nope", "invalid_last_event_id"),
+        (
+            "/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA?start_index=-1",
+            "invalid_start_index",
+        ),
+        (
+            "/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA?last_event_id=nope",
+            "invalid_last_event_id",
+        ),
         ("/api/chat/a%2Fb", "invalid_path"),
     ] {
         let (status, _, body) = read_raw(client.get(&format!("{base}{path}"))).await;
         assert_eq!(status, 400, "{path}");
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap()["error"]["code"], code, "{path}");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body.bytes).unwrap()["error"]["code"],
+            code,
+            "{path}"
+        );
     }
 
     // Dot segments, sent raw (HTTP clients would normalize them away).
@@ -364,32 +477,60 @@ async fn status_codes_of_resumes(backend: Backend) {
     // An unknown stream via Last-Event-ID: in-band history_lost, never a
     // silent fresh upstream call; its id then gets 204.
     let lost_id = format!("{unknown}.0badcafe.0000000003");
-    let mut lost = open_sse(client.get(&format!("{base}/api/chat")).header("last-event-id", &lost_id)).await;
+    let mut lost = open_sse(
+        client
+            .get(&format!("{base}/api/chat"))
+            .header("last-event-id", &lost_id),
+    )
+    .await;
     assert_eq!(lost.status(), 200);
     let events = lost.collect_until_end().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event, "reprise-error");
     assert_eq!(events[0].json()["reprise"]["code"], "history_lost");
     assert_eq!(events[0].id, format!("{unknown}.end"));
-    let end = open_sse(client.get(&format!("{base}/api/chat")).header("last-event-id", &events[0].id)).await;
+    let end = open_sse(
+        client
+            .get(&format!("{base}/api/chat"))
+            .header("last-event-id", &events[0].id),
+    )
+    .await;
     assert_eq!(end.status(), 204);
 
     // A known stream but another epoch (deleted and re-created): history lost.
     upstream.respond(|_| Reply::sse([numbered_event(1), numbered_event(2)]));
     let mut s = client.open_get(&format!("{base}/x")).await;
-    let stream_id = s.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = s
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     let events = s.collect_until_end().await;
     let real_epoch = events[0].id.split('.').nth(1).expect("epoch").to_string();
-    let other_epoch = if real_epoch == "00000001" { "00000002" } else { "00000001" };
+    let other_epoch = if real_epoch == "00000001" {
+        "00000002"
+    } else {
+        "00000001"
+    };
     let stale = format!("{stream_id}.{other_epoch}.0000000001");
-    let mut stale_resume = open_sse(client.get(&format!("{base}/x")).header("last-event-id", &stale)).await;
+    let mut stale_resume = open_sse(
+        client
+            .get(&format!("{base}/x"))
+            .header("last-event-id", &stale),
+    )
+    .await;
     let events = stale_resume.collect_until_end().await;
     assert_eq!(events[0].json()["reprise"]["code"], "history_lost");
 
     // The resume template for a key that never streamed: 204.
-    let none = client.open_get(&format!("{base}/api/chat/never/stream")).await;
+    let none = client
+        .open_get(&format!("{base}/api/chat/never/stream"))
+        .await;
     assert_eq!(none.status(), 204);
-    assert_eq!(upstream.request_count(), 1, "only the one real request reached the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "only the one real request reached the upstream"
+    );
     relay.stop().await;
 }
 
@@ -399,20 +540,31 @@ async fn many_readers_each_get_every_event(backend: Backend) {
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut origin = client.open_get(&format!("{}/gen", relay.url())).await;
-    let stream_id = origin.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = origin
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     let mut readers = Vec::new();
     for i in 1..=100usize {
         ctl.send(numbered_event(i)).await;
         if i % 10 == 0 {
             // A reader joining now, from a different position each time.
-            let url = format!("{}/_reprise/streams/{stream_id}?start_index={}", relay.url(), i / 2);
+            let url = format!(
+                "{}/_reprise/streams/{stream_id}?start_index={}",
+                relay.url(),
+                i / 2
+            );
             readers.push((i / 2, client.open_get(&url).await));
         }
     }
     ctl.finish();
     assert_eq!(data(&origin.collect_until_end().await), numbered(1..=100));
     for (from, mut r) in readers {
-        assert_eq!(data(&r.collect_until_end().await), numbered(from + 1..=100), "reader from {from}");
+        assert_eq!(
+            data(&r.collect_until_end().await),
+            numbered(from + 1..=100),
+            "reader from {from}"
+        );
     }
     relay.stop().await;
 }
@@ -425,14 +577,20 @@ async fn ai_sdk_headers_are_replayed_on_resume() {
     let (reply, ctl) = Reply::controlled();
     upstream.respond_once(reply.header("x-vercel-ai-ui-message-stream", "v1"));
     let client = SseClient::new();
-    let mut s = open_sse(client.post_json(&format!("{}/api/chat", relay.url()), &json!({"id": "k1"}))).await;
+    let mut s =
+        open_sse(client.post_json(&format!("{}/api/chat", relay.url()), &json!({"id": "k1"})))
+            .await;
     assert_eq!(s.header("x-vercel-ai-ui-message-stream"), Some("v1"));
     ctl.send(event(r#"{"type":"start"}"#)).await;
     s.next_event().await;
-    let mut resumed = client.open_get(&format!("{}/api/chat/k1/stream", relay.url())).await;
+    let mut resumed = client
+        .open_get(&format!("{}/api/chat/k1/stream", relay.url()))
+        .await;
     assert_eq!(resumed.status(), 200);
     assert_eq!(resumed.header("x-vercel-ai-ui-message-stream"), Some("v1"));
-    assert!(resumed.header("content-type").is_some_and(|v| v.starts_with("text/event-stream")));
+    assert!(resumed
+        .header("content-type")
+        .is_some_and(|v| v.starts_with("text/event-stream")));
     assert_eq!(resumed.next_event().await.data, r#"{"type":"start"}"#);
     ctl.finish();
     relay.stop().await;
@@ -450,24 +608,37 @@ async fn two_processes_share_streams_over_one_redis() {
 
     let ctl = upstream.controlled_stream();
     let mut on_a = client.open_get(&format!("{}/gen", a.url())).await;
-    let stream_id = on_a.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = on_a
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     for i in 1..=5 {
         ctl.send(numbered_event(i)).await;
     }
     let got = on_a.next_events(2).await;
     on_a.disconnect();
 
-    let mut on_b = open_sse(client.get(&format!("{}/gen", b.url())).header("last-event-id", &got[1].id)).await;
+    let mut on_b = open_sse(
+        client
+            .get(&format!("{}/gen", b.url()))
+            .header("last-event-id", &got[1].id),
+    )
+    .await;
     assert_eq!(on_b.status(), 200);
     assert_eq!(data(&on_b.next_events(3).await), numbered(3..=5));
-    let mut on_b_by_id = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    let mut on_b_by_id = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .await;
     assert_eq!(data(&on_b_by_id.next_events(5).await), numbered(1..=5));
     for i in 6..=20 {
         ctl.send(numbered_event(i)).await;
     }
     ctl.finish();
     assert_eq!(data(&on_b.collect_until_end().await), numbered(6..=20));
-    assert_eq!(data(&on_b_by_id.collect_until_end().await), numbered(6..=20));
+    assert_eq!(
+        data(&on_b_by_id.collect_until_end().await),
+        numbered(6..=20)
+    );
     assert_eq!(upstream.request_count(), 1);
 }
 
@@ -478,9 +649,14 @@ async fn raw_status(addr: std::net::SocketAddr, target: &str) -> u16 {
     let req = format!("GET {target} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
     conn.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
-    reprise_tests::with_timeout("raw response", conn.read_to_end(&mut buf)).await.expect("read");
+    reprise_tests::with_timeout("raw response", conn.read_to_end(&mut buf))
+        .await
+        .expect("read");
     let head = String::from_utf8_lossy(&buf);
-    head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"))
 }
 
 /// NDJSON (Ollama): one entry per line, forwarded and replayed in the
@@ -493,27 +669,55 @@ async fn ndjson_streams_are_recorded_per_line() {
     let (reply, ctl) = Reply::controlled();
     upstream.respond_once(reply.header("content-type", "application/x-ndjson"));
     let client = SseClient::new();
-    let mut raw = reprise_tests::RawResponse::open(client.http().post(format!("{}/api/generate", relay.url()))).await;
+    let mut raw = reprise_tests::RawResponse::open(
+        client.http().post(format!("{}/api/generate", relay.url())),
+    )
+    .await;
     assert_eq!(raw.status(), 200);
-    let stream_id = raw.header("reprise-stream-id").expect("stream id").to_string();
-    ctl.send(Bytes::from_static(b"{\"response\":\"He\",\"done\":false}\n{\"resp")).await;
-    ctl.send(Bytes::from_static(b"onse\":\"llo\",\"done\":false}\r\n\n")).await;
-    assert_eq!(&raw.read_until(b"\"llo\",\"done\":false}\n").await[..], b"{\"response\":\"He\",\"done\":false}\n{\"response\":\"llo\",\"done\":false}\n");
-    ctl.send(Bytes::from_static(b"{\"response\":\"\",\"done\":true}")).await;
+    let stream_id = raw
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
+    ctl.send(Bytes::from_static(
+        b"{\"response\":\"He\",\"done\":false}\n{\"resp",
+    ))
+    .await;
+    ctl.send(Bytes::from_static(b"onse\":\"llo\",\"done\":false}\r\n\n"))
+        .await;
+    assert_eq!(
+        &raw.read_until(b"\"llo\",\"done\":false}\n").await[..],
+        b"{\"response\":\"He\",\"done\":false}\n{\"response\":\"llo\",\"done\":false}\n"
+    );
+    ctl.send(Bytes::from_static(b"{\"response\":\"\",\"done\":true}"))
+        .await;
     ctl.finish();
     let rest = raw.read_to_end().await;
     assert_eq!(&rest.bytes[..], b"{\"response\":\"\",\"done\":true}\n");
 
-    let (status, headers, body) = read_raw(client.get(&format!("{}/_reprise/streams/{stream_id}?start_index=1", relay.url()))).await;
+    let (status, headers, body) = read_raw(client.get(&format!(
+        "{}/_reprise/streams/{stream_id}?start_index=1",
+        relay.url()
+    )))
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/x-ndjson"[..]));
-    assert_eq!(&body.bytes[..], b"{\"response\":\"llo\",\"done\":false}\n{\"response\":\"\",\"done\":true}\n");
+    assert_eq!(
+        headers.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/x-ndjson"[..])
+    );
+    assert_eq!(
+        &body.bytes[..],
+        b"{\"response\":\"llo\",\"done\":false}\n{\"response\":\"\",\"done\":true}\n"
+    );
 
     // A failure ends the NDJSON stream with an Ollama-style error line.
     let (reply, ctl) = Reply::controlled();
     upstream.respond_once(reply.header("content-type", "application/x-ndjson"));
-    let raw = reprise_tests::RawResponse::open(client.http().post(format!("{}/api/generate", relay.url()))).await;
-    ctl.send(Bytes::from_static(b"{\"response\":\"a\"}\n")).await;
+    let raw = reprise_tests::RawResponse::open(
+        client.http().post(format!("{}/api/generate", relay.url())),
+    )
+    .await;
+    ctl.send(Bytes::from_static(b"{\"response\":\"a\"}\n"))
+        .await;
     ctl.abort().await;
     let body = raw.read_to_end().await;
     let text = body.text();
@@ -521,7 +725,9 @@ async fn ndjson_streams_are_recorded_per_line() {
     assert_eq!(lines.len(), 2, "{text}");
     let err: serde_json::Value = serde_json::from_str(lines[1]).expect("error line is JSON");
     assert_eq!(err["reprise"]["code"], "upstream_reset");
-    assert!(err["error"].as_str().is_some_and(|e| e.starts_with("reprise: ")));
+    assert!(err["error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("reprise: ")));
     relay.stop().await;
 }
 
@@ -537,17 +743,35 @@ async fn metrics_reflect_streams_and_resumes() {
     let relay = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
     let client = SseClient::new();
     let mut s = client.open_get(&format!("{}/x", relay.url())).await;
-    let stream_id = s.header("reprise-stream-id").expect("stream id").to_string();
+    let stream_id = s
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
     s.collect_until_end().await;
-    let mut r = client.open_get(&format!("{}/_reprise/streams/{stream_id}?start_index=1", relay.url())).await;
+    let mut r = client
+        .open_get(&format!(
+            "{}/_reprise/streams/{stream_id}?start_index=1",
+            relay.url()
+        ))
+        .await;
     assert_eq!(r.collect_until_end().await.len(), 2);
-    assert_eq!(client.open_get(&format!("{}/api/chat/none/stream", relay.url())).await.status(), 204);
+    assert_eq!(
+        client
+            .open_get(&format!("{}/api/chat/none/stream", relay.url()))
+            .await
+            .status(),
+        204
+    );
     let (status, _, _) = read_raw(client.get(&format!("{}/missing", relay.url()))).await;
     assert_eq!(status, 404);
 
-    let (status, headers, body) = read_raw(client.get(&format!("{}/_reprise/metrics", relay.url()))).await;
+    let (status, headers, body) =
+        read_raw(client.get(&format!("{}/_reprise/metrics", relay.url()))).await;
     assert_eq!(status, 200);
-    assert!(headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     let text = body.text();
     let value = |line_start: &str| -> f64 {
         text.lines()
@@ -557,13 +781,28 @@ async fn metrics_reflect_streams_and_resumes() {
             .unwrap_or_else(|| panic!("no metric {line_start} in:\n{text}"))
     };
     assert_eq!(value("reprise_streams_started_total{route=\"/\"}"), 1.0);
-    assert_eq!(value("reprise_streams_ended_total{route=\"/\",outcome=\"completed\",reason=\"\"}"), 1.0);
+    assert_eq!(
+        value("reprise_streams_ended_total{route=\"/\",outcome=\"completed\",reason=\"\"}"),
+        1.0
+    );
     assert_eq!(value("reprise_events_recorded_total"), 3.0);
     assert_eq!(value("reprise_events_replayed_total"), 2.0);
-    assert_eq!(value("reprise_resumes_total{kind=\"stream_id\",outcome=\"ok\"}"), 1.0);
-    assert_eq!(value("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"}"), 1.0);
-    assert_eq!(value("reprise_upstream_responses_total{route=\"/\",status=\"200\"}"), 1.0);
-    assert_eq!(value("reprise_upstream_responses_total{route=\"/\",status=\"404\"}"), 1.0);
+    assert_eq!(
+        value("reprise_resumes_total{kind=\"stream_id\",outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("reprise_upstream_responses_total{route=\"/\",status=\"200\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("reprise_upstream_responses_total{route=\"/\",status=\"404\"}"),
+        1.0
+    );
     assert!(value("reprise_store_latency_seconds_count{op=\"append\"}") >= 1.0);
     assert_eq!(value("reprise_streams_active"), 0.0);
     relay.stop().await;

@@ -57,8 +57,13 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
         ctl.send(numbered_event(i)).await;
     }
     origin.next_events(3).await;
-    let mut elsewhere = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
-    assert_eq!(data(&elsewhere.next_events(3).await), (1..=3).map(numbered_event_data).collect::<Vec<_>>());
+    let mut elsewhere = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .await;
+    assert_eq!(
+        data(&elsewhere.next_events(3).await),
+        (1..=3).map(numbered_event_data).collect::<Vec<_>>()
+    );
 
     a.kill().await;
     // Within the lease bound (1.5 s here; the wait is bounded generously).
@@ -67,9 +72,14 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
     assert_eq!(rest[0].event, "reprise-error");
     assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
     // Later resumes replay what was recorded, then the failure.
-    let mut later = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    let mut later = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .await;
     let events = later.collect_until_end().await;
-    assert_eq!(data(&events[..3]), (1..=3).map(numbered_event_data).collect::<Vec<_>>());
+    assert_eq!(
+        data(&events[..3]),
+        (1..=3).map(numbered_event_data).collect::<Vec<_>>()
+    );
     assert_eq!(events[3].json()["reprise"]["code"], "producer_lost");
 }
 
@@ -92,7 +102,9 @@ async fn cancel_on_any_instance_stops_the_generation() {
     let stream_id = origin.header("reprise-stream-id").unwrap().to_string();
     ctl.send(numbered_event(1)).await;
     origin.next_event().await;
-    let mut on_b = client.open_get(&format!("{}/_reprise/streams/{stream_id}", b.url())).await;
+    let mut on_b = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .await;
     on_b.next_event().await;
     let resp = client
         .http()
@@ -101,7 +113,11 @@ async fn cancel_on_any_instance_stops_the_generation() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancel_requested");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()
+            ["outcome"],
+        "cancel_requested"
+    );
     // The upstream sees its connection closed: the generation is aborted.
     ctl.closed().await;
     for reader in [&mut origin, &mut on_b] {
@@ -118,18 +134,23 @@ async fn cancel_on_any_instance_stops_the_generation() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancelled");
-    let (status, _, _) = read_raw(
-        client
-            .http()
-            .delete(format!("{}/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA", a.url())),
-    )
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()
+            ["outcome"],
+        "cancelled"
+    );
+    let (status, _, _) = read_raw(client.http().delete(format!(
+        "{}/_reprise/streams/AAAAAAAAAAAAAAAAAAAAAA",
+        a.url()
+    )))
     .await;
     assert_eq!(status, 404);
 
     // Cancel through the AI SDK resume template, on the producing instance.
     let ctl = upstream.controlled_stream();
-    let mut chat = open_sse(client.post_json(&format!("{}/api/chat", a.url()), &json!({"id": "chat-x"}))).await;
+    let mut chat =
+        open_sse(client.post_json(&format!("{}/api/chat", a.url()), &json!({"id": "chat-x"})))
+            .await;
     ctl.send(numbered_event(1)).await;
     chat.next_event().await;
     let resp = client
@@ -139,7 +160,11 @@ async fn cancel_on_any_instance_stops_the_generation() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()["outcome"], "cancelled");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&resp.bytes().await.unwrap()).unwrap()
+            ["outcome"],
+        "cancelled"
+    );
     ctl.closed().await;
     let rest = chat.collect_until_end().await;
     assert_eq!(rest.last().unwrap().json()["reprise"]["code"], "cancelled");
@@ -166,7 +191,10 @@ async fn an_idempotent_retry_makes_one_upstream_call() {
     let (mut one, mut two) = tokio::join!(open_sse(first), open_sse(second));
     assert_eq!(one.status(), 200);
     assert_eq!(two.status(), 200);
-    assert_eq!(one.header("reprise-stream-id"), two.header("reprise-stream-id"));
+    assert_eq!(
+        one.header("reprise-stream-id"),
+        two.header("reprise-stream-id")
+    );
     for i in 1..=5 {
         ctl.send(numbered_event(i)).await;
     }

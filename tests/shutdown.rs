@@ -44,7 +44,10 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
 
     first.signal("TERM");
     // New connections are no longer accepted... (the listener is closed)
-    let refused = reqwest::Client::new().get(format!("{}/_reprise/healthz", first.url())).send().await;
+    let refused = reqwest::Client::new()
+        .get(format!("{}/_reprise/healthz", first.url()))
+        .send()
+        .await;
     assert!(refused.is_err() || refused.is_ok_and(|r| !r.status().is_success()));
     // ...while the streams in flight go on.
     finishing.send(numbered_event(2)).await;
@@ -62,11 +65,21 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
 
     // A new process on the same Redis serves both.
     let second = RelayProcess::start(&["--config", &cfg]).await;
-    let mut ra = client.open_get(&format!("{}/_reprise/streams/{a_id}", second.url())).await;
-    assert_eq!(data(&ra.collect_until_end().await), vec![numbered_event_data(1), numbered_event_data(2)]);
-    let mut rb = client.open_get(&format!("{}/_reprise/streams/{b_id}", second.url())).await;
+    let mut ra = client
+        .open_get(&format!("{}/_reprise/streams/{a_id}", second.url()))
+        .await;
+    assert_eq!(
+        data(&ra.collect_until_end().await),
+        vec![numbered_event_data(1), numbered_event_data(2)]
+    );
+    let mut rb = client
+        .open_get(&format!("{}/_reprise/streams/{b_id}", second.url()))
+        .await;
     let events = rb.collect_until_end().await;
-    assert_eq!(data(&events[..2]), vec![numbered_event_data(1), numbered_event_data(2)]);
+    assert_eq!(
+        data(&events[..2]),
+        vec![numbered_event_data(1), numbered_event_data(2)]
+    );
     assert_eq!(events[2].json()["reprise"]["code"], "interrupted");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -103,7 +103,9 @@ pub struct TestRelay {
 impl TestRelay {
     pub async fn start(config: Config) -> TestRelay {
         crate::init_tracing();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay listener");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay listener");
         let addr = listener.local_addr().expect("relay addr");
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -124,7 +126,10 @@ impl TestRelay {
     /// Waits until `/_reprise/readyz` answers 200 (the store is reachable).
     pub async fn wait_ready(&self) {
         let url = format!("{}/_reprise/readyz", self.url());
-        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         crate::with_timeout("the relay to become ready", async {
             loop {
                 if let Ok(r) = client.get(&url).send().await {
@@ -150,7 +155,9 @@ impl TestRelay {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            crate::with_timeout("relay shutdown", task).await.expect("relay task panicked");
+            crate::with_timeout("relay shutdown", task)
+                .await
+                .expect("relay task panicked");
         }
     }
 }
@@ -199,7 +206,11 @@ impl RelayProcess {
         Self::spawn(args, Some(log), Some(level)).await
     }
 
-    async fn spawn(args: &[&str], log: Option<&std::path::Path>, level: Option<&str>) -> RelayProcess {
+    async fn spawn(
+        args: &[&str],
+        log: Option<&std::path::Path>,
+        level: Option<&str>,
+    ) -> RelayProcess {
         let port = free_port().expect("free port");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let child = tokio::process::Command::new(binary())
@@ -210,7 +221,9 @@ impl RelayProcess {
             .env_remove("REPRISE_REDIS_URL")
             .env(
                 "REPRISE_LOG",
-                level.map(String::from).unwrap_or_else(|| std::env::var("REPRISE_LOG").unwrap_or_else(|_| "warn".into())),
+                level.map(String::from).unwrap_or_else(|| {
+                    std::env::var("REPRISE_LOG").unwrap_or_else(|_| "warn".into())
+                }),
             )
             .stderr(match log {
                 Some(path) => Stdio::from(std::fs::File::create(path).expect("create log file")),
@@ -227,7 +240,10 @@ impl RelayProcess {
 
     async fn wait_ready(&mut self) {
         let url = format!("http://{}/_reprise/readyz", self.addr);
-        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         crate::with_timeout("reprise process to become ready", async {
             loop {
                 if let Ok(Some(status)) = self.child.try_wait() {

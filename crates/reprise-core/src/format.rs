@@ -59,8 +59,14 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(Format::from_content_type("text/event-stream; charset=utf-8"), Some(Format::Sse));
-        assert_eq!(Format::from_content_type("application/x-ndjson"), Some(Format::Ndjson));
+        assert_eq!(
+            Format::from_content_type("text/event-stream; charset=utf-8"),
+            Some(Format::Sse)
+        );
+        assert_eq!(
+            Format::from_content_type("application/x-ndjson"),
+            Some(Format::Ndjson)
+        );
         assert_eq!(Format::from_content_type("application/json"), None);
         for f in [Format::Sse, Format::Ndjson] {
             assert_eq!(f.as_str().parse::<Format>().unwrap(), f);

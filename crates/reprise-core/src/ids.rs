@@ -147,7 +147,17 @@ impl FromStr for Epoch {
 /// Position of an entry in a stream. The first entry is 1; 0 means "before
 /// the first entry".
 #[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Debug,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Seq(pub u64);
@@ -263,14 +273,22 @@ mod tests {
             let id = StreamId::random();
             let s = id.to_string();
             assert_eq!(s.len(), STREAM_ID_LEN);
-            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert!(s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
             assert_eq!(s.parse::<StreamId>().unwrap(), id);
         }
     }
 
     #[test]
     fn stream_id_rejects_bad_input() {
-        for bad in ["", "short", "AAAAAAAAAAAAAAAAAAAAA\n", "AAAAAAAAAAAAAAAAAAAA/+", "AAAAAAAAAAAAAAAAAAAAAAA"] {
+        for bad in [
+            "",
+            "short",
+            "AAAAAAAAAAAAAAAAAAAAA\n",
+            "AAAAAAAAAAAAAAAAAAAA/+",
+            "AAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad:?}");
         }
         // Non-canonical: the last character carries bits beyond the 128.
@@ -284,7 +302,11 @@ mod tests {
         let epoch = Epoch::random();
         let mut prev = String::new();
         for seq in [1u64, 2, 9, 10, 99, 100, 999, 1000, 123_456_789] {
-            let id = EventId { stream, epoch, seq: Seq(seq) };
+            let id = EventId {
+                stream,
+                epoch,
+                seq: Seq(seq),
+            };
             let s = id.to_string();
             assert_eq!(Cursor::parse(&s).unwrap(), Cursor::At(id));
             assert!(s > prev, "{s} should sort after {prev}");

@@ -52,7 +52,9 @@ impl LineSplitter {
     /// The next complete, non-blank line, without its line end.
     pub fn next_line(&mut self) -> Result<Option<Bytes>, LineTooLong> {
         if self.failed {
-            return Err(LineTooLong { limit: self.max_line });
+            return Err(LineTooLong {
+                limit: self.max_line,
+            });
         }
         while let Some(chunk) = self.queue.front_mut() {
             match memchr::memchr(b'\n', chunk) {
@@ -103,7 +105,9 @@ impl LineSplitter {
         self.failed = true;
         self.queue.clear();
         self.partial = BytesMut::new();
-        Err(LineTooLong { limit: self.max_line })
+        Err(LineTooLong {
+            limit: self.max_line,
+        })
     }
 }
 
@@ -142,7 +146,14 @@ mod tests {
     #[test]
     fn splits_lines_across_chunks() {
         let got = lines_of(&[b"{\"a\":1}\n{\"b\"", b":2}\r\n\n  \n{\"c\":3}"], 100).unwrap();
-        assert_eq!(got, vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec(), b"{\"c\":3}".to_vec()]);
+        assert_eq!(
+            got,
+            vec![
+                b"{\"a\":1}".to_vec(),
+                b"{\"b\":2}".to_vec(),
+                b"{\"c\":3}".to_vec()
+            ]
+        );
     }
 
     #[test]

@@ -192,7 +192,8 @@ mod tests {
         assert_eq!(lines.len(), 5, "{f:?}");
         assert_eq!(lines[0], "id: X");
         assert_eq!(lines[1], "event: reprise-error");
-        let v: serde_json::Value = serde_json::from_str(lines[2].strip_prefix("data: ").unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(lines[2].strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["reprise"]["code"], "upstream_timeout");
         assert_eq!(v["reprise"]["stream_id"], stream.to_string());

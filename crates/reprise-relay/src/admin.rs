@@ -21,7 +21,10 @@ use crate::proxy::query_param;
 use crate::resume::{self, Position, Via};
 use crate::server::Relay;
 
-pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+pub async fn handle(
+    relay: &Arc<Relay>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
     let path = req.uri().path();
     if let Some(id) = path.strip_prefix("/_reprise/streams/") {
         if req.method() == Method::DELETE {
@@ -43,7 +46,9 @@ pub async fn handle(relay: &Arc<Relay>, req: Request<Incoming>) -> Result<Respon
             let mut resp = Response::new(full(relay.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             Ok(resp)
         }
@@ -61,7 +66,11 @@ fn method_not_allowed() -> RelayError {
     }
 }
 
-async fn stream(relay: &Arc<Relay>, id: &str, req: &Request<Incoming>) -> Result<Response<Body>, RelayError> {
+async fn stream(
+    relay: &Arc<Relay>,
+    id: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
     let stream: StreamId = id.parse().map_err(|e| RelayError::BadRequest {
         code: "invalid_stream_id",
         message: format!("{e}"),
@@ -76,7 +85,8 @@ async fn stream(relay: &Arc<Relay>, id: &str, req: &Request<Incoming>) -> Result
         (Some(_), Some(_)) => {
             return Err(RelayError::BadRequest {
                 code: "conflicting_position",
-                message: "give either Last-Event-ID / last_event_id or start_index, not both".into(),
+                message: "give either Last-Event-ID / last_event_id or start_index, not both"
+                    .into(),
             })
         }
         (Some(v), None) => {
@@ -92,10 +102,12 @@ async fn stream(relay: &Arc<Relay>, id: &str, req: &Request<Incoming>) -> Result
             }
             Position::Cursor(cursor)
         }
-        (None, Some(n)) => Position::StartIndex(parse_start_index(&n).map_err(|e| RelayError::BadRequest {
-            code: "invalid_start_index",
-            message: e.to_string(),
-        })?),
+        (None, Some(n)) => {
+            Position::StartIndex(parse_start_index(&n).map_err(|e| RelayError::BadRequest {
+                code: "invalid_start_index",
+                message: e.to_string(),
+            })?)
+        }
         (None, None) => Position::Beginning,
     };
     resume::resume(relay, stream, pos, Via::StreamsEndpoint, req.headers()).await
@@ -108,7 +120,11 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
         Err(e) => (false, None, Some(e.to_string())),
     };
     let ready = reachable && !draining;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(
         status,
         json!({
@@ -128,7 +144,9 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }

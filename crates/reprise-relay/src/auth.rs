@@ -93,18 +93,30 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Whether the request's caller is the one that started a stream (`owner`).
 /// Streams recorded without a caller identity match everyone.
-pub fn is_owner(relay: &crate::server::Relay, owner: &crate::live::Owner, headers: &HeaderMap) -> bool {
+pub fn is_owner(
+    relay: &crate::server::Relay,
+    owner: &crate::live::Owner,
+    headers: &HeaderMap,
+) -> bool {
     let Some(stored) = &owner.caller else {
         return true;
     };
     let default = CallerConfig::default();
-    let who = relay.router.by_path(&owner.route).map(|r| &r.caller).unwrap_or(&default);
+    let who = relay
+        .router
+        .by_path(&owner.route)
+        .map(|r| &r.caller)
+        .unwrap_or(&default);
     same_caller(stored, &relay.auth.caller(&owner.route, who, headers))
 }
 
 /// Constant-time comparison of two caller identities.
 pub fn same_caller(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -127,13 +139,23 @@ mod tests {
         let auth = Auth::new(Some(&Secret::new("s1")));
         let who = CallerConfig::default();
         let alice = auth.caller("/api/chat", &who, &h(&[("authorization", "Bearer alice")]));
-        let alice2 = auth.caller("/api/chat", &who, &h(&[("Authorization", "Bearer alice"), ("x-other", "1")]));
+        let alice2 = auth.caller(
+            "/api/chat",
+            &who,
+            &h(&[("Authorization", "Bearer alice"), ("x-other", "1")]),
+        );
         let bob = auth.caller("/api/chat", &who, &h(&[("authorization", "Bearer bob")]));
         assert!(same_caller(&alice, &alice2));
         assert!(!same_caller(&alice, &bob));
-        assert_ne!(alice, auth.caller("/other", &who, &h(&[("authorization", "Bearer alice")])));
+        assert_ne!(
+            alice,
+            auth.caller("/other", &who, &h(&[("authorization", "Bearer alice")]))
+        );
         let other_secret = Auth::new(Some(&Secret::new("s2")));
-        assert_ne!(alice, other_secret.caller("/api/chat", &who, &h(&[("authorization", "Bearer alice")])));
+        assert_ne!(
+            alice,
+            other_secret.caller("/api/chat", &who, &h(&[("authorization", "Bearer alice")]))
+        );
         // Never the credential itself.
         assert!(!alice.contains("alice"));
     }

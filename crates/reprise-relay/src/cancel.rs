@@ -13,8 +13,8 @@ use serde_json::json;
 
 use crate::auth::is_owner;
 use crate::body::{full, Body};
-use crate::live::Owner;
 use crate::error::RelayError;
+use crate::live::Owner;
 use crate::server::Relay;
 
 /// Cancels `stream` and answers with what happened:
@@ -25,7 +25,11 @@ use crate::server::Relay;
 ///
 /// Only the caller that started the stream may cancel it; anyone else gets
 /// the same `404` as for an unknown stream.
-pub async fn cancel(relay: &Arc<Relay>, stream: StreamId, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+pub async fn cancel(
+    relay: &Arc<Relay>,
+    stream: StreamId,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
     let not_found = || RelayError::NotFound {
         code: "stream_not_found",
         message: "no such stream (unknown, or expired after its retention)".into(),
@@ -83,7 +87,9 @@ fn answer(status: StatusCode, stream: StreamId, outcome: &str) -> Response<Body>
     let body = json!({ "stream_id": stream.to_string(), "outcome": outcome });
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }

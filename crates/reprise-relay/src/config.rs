@@ -349,30 +349,46 @@ impl Config {
                 return bad(format!("{at}.path must start with '/': {:?}", r.path));
             }
             if r.path.starts_with("/_reprise") {
-                return bad(format!("{at}.path: /_reprise is reserved for Reprise's own endpoints"));
+                return bad(format!(
+                    "{at}.path: /_reprise is reserved for Reprise's own endpoints"
+                ));
             }
             if !seen.insert(normalize_prefix(&r.path)) {
                 return bad(format!("{at}.path {:?} is defined twice", r.path));
             }
             match r.upstream.parse::<http::Uri>() {
-                Ok(u) if matches!(u.scheme_str(), Some("http") | Some("https")) && u.authority().is_some() => {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http") | Some("https"))
+                        && u.authority().is_some() =>
+                {
                     if u.query().is_some() {
                         return bad(format!("{at}.upstream must not have a query string"));
                     }
                 }
-                _ => return bad(format!("{at}.upstream must be an http:// or https:// URL: {:?}", r.upstream)),
+                _ => {
+                    return bad(format!(
+                        "{at}.upstream must be an http:// or https:// URL: {:?}",
+                        r.upstream
+                    ))
+                }
             }
             if let Some(KeySource::Json(p)) = &r.key {
                 if !p.is_empty() && !p.starts_with('/') {
-                    return bad(format!("{at}.key.json must be a JSON pointer starting with '/': {p:?}"));
+                    return bad(format!(
+                        "{at}.key.json must be a JSON pointer starting with '/': {p:?}"
+                    ));
                 }
             }
             if let Some(t) = &r.resume {
                 if r.key.is_none() {
-                    return bad(format!("{at}.resume needs {at}.key: the template resumes a key's latest stream"));
+                    return bad(format!(
+                        "{at}.resume needs {at}.key: the template resumes a key's latest stream"
+                    ));
                 }
                 if !t.starts_with('/') || t.matches("{key}").count() != 1 {
-                    return bad(format!("{at}.resume must start with '/' and contain {{key}} exactly once: {t:?}"));
+                    return bad(format!(
+                        "{at}.resume must start with '/' and contain {{key}} exactly once: {t:?}"
+                    ));
                 }
                 if t.starts_with("/_reprise") {
                     return bad(format!("{at}.resume: /_reprise is reserved"));
@@ -384,7 +400,10 @@ impl Config {
             return bad("limits.max_line and limits.max_event must be at least 1 KiB".into());
         }
         if l.max_stream_events == 0 || l.max_stream_bytes.as_u64() < l.max_event.as_u64() {
-            return bad("limits.max_stream_bytes must be at least limits.max_event, max_stream_events > 0".into());
+            return bad(
+                "limits.max_stream_bytes must be at least limits.max_event, max_stream_events > 0"
+                    .into(),
+            );
         }
         if self.store.retention.is_zero() {
             return bad("store.retention must be more than 0".into());
@@ -393,9 +412,16 @@ impl Config {
             return bad("streams.lease must be at least 300ms".into());
         }
         if self.streams.heartbeat.is_zero() || self.streams.tail_poll_interval.is_zero() {
-            return bad("streams.heartbeat and streams.tail_poll_interval must be more than 0".into());
+            return bad(
+                "streams.heartbeat and streams.tail_poll_interval must be more than 0".into(),
+            );
         }
-        if self.store.key_prefix.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        if self
+            .store
+            .key_prefix
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ')
+        {
             return bad("store.key_prefix must not contain spaces or control characters".into());
         }
         self.validate_tls()?;

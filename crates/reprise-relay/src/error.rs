@@ -60,7 +60,9 @@ impl RelayError {
             RelayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
             RelayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            RelayError::StoreUnavailable(_) | RelayError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::StoreUnavailable(_) | RelayError::TooManyConnections => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -67,7 +67,11 @@ impl Hub {
     /// loader if this instance does not hold it yet. The caller is attached
     /// as a reader before the registry lock is released, so a loader never
     /// leaves while a reader is joining.
-    pub fn open(self: &Arc<Self>, meta: &StreamMeta, ctx: LoaderCtx) -> (Arc<LiveStream>, ReaderGuard) {
+    pub fn open(
+        self: &Arc<Self>,
+        meta: &StreamMeta,
+        ctx: LoaderCtx,
+    ) -> (Arc<LiveStream>, ReaderGuard) {
         let mut map = self.map();
         if let Some(l) = map.get(&meta.id) {
             if l.epoch == meta.epoch {
@@ -155,7 +159,10 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                 if !live.append_loaded(&entries) {
                     // The store's entries do not continue what we hold: the
                     // stream was lost and re-created underneath us.
-                    tracing::warn!(after = after.0, "stream entries are not contiguous; ending readers");
+                    tracing::warn!(
+                        after = after.0,
+                        "stream entries are not contiguous; ending readers"
+                    );
                     live.finish(Outcome::Failed {
                         reason: FailReason::ProducerLost,
                         message: "the stream's history changed in the store".into(),
@@ -177,9 +184,16 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                     reason: FailReason::ProducerLost,
                     message: "the instance recording this stream stopped".into(),
                 };
-                match ctx.store.end_if_abandoned(live.id, crate::proxy::now_ms(), &lost).await {
+                match ctx
+                    .store
+                    .end_if_abandoned(live.id, crate::proxy::now_ms(), &lost)
+                    .await
+                {
                     Ok(Some(seq)) => {
-                        tracing::warn!(end = seq.0, "producer lease expired; stream ended as producer_lost");
+                        tracing::warn!(
+                            end = seq.0,
+                            "producer lease expired; stream ended as producer_lost"
+                        );
                         continue;
                     }
                     Ok(None) => {}

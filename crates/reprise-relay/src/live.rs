@@ -42,9 +42,13 @@ pub struct Frame {
 #[derive(Clone, Debug)]
 pub enum FrameKind {
     /// `fields` is the byte range of `wire` that the store keeps.
-    Event { fields: Range<usize> },
+    Event {
+        fields: Range<usize>,
+    },
     /// Entries `seq..=upto` were lost; `wire` is the `history_lost` signal.
-    Gap { upto: Seq },
+    Gap {
+        upto: Seq,
+    },
     End(Outcome),
 }
 
@@ -56,7 +60,10 @@ impl Frame {
             FrameKind::Gap { upto } => EntryBody::Gap { upto: *upto },
             FrameKind::End(outcome) => EntryBody::End(outcome.clone()),
         };
-        Entry { seq: self.seq, body }
+        Entry {
+            seq: self.seq,
+            body,
+        }
     }
 
     /// The last seq this frame covers.
@@ -146,8 +153,20 @@ impl LogState {
 
 impl LiveStream {
     /// A log filled from the store (a stream produced elsewhere).
-    pub fn new(id: StreamId, epoch: Epoch, headers: Vec<(String, String)>, format: Format) -> Arc<Self> {
-        Self::build(id, epoch, headers, format, Arc::new(AtomicUsize::new(0)), false)
+    pub fn new(
+        id: StreamId,
+        epoch: Epoch,
+        headers: Vec<(String, String)>,
+        format: Format,
+    ) -> Arc<Self> {
+        Self::build(
+            id,
+            epoch,
+            headers,
+            format,
+            Arc::new(AtomicUsize::new(0)),
+            false,
+        )
     }
 
     /// The log of a stream produced here, accounting its unstored bytes in
@@ -213,7 +232,8 @@ impl LiveStream {
         st.next += 1;
         st.recorded_bytes += fields.len();
         st.unstored_bytes += fields.len();
-        self.unstored_total.fetch_add(fields.len(), Ordering::Relaxed);
+        self.unstored_total
+            .fetch_add(fields.len(), Ordering::Relaxed);
         st.frames.push(self.event_frame(seq, fields));
         // Published under the lock, so that `last_seq()` never lags a frame
         // someone already read.
@@ -425,7 +445,10 @@ impl LiveStream {
         // merged into the new one).
         let mut run_end = from_idx;
         while run_end < st.frames.len()
-            && matches!(st.frames[run_end].kind, FrameKind::Event { .. } | FrameKind::Gap { .. })
+            && matches!(
+                st.frames[run_end].kind,
+                FrameKind::Event { .. } | FrameKind::Gap { .. }
+            )
         {
             run_end += 1;
         }
@@ -434,19 +457,25 @@ impl LiveStream {
         let mut kept = 0;
         while to_idx > from_idx {
             let len = st.frames[to_idx - 1].payload_len();
-            if kept + len > keep_bytes || matches!(st.frames[to_idx - 1].kind, FrameKind::Gap { .. }) {
+            if kept + len > keep_bytes
+                || matches!(st.frames[to_idx - 1].kind, FrameKind::Gap { .. })
+            {
                 break;
             }
             kept += len;
             to_idx -= 1;
         }
-        let only_a_gap = to_idx == from_idx + 1 && matches!(st.frames[from_idx].kind, FrameKind::Gap { .. });
+        let only_a_gap =
+            to_idx == from_idx + 1 && matches!(st.frames[from_idx].kind, FrameKind::Gap { .. });
         if to_idx == from_idx || only_a_gap {
             return None;
         }
         let first = st.frames[from_idx].seq;
         let upto = st.frames[to_idx - 1].covers_to();
-        let freed: usize = st.frames[from_idx..to_idx].iter().map(Frame::payload_len).sum();
+        let freed: usize = st.frames[from_idx..to_idx]
+            .iter()
+            .map(Frame::payload_len)
+            .sum();
         let gap = self.gap_frame(first, upto);
         st.frames.splice(from_idx..to_idx, [gap]);
         let freed = freed.min(st.unstored_bytes);
@@ -505,7 +534,8 @@ impl Drop for LiveStream {
     fn drop(&mut self) {
         // Whatever was never stored no longer counts against the budget.
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        self.unstored_total.fetch_sub(st.unstored_bytes, Ordering::Relaxed);
+        self.unstored_total
+            .fetch_sub(st.unstored_bytes, Ordering::Relaxed);
     }
 }
 
@@ -535,12 +565,18 @@ mod tests {
         let c = l.collect_after(Seq(0), 1 << 20);
         let text = String::from_utf8(c.chunk.unwrap().to_vec()).unwrap();
         let id1 = format!("{}.00000007.0000000001", l.id);
-        assert!(text.starts_with(&format!("id: {id1}\ndata: a\n\nid: ")), "{text}");
+        assert!(
+            text.starts_with(&format!("id: {id1}\ndata: a\n\nid: ")),
+            "{text}"
+        );
         assert_eq!(c.last, Seq(2));
         assert!(!c.ended);
         let entries = l.entries_after(Seq(1), 10);
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].body, EntryBody::Event(Bytes::from_static(b"event: x\ndata: b\n")));
+        assert_eq!(
+            entries[0].body,
+            EntryBody::Event(Bytes::from_static(b"event: x\ndata: b\n"))
+        );
     }
 
     #[test]
@@ -583,7 +619,13 @@ mod tests {
     #[test]
     fn a_gap_replaces_unstored_frames_and_ends_readers_that_reach_it() {
         let budget = Arc::new(AtomicUsize::new(0));
-        let l = LiveStream::with_budget(StreamId::random(), Epoch(7), vec![], Format::Sse, budget.clone());
+        let l = LiveStream::with_budget(
+            StreamId::random(),
+            Epoch(7),
+            vec![],
+            Format::Sse,
+            budget.clone(),
+        );
         for _ in 0..5 {
             l.push_event(b"data: 0123456789\n");
         }

@@ -116,21 +116,61 @@ impl Metrics {
             upstream_errors: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("streams_started", "Streams whose recording started", m.streams_started.clone());
-        registry.register("streams_active", "Streams being recorded by this instance", m.streams_active.clone());
-        registry.register("streams_ended", "Streams whose recording ended, by outcome", m.streams_ended.clone());
-        registry.register("events_recorded", "Entries (events or NDJSON lines) recorded", m.events_recorded.clone());
-        registry.register("bytes_recorded", "Payload bytes recorded", m.bytes_recorded.clone());
-        registry.register("events_replayed", "Entries sent to resuming readers", m.events_replayed.clone());
-        registry.register("bytes_replayed", "Bytes sent to resuming readers", m.bytes_replayed.clone());
-        registry.register("resumes", "Resume requests, by kind and outcome", m.resumes.clone());
+        registry.register(
+            "streams_started",
+            "Streams whose recording started",
+            m.streams_started.clone(),
+        );
+        registry.register(
+            "streams_active",
+            "Streams being recorded by this instance",
+            m.streams_active.clone(),
+        );
+        registry.register(
+            "streams_ended",
+            "Streams whose recording ended, by outcome",
+            m.streams_ended.clone(),
+        );
+        registry.register(
+            "events_recorded",
+            "Entries (events or NDJSON lines) recorded",
+            m.events_recorded.clone(),
+        );
+        registry.register(
+            "bytes_recorded",
+            "Payload bytes recorded",
+            m.bytes_recorded.clone(),
+        );
+        registry.register(
+            "events_replayed",
+            "Entries sent to resuming readers",
+            m.events_replayed.clone(),
+        );
+        registry.register(
+            "bytes_replayed",
+            "Bytes sent to resuming readers",
+            m.bytes_replayed.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Resume requests, by kind and outcome",
+            m.resumes.clone(),
+        );
         registry.register(
             "replay_to_live_lag_seconds",
             "Time from a resume's start until its reader caught up with the live stream",
             m.replay_lag.clone(),
         );
-        registry.register("store_latency_seconds", "Store call latency, by operation", m.store_latency.clone());
-        registry.register("store_errors", "Failed store calls, by operation", m.store_errors.clone());
+        registry.register(
+            "store_latency_seconds",
+            "Store call latency, by operation",
+            m.store_latency.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Failed store calls, by operation",
+            m.store_errors.clone(),
+        );
         registry.register(
             "store_buffered_entries",
             "Entries recorded in memory and not yet written to the store",
@@ -141,8 +181,16 @@ impl Metrics {
             "Entries dropped unstored because the store was unavailable past the memory budget",
             m.entries_lost.clone(),
         );
-        registry.register("connections_open", "Open client connections", m.connections_open.clone());
-        registry.register("readers_active", "Response bodies streaming a recorded stream", m.readers_active.clone());
+        registry.register(
+            "connections_open",
+            "Open client connections",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "readers_active",
+            "Response bodies streaming a recorded stream",
+            m.readers_active.clone(),
+        );
         registry.register(
             "upstream_responses",
             "Upstream responses, by route and status code",
@@ -237,7 +285,12 @@ impl Store for InstrumentedStore {
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
         timed!(self, "meta", self.inner.meta(stream))
     }
-    async fn read(&self, stream: StreamId, after: Seq, limit: usize) -> Result<Vec<Entry>, StoreError> {
+    async fn read(
+        &self,
+        stream: StreamId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
         timed!(self, "read", self.inner.read(stream, after, limit))
     }
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
@@ -246,7 +299,11 @@ impl Store for InstrumentedStore {
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         timed!(self, "resolve_key", self.inner.resolve_key(key))
     }
-    async fn claim_key(&self, key: &KeyRef, stream: StreamId) -> Result<Option<StreamId>, StoreError> {
+    async fn claim_key(
+        &self,
+        key: &KeyRef,
+        stream: StreamId,
+    ) -> Result<Option<StreamId>, StoreError> {
         timed!(self, "claim_key", self.inner.claim_key(key, stream))
     }
     async fn renew_lease(
@@ -256,7 +313,11 @@ impl Store for InstrumentedStore {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<LeaseRenewal, StoreError> {
-        timed!(self, "renew_lease", self.inner.renew_lease(stream, owner, now_ms, until_ms))
+        timed!(
+            self,
+            "renew_lease",
+            self.inner.renew_lease(stream, owner, now_ms, until_ms)
+        )
     }
     async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
         timed!(self, "request_cancel", self.inner.request_cancel(stream))
@@ -267,7 +328,11 @@ impl Store for InstrumentedStore {
         now_ms: u64,
         outcome: &Outcome,
     ) -> Result<Option<Seq>, StoreError> {
-        timed!(self, "end_if_abandoned", self.inner.end_if_abandoned(stream, now_ms, outcome))
+        timed!(
+            self,
+            "end_if_abandoned",
+            self.inner.end_if_abandoned(stream, now_ms, outcome)
+        )
     }
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
         self.inner.watch(stream).await
@@ -285,13 +350,24 @@ mod tests {
     fn renders_registered_metrics_with_labels() {
         let m = Metrics::new();
         m.streams_started
-            .get_or_create(&RouteLabels { route: "/api/chat".into() })
+            .get_or_create(&RouteLabels {
+                route: "/api/chat".into(),
+            })
             .inc();
         m.resume("key", "no_content");
         let text = m.render();
-        assert!(text.contains("reprise_streams_started_total{route=\"/api/chat\"} 1"), "{text}");
-        assert!(text.contains("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"} 1"), "{text}");
-        assert!(text.contains("# TYPE reprise_replay_to_live_lag_seconds histogram"), "{text}");
+        assert!(
+            text.contains("reprise_streams_started_total{route=\"/api/chat\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("reprise_resumes_total{kind=\"key\",outcome=\"no_content\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE reprise_replay_to_live_lag_seconds histogram"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -40,7 +40,11 @@ const REPLAY_HEADERS: [&str; 7] = [
 ];
 
 /// Entry point of every request.
-pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
     let result = dispatch(&relay, req, client).await;
     result.unwrap_or_else(|e| {
         if e.status().is_server_error() {
@@ -52,7 +56,11 @@ pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>, client: SocketAdd
     })
 }
 
-async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, RelayError> {
+async fn dispatch(
+    relay: &Arc<Relay>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, RelayError> {
     let path = req.uri().path().to_string();
     if path == "/_reprise" || path.starts_with("/_reprise/") {
         return admin::handle(relay, req).await;
@@ -72,9 +80,20 @@ async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr
             return resume_by_key(relay, &route, key, req.headers()).await;
         }
     }
-    let route = relay.router.match_path(&path).ok_or(RelayError::NoRoute)?.clone();
+    let route = relay
+        .router
+        .match_path(&path)
+        .ok_or(RelayError::NoRoute)?
+        .clone();
     if let Some(cursor) = reprise_cursor(&req) {
-        return resume::resume(relay, cursor.stream(), Position::Cursor(cursor), Via::LastEventId, req.headers()).await;
+        return resume::resume(
+            relay,
+            cursor.stream(),
+            Position::Cursor(cursor),
+            Via::LastEventId,
+            req.headers(),
+        )
+        .await;
     }
     forward(relay, &route, req, client).await
 }
@@ -82,7 +101,11 @@ async fn dispatch(relay: &Arc<Relay>, req: Request<Incoming>, client: SocketAddr
 /// The request's `Last-Event-ID` header or `last_event_id` query parameter,
 /// if it names a Reprise stream. Any other value belongs to the upstream.
 fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
-    if let Some(v) = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+    {
         if let Ok(c) = Cursor::parse(v) {
             return Some(c);
         }
@@ -95,11 +118,19 @@ fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
 pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode_str(&k.replace('+', " ")).decode_utf8().ok()?.into_owned();
+        let k = percent_decode_str(&k.replace('+', " "))
+            .decode_utf8()
+            .ok()?
+            .into_owned();
         if k != name {
             return None;
         }
-        Some(percent_decode_str(&v.replace('+', " ")).decode_utf8().ok()?.into_owned())
+        Some(
+            percent_decode_str(&v.replace('+', " "))
+                .decode_utf8()
+                .ok()?
+                .into_owned(),
+        )
     })
 }
 
@@ -114,7 +145,12 @@ fn route_key(relay: &Relay, route: &Route, headers: &HeaderMap, key: String) -> 
     }
 }
 
-async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+async fn resume_by_key(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    key: String,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
     let key = route_key(relay, route, headers, key);
     match relay.store.resolve_key(&key).await? {
         Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key, headers).await,
@@ -128,7 +164,12 @@ async fn resume_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String, head
 }
 
 /// `DELETE` on a resume template: cancel the key's latest stream.
-async fn cancel_by_key(relay: &Arc<Relay>, route: &Arc<Route>, key: String, headers: &HeaderMap) -> Result<Response<Body>, RelayError> {
+async fn cancel_by_key(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    key: String,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
     let key = route_key(relay, route, headers, key);
     match relay.store.resolve_key(&key).await? {
         Some(stream) => crate::cancel::cancel(relay, stream, headers).await,
@@ -170,10 +211,18 @@ async fn attach_idempotent(
     };
     let deadline = tokio::time::Instant::now() + relay.config.streams.idempotency_wait;
     loop {
-        let known = relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
+        let known =
+            relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
         if known {
             tracing::debug!(stream.id = %existing, "Idempotency-Key matches a stream: attaching to it");
-            let mut resp = resume::resume(relay, existing, Position::Beginning, Via::Idempotent, headers).await?;
+            let mut resp = resume::resume(
+                relay,
+                existing,
+                Position::Beginning,
+                Via::Idempotent,
+                headers,
+            )
+            .await?;
             resp.headers_mut().insert(
                 HeaderName::from_static("reprise-idempotent-replay"),
                 http::HeaderValue::from_static("true"),
@@ -191,7 +240,12 @@ async fn attach_idempotent(
 }
 
 /// Forwards a request upstream and relays (and maybe records) the response.
-async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Body>, RelayError> {
+async fn forward(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, RelayError> {
     // The id of the stream this request may start, known up front so that
     // an Idempotency-Key can be claimed for it.
     let stream = StreamId::random();
@@ -225,8 +279,14 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         }
         other => {
             let key = match other {
-                Some(KeySource::Header(name)) => parts.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(String::from),
-                Some(KeySource::Query(name)) => parts.uri.query().and_then(|q| query_param(q, name)),
+                Some(KeySource::Header(name)) => parts
+                    .headers
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
+                Some(KeySource::Query(name)) => {
+                    parts.uri.query().and_then(|q| query_param(q, name))
+                }
                 _ => None,
             };
             (key, body.map_err(|e| Box::new(e) as BoxError).boxed())
@@ -234,7 +294,8 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
     };
     let key = key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
 
-    let mut headers = crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
+    let mut headers =
+        crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
     if relay.tls.is_some() {
         headers.insert(
             HeaderName::from_static("x-forwarded-proto"),
@@ -314,7 +375,8 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
         cancel_requested: false,
         caller: Some(caller.clone()),
     };
-    let live = LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
+    let live =
+        LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
     let _ = live.owner.set(crate::live::Owner {
         route: route.path.clone(),
         caller: Some(caller.clone()),
@@ -346,7 +408,9 @@ async fn forward(relay: &Arc<Relay>, route: &Arc<Route>, req: Request<Incoming>,
 async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, RelayError> {
     match Limited::new(body, limit as usize).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(RelayError::PayloadTooLarge { limit }),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(RelayError::PayloadTooLarge { limit })
+        }
         Err(e) => Err(RelayError::BadRequest {
             code: "request_body_failed",
             message: format!("reading the request body failed: {e}"),
@@ -375,7 +439,9 @@ fn recordable_format(h: &HeaderMap) -> Option<Format> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
     if encoded {
-        tracing::warn!("upstream compressed a stream despite Accept-Encoding: identity; not recording it");
+        tracing::warn!(
+            "upstream compressed a stream despite Accept-Encoding: identity; not recording it"
+        );
         return None;
     }
     Some(format)
@@ -416,7 +482,10 @@ mod tests {
 
     #[test]
     fn query_params() {
-        assert_eq!(query_param("a=1&last_event_id=x%2Ey&b", "last_event_id").as_deref(), Some("x.y"));
+        assert_eq!(
+            query_param("a=1&last_event_id=x%2Ey&b", "last_event_id").as_deref(),
+            Some("x.y")
+        );
         assert_eq!(query_param("chat=a+b", "chat").as_deref(), Some("a b"));
         assert_eq!(query_param("b", "b").as_deref(), Some(""));
         assert_eq!(query_param("a=1", "b"), None);
@@ -424,8 +493,14 @@ mod tests {
 
     #[test]
     fn json_keys() {
-        assert_eq!(json_key(br#"{"id":"c1","messages":[]}"#, "/id").as_deref(), Some("c1"));
-        assert_eq!(json_key(br#"{"chat":{"n":7}}"#, "/chat/n").as_deref(), Some("7"));
+        assert_eq!(
+            json_key(br#"{"id":"c1","messages":[]}"#, "/id").as_deref(),
+            Some("c1")
+        );
+        assert_eq!(
+            json_key(br#"{"chat":{"n":7}}"#, "/chat/n").as_deref(),
+            Some("7")
+        );
         assert_eq!(json_key(br#"{"id":null}"#, "/id"), None);
         assert_eq!(json_key(b"not json", "/id"), None);
     }
@@ -433,12 +508,18 @@ mod tests {
     #[test]
     fn recordable_formats() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, "Text/Event-Stream; charset=utf-8".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "Text/Event-Stream; charset=utf-8".parse().unwrap(),
+        );
         assert_eq!(recordable_format(&h), Some(Format::Sse));
         h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
         assert_eq!(recordable_format(&h), None);
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, "application/x-ndjson".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/x-ndjson".parse().unwrap(),
+        );
         assert_eq!(recordable_format(&h), Some(Format::Ndjson));
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         assert_eq!(recordable_format(&h), None);

@@ -99,7 +99,9 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
         }
         if let Some(started) = st.catching_up.take() {
             // Caught up with a stream that is still live.
-            st.metrics.replay_lag.observe(started.elapsed().as_secs_f64());
+            st.metrics
+                .replay_lag
+                .observe(started.elapsed().as_secs_f64());
         }
         tokio::select! {
             r = st.rx.changed() => {

@@ -55,7 +55,10 @@ pub async fn register(relay: &Relay, meta: &StreamMeta, key: Option<&KeyRef>) ->
         Some(_) => false,
         None => true,
     };
-    Registered { meta_stored, key_bound }
+    Registered {
+        meta_stored,
+        key_bound,
+    }
 }
 
 /// What [`register`] managed to store.
@@ -78,7 +81,9 @@ pub fn spawn(
     let producer = produce(relay.clone(), live.clone(), body, meta.route.clone());
     relay.producers.spawn(producer.instrument(span.clone()));
     let busy = Busy::new(relay);
-    relay.tasks.spawn(keep_lease(relay.clone(), live.clone()).instrument(span.clone()));
+    relay
+        .tasks
+        .spawn(keep_lease(relay.clone(), live.clone()).instrument(span.clone()));
     let writer = write(relay.clone(), live, meta, key, registered, busy);
     relay.tasks.spawn(writer.instrument(span));
 }
@@ -121,7 +126,9 @@ impl Framer {
                 Ok(None) => Ok(None),
                 Err(e) => Err(format!("invalid upstream event stream: {e}")),
             },
-            Framer::Ndjson(lines) => lines.next_line().map_err(|e| format!("invalid upstream NDJSON stream: {e}")),
+            Framer::Ndjson(lines) => lines
+                .next_line()
+                .map_err(|e| format!("invalid upstream NDJSON stream: {e}")),
         }
     }
 
@@ -130,7 +137,9 @@ impl Framer {
         match self {
             Framer::Sse { parser, .. } => {
                 if parser.finish() {
-                    tracing::debug!("upstream ended inside an event; the incomplete event was discarded");
+                    tracing::debug!(
+                        "upstream ended inside an event; the incomplete event was discarded"
+                    );
                 }
                 None
             }
@@ -162,7 +171,12 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
         let now = crate::proxy::now_ms();
         match relay
             .store
-            .renew_lease(live.id, &relay.instance, now, now + lease.as_millis() as u64)
+            .renew_lease(
+                live.id,
+                &relay.instance,
+                now,
+                now + lease.as_millis() as u64,
+            )
             .await
         {
             Ok(r) if r.cancel_requested => {
@@ -181,7 +195,12 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
 async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, route: String) {
     let cfg = &relay.config;
     let metrics = relay.metrics.clone();
-    metrics.streams_started.get_or_create(&RouteLabels { route: route.clone() }).inc();
+    metrics
+        .streams_started
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .inc();
     let _active = GaugeGuard::new(&metrics.streams_active);
     let limits = Limits {
         max_line: cfg.limits.max_line.as_u64() as usize,
@@ -210,7 +229,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
         live.push_event(payload);
         metrics.events_recorded.inc();
         metrics.bytes_recorded.inc_by(payload.len() as u64);
-        if live.unstored_bytes() > max_unstored_stream || unstored_total.load(Ordering::Relaxed) > max_unstored {
+        if live.unstored_bytes() > max_unstored_stream
+            || unstored_total.load(Ordering::Relaxed) > max_unstored
+        {
             // The store has not kept up for too long: give up on the oldest
             // part it has not taken, rather than grow without bound. The
             // newest half of the budget stays for the readers at the head.
@@ -233,7 +254,12 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
             _ = live.cancel.cancelled() => break Outcome::Cancelled,
         };
         let data = match frame {
-            Err(_) => break failed(FailReason::UpstreamTimeout, format!("upstream sent nothing for {}", humantime(idle))),
+            Err(_) => {
+                break failed(
+                    FailReason::UpstreamTimeout,
+                    format!("upstream sent nothing for {}", humantime(idle)),
+                )
+            }
             Ok(None) => {
                 if let Some(last) = framer.finish() {
                     if let Err(o) = append(&last) {
@@ -242,7 +268,12 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
                 }
                 break Outcome::Completed;
             }
-            Ok(Some(Err(e))) => break failed(FailReason::UpstreamReset, format!("upstream body failed: {e}")),
+            Ok(Some(Err(e))) => {
+                break failed(
+                    FailReason::UpstreamReset,
+                    format!("upstream body failed: {e}"),
+                )
+            }
             Ok(Some(Ok(frame))) => match frame.into_data() {
                 Ok(d) => d,
                 Err(_) => continue, // trailers
@@ -273,7 +304,10 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
         .get_or_create(&EndLabels {
             route,
             outcome: outcome.label().to_string(),
-            reason: outcome.signal().map(|s| s.code.to_string()).unwrap_or_default(),
+            reason: outcome
+                .signal()
+                .map(|s| s.code.to_string())
+                .unwrap_or_default(),
         })
         .inc();
     live.finish(outcome);
@@ -307,7 +341,11 @@ async fn write(
         lease_until_ms: Some(crate::proxy::now_ms() + lease.as_millis() as u64),
         ..m.clone()
     };
-    if !registered.meta_stored && retry(&stop, || async { store.create(&fresh(&meta)).await }).await.is_err() {
+    if !registered.meta_stored
+        && retry(&stop, || async { store.create(&fresh(&meta)).await })
+            .await
+            .is_err()
+    {
         return;
     }
     if let (Some(key), false) = (&key, registered.key_bound) {
@@ -340,30 +378,32 @@ async fn write(
                 live.mark_stored(persisted);
             }
             Appended::Stop => return,
-            Appended::Conflict => match recover(&stop, &*store, &fresh(&meta), key.as_ref()).await {
-                // The store lost the stream (a Redis restart without
-                // persistence, a flush): it was re-created; rewrite it all
-                // from the log, which still holds every entry.
-                Some(Recovered::Recreated) => {
-                    tracing::warn!("the store lost this stream; rewriting it from memory");
-                    persisted = Seq::ZERO;
-                    continue;
-                }
-                // An earlier append was applied but its answer lost:
-                // continue after what the store has.
-                Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
-                    persisted = seq;
-                    live.mark_stored(persisted);
-                    if live.end().is_some_and(|(end, _)| end <= seq) {
-                        break;
+            Appended::Conflict => {
+                match recover(&stop, &*store, &fresh(&meta), key.as_ref()).await {
+                    // The store lost the stream (a Redis restart without
+                    // persistence, a flush): it was re-created; rewrite it all
+                    // from the log, which still holds every entry.
+                    Some(Recovered::Recreated) => {
+                        tracing::warn!("the store lost this stream; rewriting it from memory");
+                        persisted = Seq::ZERO;
+                        continue;
                     }
-                    continue;
+                    // An earlier append was applied but its answer lost:
+                    // continue after what the store has.
+                    Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
+                        persisted = seq;
+                        live.mark_stored(persisted);
+                        if live.end().is_some_and(|(end, _)| end <= seq) {
+                            break;
+                        }
+                        continue;
+                    }
+                    _ => {
+                        tracing::error!("append conflict the writer cannot resolve; the stream's record stays incomplete");
+                        return;
+                    }
                 }
-                _ => {
-                    tracing::error!("append conflict the writer cannot resolve; the stream's record stays incomplete");
-                    return;
-                }
-            },
+            }
         }
         if ended {
             break;
@@ -389,7 +429,12 @@ enum Appended {
 }
 
 /// Appends a batch, retrying while the store is unavailable.
-async fn retry_append(stop: &CancellationToken, store: &dyn Store, id: StreamId, batch: &[Entry]) -> Appended {
+async fn retry_append(
+    stop: &CancellationToken,
+    store: &dyn Store,
+    id: StreamId,
+    batch: &[Entry],
+) -> Appended {
     let r = retry(stop, || async {
         match store.append(id, batch).await {
             Err(StoreError::Conflict { detail, .. }) => {
@@ -413,7 +458,12 @@ enum Recovered {
 
 /// After an append conflict: re-create a stream the store lost, or find
 /// where the stored entries end.
-async fn recover(stop: &CancellationToken, store: &dyn Store, meta: &StreamMeta, key: Option<&KeyRef>) -> Option<Recovered> {
+async fn recover(
+    stop: &CancellationToken,
+    store: &dyn Store,
+    meta: &StreamMeta,
+    key: Option<&KeyRef>,
+) -> Option<Recovered> {
     let found = retry(stop, || store.meta(meta.id)).await.ok()?;
     match found {
         None => {

@@ -16,10 +16,10 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use reprise_core::outcome::{signal_frame, Signal};
 use reprise_core::{Cursor, Epoch, Outcome, Seq, StreamId};
 
-use crate::body::{empty, full, Body};
-use crate::error::RelayError;
 use crate::auth::is_owner;
+use crate::body::{empty, full, Body};
 use crate::config::ResumeAuth;
+use crate::error::RelayError;
 use crate::live::{LiveStream, Owner, ReaderGuard};
 use crate::reader;
 use crate::server::Relay;
@@ -146,7 +146,11 @@ async fn answer(
     };
     if let Some((end_seq, outcome)) = &known.end {
         // A normal end sends nothing for its terminal entry; a failure sends its signal.
-        let last_visible = if outcome.is_completed() { end_seq.0 - 1 } else { end_seq.0 };
+        let last_visible = if outcome.is_completed() {
+            end_seq.0 - 1
+        } else {
+            end_seq.0
+        };
         if via == Via::Key || after.0 >= last_visible {
             return Ok((no_content(stream), NO_CONTENT));
         }
@@ -167,7 +171,10 @@ async fn answer(
     ));
     let h = resp.headers_mut();
     for (name, value) in &live.headers {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
             h.insert(n, v);
         }
     }
@@ -204,8 +211,13 @@ pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {
         h.insert(HeaderName::from_static(STREAM_ID_HEADER), v);
     }
     if h.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
-        let exposed = match h.get(header::ACCESS_CONTROL_EXPOSE_HEADERS).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.to_ascii_lowercase().contains(STREAM_ID_HEADER) => format!("{prev}, {STREAM_ID_HEADER}"),
+        let exposed = match h
+            .get(header::ACCESS_CONTROL_EXPOSE_HEADERS)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) if !prev.to_ascii_lowercase().contains(STREAM_ID_HEADER) => {
+                format!("{prev}, {STREAM_ID_HEADER}")
+            }
             Some(prev) => prev.to_string(),
             None => STREAM_ID_HEADER.to_string(),
         };
@@ -214,14 +226,18 @@ pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {
         }
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
 }
 
 fn no_content(stream: StreamId) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     if let Ok(v) = HeaderValue::from_str(&stream.to_string()) {
-        resp.headers_mut().insert(HeaderName::from_static(STREAM_ID_HEADER), v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static(STREAM_ID_HEADER), v);
     }
     resp
 }
@@ -232,7 +248,10 @@ fn history_lost(stream: StreamId) -> Response<Body> {
     let frame = signal_frame(Signal::HISTORY_LOST, stream, &Cursor::End(stream));
     let mut resp = Response::new(full(frame));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     sse_headers(h, stream);
     resp
 }

@@ -81,16 +81,25 @@ impl Router {
                 path: c.path.clone(),
                 reason: reason.to_string(),
             };
-            let uri: Uri = c.upstream.parse().map_err(|_| err("invalid upstream URL"))?;
+            let uri: Uri = c
+                .upstream
+                .parse()
+                .map_err(|_| err("invalid upstream URL"))?;
             let parts = uri.into_parts();
-            let scheme = parts.scheme.ok_or_else(|| err("upstream URL has no scheme"))?;
-            let authority = parts.authority.ok_or_else(|| err("upstream URL has no host"))?;
+            let scheme = parts
+                .scheme
+                .ok_or_else(|| err("upstream URL has no scheme"))?;
+            let authority = parts
+                .authority
+                .ok_or_else(|| err("upstream URL has no host"))?;
             let base_path = parts
                 .path_and_query
                 .map(|p| p.path().trim_end_matches('/').to_string())
                 .filter(|p| !p.is_empty());
             let resume = match &c.resume {
-                Some(t) => Some(ResumeTemplate::parse(t).ok_or_else(|| err("resume has no {key}"))?),
+                Some(t) => {
+                    Some(ResumeTemplate::parse(t).ok_or_else(|| err("resume has no {key}"))?)
+                }
                 None => None,
             };
             routes.push(Arc::new(Route {
@@ -221,19 +230,36 @@ mod tests {
     fn upstream_paths() {
         let pq = |s: &str| s.parse::<PathAndQuery>().unwrap();
         let r = Router::new(&[route("/api/chat", "http://127.0.0.1:3000", None)]).unwrap();
-        let u = r.match_path("/api/chat").unwrap().upstream_uri(&pq("/api/chat?x=1")).unwrap();
+        let u = r
+            .match_path("/api/chat")
+            .unwrap()
+            .upstream_uri(&pq("/api/chat?x=1"))
+            .unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:3000/api/chat?x=1");
 
         let r = Router::new(&[route("/openai", "https://api.openai.com/v1/", None)]).unwrap();
         let route = r.match_path("/openai/chat/completions").unwrap();
-        let u = route.upstream_uri(&pq("/openai/chat/completions?a=b")).unwrap();
-        assert_eq!(u.to_string(), "https://api.openai.com/v1/chat/completions?a=b");
-        assert_eq!(route.upstream_uri(&pq("/openai")).unwrap().to_string(), "https://api.openai.com/v1");
+        let u = route
+            .upstream_uri(&pq("/openai/chat/completions?a=b"))
+            .unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://api.openai.com/v1/chat/completions?a=b"
+        );
+        assert_eq!(
+            route.upstream_uri(&pq("/openai")).unwrap().to_string(),
+            "https://api.openai.com/v1"
+        );
     }
 
     #[test]
     fn resume_templates() {
-        let r = Router::new(&[route("/api/chat", "http://a", Some("/api/chat/{key}/stream"))]).unwrap();
+        let r = Router::new(&[route(
+            "/api/chat",
+            "http://a",
+            Some("/api/chat/{key}/stream"),
+        )])
+        .unwrap();
         let (_, key) = r.match_resume("/api/chat/abc/stream").unwrap();
         assert_eq!(key, "abc");
         let (_, key) = r.match_resume("/api/chat/a%20b%2Fc/stream").unwrap();
@@ -245,7 +271,15 @@ mod tests {
 
     #[test]
     fn unsafe_paths() {
-        for p in ["/a/../b", "/a/%2e%2e/b", "/a/%2E./b", "/a/./b", "/..", "/a%2fb", "/a\\b"] {
+        for p in [
+            "/a/../b",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/./b",
+            "/..",
+            "/a%2fb",
+            "/a\\b",
+        ] {
             assert!(is_unsafe_path(p), "{p}");
         }
         for p in ["/a/b", "/a/..b/c", "/a/b.c", "/"] {

@@ -24,12 +24,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{redact_url, Config, ConfigError};
+use crate::error::RelayError;
 use crate::hub::{Hub, LoaderCtx};
 use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
-use crate::error::RelayError;
 use crate::proxy;
-use crate::routes::{RouteError, Router};
 use crate::routes::Route;
+use crate::routes::{RouteError, Router};
 use crate::upstream::{Clients, HttpClient};
 
 /// How long a client may take to complete the TLS handshake.
@@ -84,7 +84,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(config: Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<Arc<Relay>, StartError> {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Relay>, StartError> {
         config.validate()?;
         let router = Router::new(&config.routes)?;
         let clients = Clients::build(&config.routes, &config.timeouts)
@@ -154,7 +158,9 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
                     .map_err(|e| ConfigError::Invalid(format!("store.ca_file: {e}")))?;
                 ropts.tls = Some(tls);
             }
-            let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone()).await {
+            let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone())
+                .await
+            {
                 Ok(store) => store,
                 // Wrong credentials are a configuration error, not an outage:
                 // retrying would only fill the log.
@@ -188,7 +194,11 @@ fn is_auth_error(e: &reprise_store::StoreError) -> bool {
 
 /// Runs the relay on `listener` until `shutdown` fires, then shuts down as
 /// described in the module docs.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
     run_with(config, listener, shutdown, || {}).await
 }
 
@@ -263,17 +273,23 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         let _ = io.set_nodelay(true);
         let svc_relay = relay.clone();
         // Over the connection limit: answer every request 503 and close.
-        let over_limit = relay.metrics.connections_open.get() as usize >= relay.config.limits.max_connections;
+        let over_limit =
+            relay.metrics.connections_open.get() as usize >= relay.config.limits.max_connections;
         if over_limit {
-            tracing::warn!(limit = relay.config.limits.max_connections, "connection limit reached; refusing");
+            tracing::warn!(
+                limit = relay.config.limits.max_connections,
+                "connection limit reached; refusing"
+            );
         }
         let svc = service_fn(move |req| {
             let relay = svc_relay.clone();
             async move {
                 if over_limit {
                     let mut resp = RelayError::TooManyConnections.into_response();
-                    resp.headers_mut()
-                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
                     return Ok::<_, Infallible>(resp);
                 }
                 Ok::<_, Infallible>(proxy::handle(relay, req, addr).await)

@@ -70,7 +70,9 @@ fn main() -> ExitCode {
         }
         match &config.auth.secret {
             Some(_) => println!("auth.secret = *** (set)"),
-            None => println!("auth.secret = (not set: a built-in key; set one, the same on every instance)"),
+            None => println!(
+                "auth.secret = (not set: a built-in key; set one, the same on every instance)"
+            ),
         }
         for r in &config.routes {
             println!(
@@ -168,7 +170,8 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = listen(config.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let listener = listen(config.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     start_watchdog();
@@ -178,7 +181,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         "memory"
     };
-    notify_systemd(&[NotifyState::Status(&format!("listening on {addr}, store: {store}, waiting for it"))]);
+    notify_systemd(&[NotifyState::Status(&format!(
+        "listening on {addr}, store: {store}, waiting for it"
+    ))]);
     // Called once the store answered: only then may systemd start the units
     // ordered after this one.
     let ready = move || {
