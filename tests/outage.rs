@@ -67,6 +67,16 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
         "{}",
         body.text()
     );
+    // ... and how much waits in memory (events 6-10 at least).
+    let ready: serde_json::Value = serde_json::from_slice(&body.bytes).expect("readyz JSON");
+    assert!(
+        ready["buffered_entries"].as_u64().is_some_and(|n| n >= 5),
+        "{ready}"
+    );
+    assert!(
+        ready["unstored_bytes"].as_u64().is_some_and(|n| n > 0),
+        "{ready}"
+    );
 
     redis.restart().await.expect("restart redis-server");
     for i in 11..=15 {

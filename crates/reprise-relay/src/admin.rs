@@ -43,6 +43,11 @@ pub async fn handle(
         "/_reprise/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
         "/_reprise/readyz" => Ok(ready(relay).await),
         "/_reprise/metrics" => {
+            // Sampled at scrape time: entries recorded here, not yet stored.
+            relay
+                .metrics
+                .buffered_entries
+                .set(relay.hub.unstored_entries() as i64);
             let mut resp = Response::new(full(relay.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -137,6 +142,8 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
                 "error": error,
             },
             "streams_in_memory": relay.hub.len(),
+            "buffered_entries": relay.hub.unstored_entries(),
+            "unstored_bytes": relay.unstored_total.load(std::sync::atomic::Ordering::Relaxed),
         }),
     )
 }

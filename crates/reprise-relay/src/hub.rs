@@ -55,6 +55,12 @@ impl Hub {
         }
     }
 
+    /// Entries recorded here and not yet stored, over all streams.
+    pub fn unstored_entries(&self) -> usize {
+        let streams: Vec<Arc<LiveStream>> = self.map().values().cloned().collect();
+        streams.iter().map(|l| l.unstored_entries()).sum()
+    }
+
     pub fn len(&self) -> usize {
         self.map().len()
     }

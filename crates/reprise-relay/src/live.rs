@@ -429,6 +429,12 @@ impl LiveStream {
         self.unstored_total.fetch_sub(freed, Ordering::Relaxed);
     }
 
+    /// Entries not yet in the store.
+    pub fn unstored_entries(&self) -> usize {
+        let st = self.lock();
+        st.frames.len() - st.index_after(st.stored_upto)
+    }
+
     /// Payload bytes not yet in the store.
     pub fn unstored_bytes(&self) -> usize {
         self.lock().unstored_bytes

@@ -355,10 +355,8 @@ async fn write(
     }
     let mut persisted = Seq::ZERO;
     let mut rx = live.subscribe();
-    let buffered = Buffered::new(&relay);
     loop {
         rx.borrow_and_update();
-        buffered.set(live.last_seq().0.saturating_sub(persisted.0));
         let batch = live.entries_after(persisted, MAX_BATCH);
         let Some(last) = batch.last() else {
             tokio::select! {
@@ -410,7 +408,6 @@ async fn write(
         }
     }
     tracing::debug!(entries = persisted.0, "stream stored");
-    drop(buffered);
     drop(busy);
     // Keep the finished log in memory a little, for reconnects right after the end.
     tokio::select! {
@@ -532,32 +529,5 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.writers_busy.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// This writer's share of the `store_buffered_entries` gauge.
-struct Buffered {
-    gauge: prometheus_client::metrics::gauge::Gauge,
-    mine: std::cell::Cell<i64>,
-}
-
-impl Buffered {
-    fn new(relay: &Relay) -> Buffered {
-        Buffered {
-            gauge: relay.metrics.buffered_entries.clone(),
-            mine: std::cell::Cell::new(0),
-        }
-    }
-
-    fn set(&self, n: u64) {
-        let n = n as i64;
-        self.gauge.inc_by(n - self.mine.get());
-        self.mine.set(n);
-    }
-}
-
-impl Drop for Buffered {
-    fn drop(&mut self) {
-        self.gauge.dec_by(self.mine.get());
     }
 }
