@@ -125,22 +125,7 @@ impl TestRelay {
 
     /// Waits until `/_reprise/readyz` answers 200 (the store is reachable).
     pub async fn wait_ready(&self) {
-        let url = format!("{}/_reprise/readyz", self.url());
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        crate::with_timeout("the relay to become ready", async {
-            loop {
-                if let Ok(r) = client.get(&url).send().await {
-                    if r.status().is_success() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
+        wait_ready(self.addr, "the relay to become ready", || {}).await
     }
 
     pub fn url(&self) -> String {
@@ -239,22 +224,10 @@ impl RelayProcess {
     }
 
     async fn wait_ready(&mut self) {
-        let url = format!("http://{}/_reprise/readyz", self.addr);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        crate::with_timeout("reprise process to become ready", async {
-            loop {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("reprise exited during start-up: {status}");
-                }
-                if let Ok(r) = client.get(&url).send().await {
-                    if r.status().is_success() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+        let child = &mut self.child;
+        wait_ready(self.addr, "reprise process to become ready", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("reprise exited during start-up: {status}");
             }
         })
         .await
@@ -290,4 +263,26 @@ impl RelayProcess {
             .ok()
             .and_then(|s| s.code())
     }
+}
+
+/// Polls `GET /_reprise/readyz` on `addr` until it answers 200, calling
+/// `check` before each attempt (to fail fast on a dead process).
+async fn wait_ready(addr: SocketAddr, what: &str, mut check: impl FnMut()) {
+    let url = format!("http://{addr}/_reprise/readyz");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    crate::with_timeout(what, async {
+        loop {
+            check();
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
