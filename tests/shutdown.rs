@@ -43,12 +43,19 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
     b.next_event().await;
 
     first.signal("TERM");
-    // New connections are no longer accepted... (the listener is closed)
-    let refused = reqwest::Client::new()
-        .get(format!("{}/_reprise/healthz", first.url()))
-        .send()
-        .await;
-    assert!(refused.is_err() || refused.is_ok_and(|r| !r.status().is_success()));
+    // New connections are no longer accepted (once the signal is handled)...
+    let health = format!("{}/_reprise/healthz", first.url());
+    reprise_tests::with_timeout("the listener to close", async {
+        loop {
+            match reqwest::Client::new().get(&health).send().await {
+                Ok(r) if r.status().is_success() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
     // ...while the streams in flight go on.
     finishing.send(numbered_event(2)).await;
     finishing.finish();
