@@ -1472,7 +1472,7 @@ async fn route_messages(
 const CLUSTER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Refreshes the subscriber's view of the cluster and tells whether the slot
-/// of a subscribed channel changed owner since the last look.
+/// of a subscribed channel changed owner since the last look (or is new).
 async fn owners_changed(n: &Notifier, owners: &mut HashMap<u16, Server>) -> bool {
     let slots: Vec<u16> = lock(&n.topics)
         .iter()
@@ -1492,9 +1492,12 @@ async fn owners_changed(n: &Notifier, owners: &mut HashMap<u16, Server>) -> bool
     let mut changed = false;
     for slot in slots {
         if let Some(server) = state.get_server(slot) {
-            if let Some(old) = owners.insert(slot, server.clone()) {
-                changed |= old != *server;
-            }
+            // A slot seen for the first time counts as changed: it may have
+            // moved between its subscription and this look, and subscribing
+            // again is harmless.
+            changed |= owners
+                .insert(slot, server.clone())
+                .is_none_or(|old| old != *server);
         }
     }
     changed
