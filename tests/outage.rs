@@ -6,15 +6,8 @@ use std::time::Duration;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
-use reprise_tests::{read_raw, with_timeout, SseClient, SseEvent, Upstream};
-
-fn data(events: &[SseEvent]) -> Vec<String> {
-    events.iter().map(|e| e.data.clone()).collect()
-}
-
-fn numbered(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
-    range.map(numbered_event_data).collect()
-}
+use reprise_tests::{data, numbered};
+use reprise_tests::{read_raw, with_timeout, SseClient, Upstream};
 
 /// Connected clients keep receiving live events while Redis is down; once it
 /// is back (empty), everything recorded is written again, in order, and a

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{chat_config, config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{event, numbered_event, numbered_event_data};
+use reprise_tests::{data, numbered};
 use reprise_tests::{open_sse, read_raw, Reply, SseClient, SseEvent, Upstream};
 use serde_json::json;
 
@@ -52,14 +53,6 @@ fn seen(events: &[SseEvent]) -> Vec<(String, String, Option<u128>)> {
             )
         })
         .collect()
-}
-
-fn data(events: &[SseEvent]) -> Vec<String> {
-    events.iter().map(|e| e.data.clone()).collect()
-}
-
-fn numbered(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
-    range.map(numbered_event_data).collect()
 }
 
 /// Tricky framing split at awkward bytes, including inside a multi-byte character.

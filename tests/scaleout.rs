@@ -3,13 +3,10 @@
 
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{chat_config, Backend, RelayProcess, TestRelay};
-use reprise_tests::upstream::{numbered_event, numbered_event_data};
-use reprise_tests::{open_sse, read_raw, SseClient, SseEvent, Upstream};
+use reprise_tests::upstream::numbered_event;
+use reprise_tests::{data, numbered};
+use reprise_tests::{open_sse, read_raw, SseClient, Upstream};
 use serde_json::json;
-
-fn data(events: &[SseEvent]) -> Vec<String> {
-    events.iter().map(|e| e.data.clone()).collect()
-}
 
 /// A config file for a `reprise` process: one recorded route `/`, a short
 /// lease, and the chat route with a resume template.
@@ -60,10 +57,7 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
     let mut elsewhere = client
         .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
         .await;
-    assert_eq!(
-        data(&elsewhere.next_events(3).await),
-        (1..=3).map(numbered_event_data).collect::<Vec<_>>()
-    );
+    assert_eq!(data(&elsewhere.next_events(3).await), numbered(1..=3));
 
     a.kill().await;
     // Within the lease bound (1.5 s here; the wait is bounded generously).
@@ -76,10 +70,7 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
         .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
         .await;
     let events = later.collect_until_end().await;
-    assert_eq!(
-        data(&events[..3]),
-        (1..=3).map(numbered_event_data).collect::<Vec<_>>()
-    );
+    assert_eq!(data(&events[..3]), numbered(1..=3));
     assert_eq!(events[3].json()["reprise"]["code"], "producer_lost");
 }
 
@@ -199,7 +190,7 @@ async fn an_idempotent_retry_makes_one_upstream_call() {
         ctl.send(numbered_event(i)).await;
     }
     ctl.finish();
-    let expected: Vec<String> = (1..=5).map(numbered_event_data).collect();
+    let expected: Vec<String> = numbered(1..=5);
     assert_eq!(data(&one.collect_until_end().await), expected);
     assert_eq!(data(&two.collect_until_end().await), expected);
     // A retry after the end replays the answer too.

@@ -1,13 +1,10 @@
 //! Graceful shutdown of the real binary: SIGTERM with streams in flight.
 
+use reprise_tests::data;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::RelayProcess;
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
-use reprise_tests::{SseClient, SseEvent, Upstream};
-
-fn data(events: &[SseEvent]) -> Vec<String> {
-    events.iter().map(|e| e.data.clone()).collect()
-}
+use reprise_tests::{SseClient, Upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them() {

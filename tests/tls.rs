@@ -27,6 +27,7 @@ use reprise_store::{RedisStore, StoreOptions};
 use reprise_tests::redis::{free_port, raw_command, RedisServer};
 use reprise_tests::relay::{config, Backend, TestRelay};
 use reprise_tests::upstream::numbered_event;
+use reprise_tests::{data, numbered};
 use reprise_tests::{open_sse, with_timeout, SseResponse, Upstream};
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -156,16 +157,6 @@ impl TlsUpstream {
     fn url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
-}
-
-fn data(events: &[reprise_tests::SseEvent]) -> Vec<String> {
-    events.iter().map(|e| e.data.clone()).collect()
-}
-
-fn numbered(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
-    range
-        .map(reprise_tests::upstream::numbered_event_data)
-        .collect()
 }
 
 #[tokio::test]

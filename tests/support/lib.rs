@@ -25,6 +25,16 @@ pub use client::{
 };
 pub use upstream::{RecordedRequest, Reply, StreamControl, Upstream};
 
+/// The `data` of each event, in order.
+pub fn data(events: &[SseEvent]) -> Vec<String> {
+    events.iter().map(|e| e.data.clone()).collect()
+}
+
+/// The data of [`upstream::numbered_event`]s `range`, as a client sees them.
+pub fn numbered(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(upstream::numbered_event_data).collect()
+}
+
 /// The default bound on any single wait in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
