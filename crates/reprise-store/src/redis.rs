@@ -63,6 +63,11 @@
 //! an append issued while disconnected fails at once with `Unavailable`
 //! instead of being queued and replayed later behind the caller's back.
 //!
+//! Every command on a stream's or a binding's keys is sent through
+//! [`routing`], which follows cluster redirections itself — including `ASK`
+//! while a slot migrates, which fred 10.1 cannot follow — so appends, lease
+//! renewals and resumes go on during a migration.
+//!
 //! # Connecting
 //!
 //! [`RedisStore::connect_with`] waits for the server and fails if it does not
@@ -101,9 +106,12 @@ use tracing::Instrument;
 use reprise_core::{Epoch, Outcome, Seq, StreamId};
 
 use crate::memory::validate_batch;
+
+mod routing;
 use crate::{
     Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
 };
+use routing::{Cmd, Router};
 
 /// Name of the Redis function library this version of Reprise loads. The
 /// version suffix lets instances of two Reprise versions share one Redis
@@ -324,9 +332,11 @@ struct Inner {
     ropts: RedisOptions,
     /// Options of appends: fail fast when disconnected, never replay.
     write_opts: Options,
-    /// Options of reads: a single redirection, so that fred answers an ASK
-    /// it cannot follow with an error instead of ending the client's task.
+    /// Options of reads: fred's defaults (several attempts).
     read_opts: Options,
+    /// Sends every keyed command, following cluster redirections (see
+    /// [`routing`]).
+    router: Router,
     /// The shared subscriber, created by the first `watch`.
     notifier: OnceCell<Arc<Notifier>>,
     /// Set once a connection is up and the function library loaded; until
@@ -375,13 +385,6 @@ fn conflict_or(stream: StreamId, e: FredError) -> StoreError {
     }
 }
 
-/// Whether fred gave up on a cluster redirection (ASK or MOVED).
-fn is_redirection(e: &FredError) -> bool {
-    matches!(e.kind(), ErrorKind::Routing | ErrorKind::Cluster)
-        || e.details().contains("redirection")
-        || e.details().contains("Max attempts")
-}
-
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -412,7 +415,7 @@ impl RedisStore {
         ropts: RedisOptions,
     ) -> Result<RedisStore, StoreError> {
         let builder = configure(url, &opts, &ropts)?;
-        let pool = builder
+        let pool = routing::without_redirections(&builder)
             .build_pool(ropts.pool_size.max(1))
             .map_err(map_err)?;
         // After an outage the pooled connections come back one by one: use
@@ -479,7 +482,7 @@ impl RedisStore {
         // The first connection follows the reconnection policy instead of
         // failing. Only the pool's: the subscriber, made by the first `watch`
         // (which waits for `ready`), keeps failing fast like any call.
-        let mut lazy = builder.clone();
+        let mut lazy = routing::without_redirections(&builder);
         lazy.with_config(|c| c.fail_fast = false);
         let pool = lazy.build_pool(ropts.pool_size.max(1)).map_err(map_err)?;
         pool.prefer_connected(true);
@@ -517,10 +520,8 @@ impl RedisStore {
             opts,
             ropts,
             write_opts,
-            read_opts: Options {
-                max_redirections: Some(1),
-                ..Default::default()
-            },
+            read_opts: Options::default(),
+            router: Router::new(pool.clone(), quit_bound),
             notifier: OnceCell::new(),
             ready: AtomicBool::new(ready),
             shutdown: shutdown.clone(),
@@ -581,25 +582,10 @@ impl RedisStore {
         }
     }
 
-    /// Runs a read again, with a short backoff and within the command bound,
-    /// while it fails on a cluster redirection (a slot migrating or moved).
-    async fn retry_redirected<T, F, Fut>(&self, mut f: F) -> Result<T, FredError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, FredError>>,
-    {
-        let deadline = Instant::now() + self.inner.ropts.command_timeout;
-        let mut delay = Duration::from_millis(10);
-        loop {
-            match f().await {
-                Err(e) if is_redirection(&e) && Instant::now() + delay < deadline => {
-                    tracing::debug!(cause = %e, "retrying a redirected read");
-                    tokio::time::sleep(delay).await;
-                    delay = delay.saturating_mul(2).min(Duration::from_millis(250));
-                }
-                other => return other,
-            }
-        }
+    /// Runs one keyed command (see [`routing`]) and answers its reply.
+    async fn run(&self, opts: &Options, key: &str, cmd: Cmd) -> Result<Value, FredError> {
+        let mut replies = self.inner.router.run(opts, key, &[cmd]).await?;
+        Ok(replies.pop().unwrap_or(Value::Null))
     }
 
     fn keys(&self, stream: StreamId) -> StreamKeys {
@@ -637,22 +623,24 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, FredError> {
-        let call = || async {
-            if write {
-                self.inner
-                    .pool
-                    .next_connected()
-                    .with_options(&self.inner.write_opts)
-                    .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
-                    .await
-            } else {
-                self.inner
-                    .pool
-                    .next_connected()
-                    .fcall::<Value, _, _, _>(func, keys.clone(), args.clone())
-                    .await
-            }
+        let opts = if write {
+            &self.inner.write_opts
+        } else {
+            &self.inner.read_opts
         };
+        let Some(first) = keys.first() else {
+            return Err(FredError::new(
+                ErrorKind::InvalidArgument,
+                "FCALL without keys",
+            ));
+        };
+        let mut full: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        full.push(func.to_string().into());
+        full.push(Value::Integer(keys.len() as i64));
+        full.extend(keys.iter().map(|k| Value::from(k.as_str())));
+        full.extend(args);
+        let cmd = Cmd::new("FCALL", full);
+        let call = || self.run(opts, first, cmd.clone());
         match call().await {
             Err(e) if e.details().contains("Function not found") => {
                 tracing::info!("reloading the Redis function library");
@@ -942,14 +930,28 @@ impl Store for RedisStore {
         }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
-        let p = self.inner.pool.next_connected().pipeline();
-        let () = p.del(vec![&k.meta, &k.entries]).await.map_err(map_err)?;
-        let () = p.hset(&k.meta, fields).await.map_err(map_err)?;
-        let () = p
-            .pexpire(&k.meta, self.live_ttl_ms(), None)
+        let mut hset: Vec<Value> = Vec::with_capacity(1 + 2 * fields.len());
+        hset.push(k.meta.as_str().into());
+        for (name, value) in fields {
+            hset.push(name.into());
+            hset.push(value.into());
+        }
+        let cmds = [
+            Cmd::new(
+                "DEL",
+                vec![k.meta.as_str().into(), k.entries.as_str().into()],
+            ),
+            Cmd::new("HSET", hset),
+            Cmd::new(
+                "PEXPIRE",
+                vec![k.meta.as_str().into(), self.live_ttl_ms().into()],
+            ),
+        ];
+        self.inner
+            .router
+            .run(&self.inner.read_opts, &k.meta, &cmds)
             .await
             .map_err(map_err)?;
-        let _: Vec<Value> = p.all().await.map_err(map_err)?;
         Ok(())
     }
 
@@ -1004,15 +1006,13 @@ impl Store for RedisStore {
         self.ready()?;
         let k = self.keys(stream);
         let h: HashMap<String, String> = self
-            .retry_redirected(|| async {
-                self.inner
-                    .pool
-                    .next_connected()
-                    .with_options(&self.inner.read_opts)
-                    .hgetall(&k.meta)
-                    .await
-            })
+            .run(
+                &self.inner.read_opts,
+                &k.meta,
+                Cmd::new("HGETALL", vec![k.meta.as_str().into()]),
+            )
             .await
+            .and_then(|v| v.convert())
             .map_err(map_err)?;
         if h.is_empty() {
             return Ok(None);
@@ -1039,15 +1039,15 @@ impl Store for RedisStore {
         let count = u64::try_from(limit)
             .unwrap_or(u64::MAX)
             .min(i64::MAX as u64 - 1);
+        let args: Vec<Value> = vec![
+            k.entries.as_str().into(),
+            format!("{from}-0").into(),
+            "+".into(),
+            "COUNT".into(),
+            count.to_string().into(),
+        ];
         let items: Value = self
-            .retry_redirected(|| async {
-                self.inner
-                    .pool
-                    .next_connected()
-                    .with_options(&self.inner.read_opts)
-                    .xrange(&k.entries, format!("{from}-0"), "+", Some(count))
-                    .await
-            })
+            .run(&self.inner.read_opts, &k.entries, Cmd::new("XRANGE", args))
             .await
             .map_err(map_err)?;
         match items {
@@ -1061,12 +1061,18 @@ impl Store for RedisStore {
         self.ready()?;
         let name = self.binding_key(key);
         let k = self.keys(stream);
-        let set = self.inner.pool.set::<(), _, _>(
+        let set = self.run(
+            &self.inner.read_opts,
             &name,
-            stream.to_string(),
-            Some(Expiration::PX(self.live_ttl_ms())),
-            None,
-            false,
+            Cmd::new(
+                "SET",
+                vec![
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                    "PX".into(),
+                    self.live_ttl_ms().into(),
+                ],
+            ),
         );
         let note = self.fcall(
             false,
@@ -1090,17 +1096,20 @@ impl Store for RedisStore {
         let k = self.keys(stream);
         // SET NX GET: sets only if absent and answers the previous value, in
         // one command. Sent once: a replay would find its own binding.
-        let client = self
-            .inner
-            .pool
-            .next_connected()
-            .with_options(&self.inner.write_opts);
-        let set = client.set::<Option<String>, _, _>(
+        let set = self.run(
+            &self.inner.write_opts,
             &name,
-            stream.to_string(),
-            Some(Expiration::PX(self.live_ttl_ms())),
-            Some(SetOptions::NX),
-            true,
+            Cmd::new(
+                "SET",
+                vec![
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                    "PX".into(),
+                    self.live_ttl_ms().into(),
+                    "NX".into(),
+                    "GET".into(),
+                ],
+            ),
         );
         // Noted concurrently (one round trip), even if the claim loses: the
         // end of the stream only shortens a binding still pointing at it.
@@ -1111,7 +1120,7 @@ impl Store for RedisStore {
             vec![name.clone().into()],
         );
         let (set, note) = tokio::join!(set, note);
-        let previous = set.map_err(map_err)?;
+        let previous: Option<String> = set.and_then(|v| v.convert()).map_err(map_err)?;
         note.map_err(map_err)?;
         previous
             .map(|s| {
@@ -1125,15 +1134,13 @@ impl Store for RedisStore {
         self.ready()?;
         let name = self.binding_key(key);
         let v: Option<String> = self
-            .retry_redirected(|| async {
-                self.inner
-                    .pool
-                    .next_connected()
-                    .with_options(&self.inner.read_opts)
-                    .get(&name)
-                    .await
-            })
+            .run(
+                &self.inner.read_opts,
+                &name,
+                Cmd::new("GET", vec![name.as_str().into()]),
+            )
             .await
+            .and_then(|v| v.convert())
             .map_err(map_err)?;
         v.map(|s| {
             s.parse()
