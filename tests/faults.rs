@@ -232,6 +232,64 @@ async fn a_reader_that_never_reads_does_not_slow_the_others() {
     relay.stop().await;
 }
 
+/// A client that stops reading is disconnected once its socket has accepted
+/// nothing for `timeouts.client_write`, even after its stream ended (it would
+/// otherwise hold its connection forever); it can resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EVENTS: usize = 8000;
+    let upstream = Upstream::start().await;
+    let event = Bytes::from(format!("data: {}\n\n", "y".repeat(1000)));
+    let ctl = upstream.controlled_stream();
+    let mut c = config(&upstream.url(), &Backend::Memory);
+    c.timeouts.client_write = Duration::from_secs(2);
+    let relay = TestRelay::start(c).await;
+    let client = SseClient::new();
+    // The stream's own client leaves at once: the recording goes on, and
+    // the stalled client below is its only reader.
+    let origin = client.open_get(&format!("{}/gen", relay.url())).await;
+    let stream_id = origin.header("reprise-stream-id").unwrap().to_string();
+    drop(origin);
+
+    // Small receive buffer, so that 8 MB cannot all fit in the socket.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(relay.addr()).await.unwrap();
+    // `close`: a reader that got everything sees the end of the connection.
+    let req = format!(
+        "GET /_reprise/streams/{stream_id} HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    );
+    stuck.write_all(req.as_bytes()).await.unwrap();
+    for _ in 0..EVENTS {
+        ctl.send(event.clone()).await;
+    }
+    ctl.finish();
+    // The client stalls for longer than `client_write` (the scenario, not a
+    // synchronisation: a client that resumed reading earlier would be fine).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The stuck client now reads: what the kernel buffered, then the end
+    // of a connection the relay closed (not the whole stream).
+    let mut received = Vec::new();
+    let read = with_timeout(
+        "the relay to close the stalled connection",
+        stuck.read_to_end(&mut received),
+    )
+    .await;
+    assert!(
+        received.len() < EVENTS * event.len(),
+        "the stalled reader got all {} bytes ({read:?}): it was not cut off",
+        received.len()
+    );
+    // Nothing was lost: a resume gets the whole stream.
+    let mut again = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", relay.url()))
+        .await;
+    assert_eq!(again.collect_until_end().await.len(), EVENTS);
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_get_503() {
     let upstream = Upstream::start().await;

@@ -186,6 +186,11 @@ pub struct TimeoutsConfig {
     /// On SIGTERM/SIGINT: how long in-flight streams may continue.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Longest a client connection may accept none of the bytes Reprise has
+    /// for it (a reader that stopped reading) before Reprise closes it; the
+    /// client can resume.
+    #[serde(with = "humantime_serde")]
+    pub client_write: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -196,6 +201,7 @@ impl Default for TimeoutsConfig {
             idle: Duration::from_secs(300),
             max_stream_duration: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),
+            client_write: Duration::from_secs(60),
         }
     }
 }
@@ -407,6 +413,9 @@ impl Config {
         }
         if self.store.retention.is_zero() {
             return bad("store.retention must be more than 0".into());
+        }
+        if self.timeouts.client_write.is_zero() {
+            return bad("timeouts.client_write must be more than 0".into());
         }
         if self.streams.lease < Duration::from_millis(300) {
             return bad("streams.lease must be at least 300ms".into());

@@ -299,6 +299,12 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         let open = GaugeGuard::new(&relay.metrics.connections_open);
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let (tls, stop) = (tls.clone(), relay.shutdown.clone());
+        // A client whose socket accepts nothing for `client_write` (a reader
+        // that stopped reading) is closed: it holds no queue, but it would
+        // hold its connection and task forever. It can resume.
+        let mut io = tokio_io_timeout::TimeoutStream::new(io);
+        io.set_write_timeout(Some(relay.config.timeouts.client_write));
+        let io = Box::pin(io);
         relay.tasks.spawn(
             async move {
                 let _open = open;
