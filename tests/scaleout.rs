@@ -1,7 +1,7 @@
-//! Several Reprise processes over one Redis: producer failure detection,
-//! cancel from any instance, idempotent starts.
+//! Three Reprise processes over a three-master Redis Cluster: producer
+//! failure detection, cancel from any instance, idempotent starts.
 
-use reprise_tests::redis::RedisServer;
+use reprise_tests::redis::RedisCluster;
 use reprise_tests::relay::{chat_config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::numbered_event;
 use reprise_tests::{data, numbered};
@@ -10,7 +10,7 @@ use serde_json::json;
 
 /// A config file for a `reprise` process: one recorded route `/`, a short
 /// lease, and the chat route with a resume template.
-fn config_file(redis: &RedisServer, upstream: &Upstream, tag: &str) -> String {
+fn config_file(redis: &RedisCluster, upstream: &Upstream, tag: &str) -> String {
     let dir = std::env::temp_dir().join(format!("reprise-scaleout-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("reprise.toml");
@@ -41,11 +41,15 @@ upstream = "{up}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
-    let redis = RedisServer::start().await.expect("start redis-server");
+    let redis = RedisCluster::start().await.expect("start a Redis cluster");
     let upstream = Upstream::start().await;
     let cfg = config_file(&redis, &upstream, "kill");
     let args = ["--config", cfg.as_str()];
-    let (mut a, b) = tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+    let (mut a, b, c) = tokio::join!(
+        RelayProcess::start(&args),
+        RelayProcess::start(&args),
+        RelayProcess::start(&args)
+    );
     let client = SseClient::new();
     let ctl = upstream.controlled_stream();
     let mut origin = client.open_get(&format!("{}/gen", a.url())).await;
@@ -54,17 +58,25 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
         ctl.send(numbered_event(i)).await;
     }
     origin.next_events(3).await;
-    let mut elsewhere = client
+    let mut on_b = client
         .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
         .await;
-    assert_eq!(data(&elsewhere.next_events(3).await), numbered(1..=3));
+    let mut on_c = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", c.url()))
+        .await;
+    for reader in [&mut on_b, &mut on_c] {
+        assert_eq!(data(&reader.next_events(3).await), numbered(1..=3));
+    }
 
+    // SIGKILL: no goodbye, only the lease stops being renewed.
     a.kill().await;
     // Within the lease bound (1.5 s here; the wait is bounded generously).
-    let rest = elsewhere.collect_until_end().await;
-    assert_eq!(rest.len(), 1, "{rest:?}");
-    assert_eq!(rest[0].event, "reprise-error");
-    assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
+    for reader in [&mut on_b, &mut on_c] {
+        let rest = reader.collect_until_end().await;
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert_eq!(rest[0].event, "reprise-error");
+        assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
+    }
     // Later resumes replay what was recorded, then the failure.
     let mut later = client
         .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
@@ -76,7 +88,7 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_on_any_instance_stops_the_generation() {
-    let redis = RedisServer::start().await.expect("start redis-server");
+    let redis = RedisCluster::start().await.expect("start a Redis cluster");
     let upstream = Upstream::start().await;
     let cfg = config_file(&redis, &upstream, "cancel");
     let args = ["--config", cfg.as_str()];
@@ -165,12 +177,14 @@ async fn cancel_on_any_instance_stops_the_generation() {
 /// costs one upstream call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_retry_makes_one_upstream_call() {
-    let redis = RedisServer::start().await.expect("start redis-server");
+    let redis = RedisCluster::start().await.expect("start a Redis cluster");
     let upstream = Upstream::start().await;
     let (reply, ctl) = reprise_tests::Reply::controlled();
     upstream.respond_once(reply);
-    let a = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
-    let b = TestRelay::start(chat_config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let backend = Backend::Redis(redis.url());
+    let a = TestRelay::start(chat_config(&upstream.url(), &backend)).await;
+    let b = TestRelay::start(chat_config(&upstream.url(), &backend)).await;
+    let c = TestRelay::start(chat_config(&upstream.url(), &backend)).await;
     let client = SseClient::new();
     let body = json!({"id": "c1", "messages": []});
     let first = client
@@ -196,7 +210,7 @@ async fn an_idempotent_retry_makes_one_upstream_call() {
     // A retry after the end replays the answer too.
     let mut third = open_sse(
         client
-            .post_json(&format!("{}/api/chat", b.url()), &body)
+            .post_json(&format!("{}/api/chat", c.url()), &body)
             .header("idempotency-key", "send-42"),
     )
     .await;
@@ -205,4 +219,5 @@ async fn an_idempotent_retry_makes_one_upstream_call() {
     assert_eq!(upstream.request_count(), 1);
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
