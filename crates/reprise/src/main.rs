@@ -163,6 +163,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         }];
     }
     config.validate()?;

@@ -1,0 +1,260 @@
+//! Rate limits per caller, checked on the way upstream: before a request is
+//! forwarded, its caller must be under the route's `max_streams_per_caller`
+//! and `max_starts_per_caller_per_minute`, or it is answered `429`.
+//!
+//! The caller is the route's caller identity (the HMAC of `auth`) when the
+//! request carries any of the values that identify callers there, else the
+//! client's address (see `forwarded`). Counts live in the store's
+//! [`Limiter`] (Redis: shared by every instance; embedded: in memory).
+//!
+//! A forwarded request holds a [`Slot`] from its start until its stream ends:
+//! a recorded stream until its recording ends (completed, failed, cancelled;
+//! a client hanging up does not end it), a pass-through response until its
+//! body ends or the client goes. Dropping the slot gives it back. While
+//! held, a task refreshes its expiry every third of `streams.lease`, so a
+//! slot of an instance that died expires within about a lease.
+//!
+//! If the store cannot answer, the request is served (fail open): an outage
+//! of Redis must not take the chat down. It is logged and counted in
+//! `reprise_rate_limit_errors_total`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use reprise_store::{Admission, LimitKind, Limiter, MemoryLimiter, RateLimits, Store};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{CallerConfig, LimitsConfig};
+use crate::error::RelayError;
+use crate::forwarded::Forwarding;
+use crate::live::LiveStream;
+use crate::metrics::{Metrics, RateLimitedLabels};
+use crate::routes::Route;
+
+/// `Retry-After` for a caller at its concurrent-stream limit: only one of
+/// its streams ending helps, and that cannot be known in advance.
+const CONCURRENT_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// The relay's rate limiter.
+pub struct RateLimiter {
+    backend: Arc<dyn Limiter>,
+    /// How long a slot lives without a refresh (`streams.lease`).
+    slot_ttl: Duration,
+    metrics: Arc<Metrics>,
+    /// Runs the slots' refresh tasks.
+    tasks: TaskTracker,
+    /// Ends the refresh tasks at the end of the shutdown.
+    stop: CancellationToken,
+}
+
+/// A caller's identity for rate limits, scoped to one route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitKey(String);
+
+impl LimitKey {
+    /// The caller identity if the request carries any value that
+    /// identifies callers on the route, else the client's address.
+    pub fn of(route: &Route, caller: &str, headers: &HeaderMap, fwd: &Forwarding) -> LimitKey {
+        if identifies(&route.caller, headers) {
+            // The caller hash already covers the route.
+            LimitKey(format!("c:{caller}"))
+        } else {
+            LimitKey(format!("ip:{}#{}", route.path, fwd.client_ip))
+        }
+    }
+}
+
+/// Whether `headers` carry any of the values that identify a caller.
+fn identifies(who: &CallerConfig, headers: &HeaderMap) -> bool {
+    who.headers.iter().any(|h| headers.contains_key(h.as_str()))
+        || who.cookies.iter().any(|name| {
+            headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .any(|pair| pair.trim().split_once('=').is_some_and(|(k, _)| k == name))
+        })
+}
+
+/// The limits that apply on `route`: its own, else `[limits]`.
+pub fn limits_for(global: &LimitsConfig, route: &Route) -> RateLimits {
+    RateLimits {
+        max_streams: route
+            .limits
+            .max_streams_per_caller
+            .unwrap_or(global.max_streams_per_caller),
+        max_starts_per_minute: route
+            .limits
+            .max_starts_per_caller_per_minute
+            .unwrap_or(global.max_starts_per_caller_per_minute),
+    }
+}
+
+/// A concurrent-stream slot held by one forwarded request. Dropping it gives
+/// it back (and stops its refreshes).
+pub struct Slot {
+    _release: DropGuard,
+}
+
+impl Slot {
+    /// Holds the slot until `live`'s recording ended, whatever its outcome.
+    pub fn release_when_ended(self, tasks: &TaskTracker, live: Arc<LiveStream>) {
+        tasks.spawn(
+            async move {
+                let mut changes = live.subscribe();
+                while !live.is_ended() {
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+                drop(self);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+impl RateLimiter {
+    /// The limiter of `store`: its shared one, else one in this process.
+    pub fn new(
+        store: &dyn Store,
+        slot_ttl: Duration,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> RateLimiter {
+        let backend = store
+            .shared_limiter()
+            .unwrap_or_else(|| Arc::new(MemoryLimiter::new()));
+        RateLimiter {
+            backend,
+            slot_ttl,
+            metrics,
+            tasks,
+            stop,
+        }
+    }
+
+    /// Counts a start for `who` on `route` if under its limits. `Ok(None)`:
+    /// admitted without a slot to hold (concurrency unlimited, or the store
+    /// did not answer); `Err(RateLimited)`: over a limit, nothing counted.
+    pub async fn admit(
+        &self,
+        route: &Route,
+        limits: RateLimits,
+        who: &LimitKey,
+    ) -> Result<Option<Slot>, RelayError> {
+        if limits.is_unlimited() {
+            return Ok(None);
+        }
+        let slot_id = reprise_core::StreamId::random().to_string();
+        match self
+            .backend
+            .acquire(&who.0, &slot_id, limits, self.slot_ttl)
+            .await
+        {
+            Ok(Admission::Admitted) if limits.max_streams > 0 => {
+                Ok(Some(self.hold(who.clone(), slot_id)))
+            }
+            Ok(Admission::Admitted) => Ok(None),
+            Ok(Admission::Refused { limit, retry_after }) => {
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&RateLimitedLabels {
+                        route: route.path.clone(),
+                        limit: limit.as_str().to_string(),
+                    })
+                    .inc();
+                let (max, retry_after) = match limit {
+                    LimitKind::Concurrent => (limits.max_streams, CONCURRENT_RETRY_AFTER),
+                    LimitKind::StartsPerMinute => (
+                        limits.max_starts_per_minute,
+                        retry_after.unwrap_or(CONCURRENT_RETRY_AFTER),
+                    ),
+                };
+                Err(RelayError::RateLimited {
+                    limit,
+                    max,
+                    retry_after,
+                })
+            }
+            Err(e) => {
+                self.metrics.rate_limit_errors.inc();
+                tracing::warn!(cause = %e, "cannot check rate limits; serving the request unchecked");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts the task that keeps `slot_id` alive until the returned
+    /// [`Slot`] is dropped, then releases it.
+    fn hold(&self, who: LimitKey, slot_id: String) -> Slot {
+        let release = CancellationToken::new();
+        let (backend, ttl, stop) = (self.backend.clone(), self.slot_ttl, self.stop.clone());
+        let token = release.clone();
+        self.tasks.spawn(
+            async move {
+                let every = ttl / 3;
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(every) => {
+                            if let Err(e) = backend.refresh(&who.0, &slot_id, ttl).await {
+                                tracing::debug!(cause = %e, "could not refresh a rate-limit slot");
+                            }
+                        }
+                    }
+                }
+                if let Err(e) = backend.release(&who.0, &slot_id).await {
+                    // It expires on its own within a lease.
+                    tracing::debug!(cause = %e, "could not release a rate-limit slot");
+                }
+            }
+            .in_current_span(),
+        );
+        Slot {
+            _release: release.drop_guard(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn callers_are_identified_by_credentials_if_any() {
+        let default = CallerConfig::default();
+        assert!(identifies(
+            &default,
+            &headers(&[("authorization", "Bearer x")])
+        ));
+        assert!(identifies(&default, &headers(&[("cookie", "a=b")])));
+        assert!(!identifies(&default, &headers(&[("x-other", "1")])));
+        let by_cookie = CallerConfig {
+            headers: vec![],
+            cookies: vec!["session".into()],
+        };
+        assert!(identifies(
+            &by_cookie,
+            &headers(&[("cookie", "theme=1; session=abc")])
+        ));
+        assert!(!identifies(&by_cookie, &headers(&[("cookie", "theme=1")])));
+    }
+}
