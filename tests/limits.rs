@@ -251,18 +251,36 @@ async fn embedded_store_limits_and_route_overrides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_upstream_call_gives_its_slot_back() {
+async fn failed_upstream_calls_give_their_slot_back() {
     let upstream = Upstream::start().await;
     let mut c = with_limits(config(&upstream.url(), &Backend::Memory), 1, 0);
-    // Nothing listens there: 502.
-    let dead = reprise_tests::redis::free_port().expect("free port");
-    c.routes[0].upstream = format!("http://127.0.0.1:{dead}");
+    c.limits.max_request_body = bytesize::ByteSize::b(100);
     let relay = TestRelay::start(c).await;
     let client = SseClient::new();
-    let (status, _, _) = read_raw(get(&client, &relay.url(), "/gen", Some("f"))).await;
-    assert_eq!(status, 502);
-    let again = until_admitted(|| get(&client, &relay.url(), "/gen", Some("f"))).await;
-    assert_eq!(again.status(), 502);
+    let url = format!("{}/gen", relay.url());
+    // Admitted, then aborted while forwarding its body (413).
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        (0..3).map(|_| Ok(Bytes::from(vec![b'y'; 60]))).collect();
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let (status, _, _) =
+        read_raw(client.post(&url, body).header("authorization", "Bearer f")).await;
+    assert_eq!(status, 413);
+    // The upstream answers an error (passed through).
+    upstream.respond_once(Reply::text(502, "bad gateway"));
+    let failed = until_admitted(|| get(&client, &relay.url(), "/gen", Some("f"))).await;
+    assert_eq!(failed.status(), 502);
+    drop(failed);
+    // Neither kept the slot: a stream can start, and holds it.
+    let ctl = upstream.controlled_stream();
+    let held = until_admitted(|| get(&client, &relay.url(), "/gen", Some("f"))).await;
+    assert_eq!(held.status(), 200);
+    assert_rate_limited(
+        get(&client, &relay.url(), "/gen", Some("f")),
+        "concurrent_streams",
+        1..=5,
+    )
+    .await;
+    ctl.finish();
     relay.stop().await;
 }
 

@@ -14,7 +14,7 @@
 //! held, a task refreshes its expiry every third of `streams.lease`, so a
 //! slot of an instance that died expires within about a lease.
 //!
-//! If the store cannot answer, the request is served (fail open): an outage
+//! If the store cannot answer within a second, the request is served (fail open): an outage
 //! of Redis must not take the chat down. It is logged and counted in
 //! `reprise_rate_limit_errors_total`.
 
@@ -37,6 +37,11 @@ use crate::routes::Route;
 /// `Retry-After` for a caller at its concurrent-stream limit: only one of
 /// its streams ending helps, and that cannot be known in advance.
 const CONCURRENT_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Longest a start waits for the store's answer before it is served
+/// unchecked: a Redis that stalls (or died and is not yet noticed) must not
+/// hold up the chat for the store's whole command timeout.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The relay's rate limiter.
 pub struct RateLimiter {
@@ -152,11 +157,16 @@ impl RateLimiter {
             return Ok(None);
         }
         let slot_id = reprise_core::StreamId::random().to_string();
-        match self
+        let check = self
             .backend
-            .acquire(&who.0, &slot_id, limits, self.slot_ttl)
-            .await
-        {
+            .acquire(&who.0, &slot_id, limits, self.slot_ttl);
+        let answer = match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+            Ok(answer) => answer,
+            Err(_) => Err(reprise_store::StoreError::Unavailable(format!(
+                "no answer within {CHECK_TIMEOUT:?}"
+            ))),
+        };
+        match answer {
             Ok(Admission::Admitted) if limits.max_streams > 0 => {
                 Ok(Some(self.hold(who.clone(), slot_id)))
             }
