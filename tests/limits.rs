@@ -3,11 +3,15 @@
 //! Redis is gone), which client address counts behind trusted proxies, and
 //! bounds on request bodies (413) and heads (431).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use reprise_relay::config::{Config, RouteConfig, RouteLimits};
-use reprise_tests::redis::RedisServer;
+use reprise_store::{
+    Admission, LimitKind, Limiter, MemoryLimiter, RateLimits, RedisStore, Store, StoreOptions,
+};
+use reprise_tests::redis::{RedisCluster, RedisServer};
 use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{event, numbered_event};
 use reprise_tests::{open_sse, read_raw, with_timeout, Reply, SseClient, SseResponse, Upstream};
@@ -510,4 +514,175 @@ async fn oversized_request_heads_get_431() {
         .expect("h2 request");
     assert_eq!(too_big.status(), 431);
     relay.stop().await;
+}
+
+/// The limiter contract, run against both backends (as the store's
+/// conformance suite does for streams): limits, release, atomicity under
+/// concurrent acquires, and slots that expire without refreshes.
+async fn limiter_contract(limiter: Arc<dyn Limiter>) {
+    let ttl = Duration::from_secs(30);
+    let both = RateLimits {
+        max_streams: 2,
+        max_starts_per_minute: 3,
+    };
+    let caller = format!("contract-{}", reprise_core::StreamId::random());
+    let c = caller.as_str();
+    assert_eq!(
+        limiter.acquire(c, "s1", both, ttl).await.unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(
+        limiter.acquire(c, "s2", both, ttl).await.unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(
+        limiter.acquire(c, "s3", both, ttl).await.unwrap(),
+        Admission::Refused {
+            limit: LimitKind::Concurrent,
+            retry_after: None
+        }
+    );
+    // Another caller is apart; a release frees a place.
+    let other = format!("{caller}-other");
+    assert_eq!(
+        limiter.acquire(&other, "s1", both, ttl).await.unwrap(),
+        Admission::Admitted
+    );
+    limiter.release(c, "s1").await.unwrap();
+    limiter.release(c, "never-taken").await.unwrap();
+    assert_eq!(
+        limiter.acquire(c, "s4", both, ttl).await.unwrap(),
+        Admission::Admitted
+    );
+    // Three starts counted (the refused one was not): the start limit now.
+    limiter.release(c, "s2").await.unwrap();
+    match limiter.acquire(c, "s5", both, ttl).await.unwrap() {
+        Admission::Refused {
+            limit: LimitKind::StartsPerMinute,
+            retry_after: Some(after),
+        } => assert!(
+            after > Duration::ZERO && after <= Duration::from_secs(60),
+            "{after:?}"
+        ),
+        other => panic!("expected the start limit, got {other:?}"),
+    }
+    // Unlimited: always admitted, nothing counted.
+    for i in 0..5 {
+        let slot = format!("u{i}");
+        let free = RateLimits::default();
+        assert_eq!(
+            limiter.acquire(c, &slot, free, ttl).await.unwrap(),
+            Admission::Admitted
+        );
+    }
+
+    // Atomic: of 20 concurrent acquires under a limit of 5, exactly 5 win.
+    let racer = format!("{caller}-race");
+    let five = RateLimits {
+        max_streams: 5,
+        max_starts_per_minute: 0,
+    };
+    let attempts = (0..20).map(|i| {
+        let (limiter, racer) = (limiter.clone(), racer.clone());
+        tokio::spawn(async move { limiter.acquire(&racer, &format!("r{i}"), five, ttl).await })
+    });
+    let mut admitted = 0;
+    for a in attempts {
+        if a.await.unwrap().unwrap() == Admission::Admitted {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5);
+
+    // A slot nobody refreshes expires; a refreshed one stays.
+    let short = Duration::from_millis(300);
+    let one = RateLimits {
+        max_streams: 1,
+        max_starts_per_minute: 0,
+    };
+    let lapsing = format!("{caller}-lapse");
+    assert_eq!(
+        limiter.acquire(&lapsing, "old", one, short).await.unwrap(),
+        Admission::Admitted
+    );
+    with_timeout("an unrefreshed slot to expire", async {
+        while limiter.acquire(&lapsing, "new", one, short).await.unwrap() != Admission::Admitted {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let kept = format!("{caller}-kept");
+    assert_eq!(
+        limiter.acquire(&kept, "a", one, ttl).await.unwrap(),
+        Admission::Admitted
+    );
+    limiter.refresh(&kept, "a", ttl).await.unwrap();
+    assert!(matches!(
+        limiter.acquire(&kept, "b", one, ttl).await.unwrap(),
+        Admission::Refused { .. }
+    ));
+}
+
+fn store_options() -> StoreOptions {
+    StoreOptions {
+        key_prefix: "reprise:".into(),
+        retention: Duration::from_secs(60),
+        max_stream_duration: Duration::from_secs(600),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_contract_memory() {
+    limiter_contract(Arc::new(MemoryLimiter::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_contract_redis() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let store = RedisStore::connect(&redis.url(), store_options())
+        .await
+        .expect("connect");
+    limiter_contract(store.shared_limiter().expect("a shared limiter")).await;
+    // The embedded store has none: the relay counts in its own memory.
+    let memory = reprise_store::MemoryStore::new(store_options(), Default::default());
+    assert!(memory.shared_limiter().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_contract_redis_cluster() {
+    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+    let store = RedisStore::connect(&cluster.url(), store_options())
+        .await
+        .expect("connect");
+    limiter_contract(store.shared_limiter().expect("a shared limiter")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_instances_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+    let upstream = Upstream::start().await;
+    let c = with_limits(
+        config(&upstream.url(), &Backend::Redis(cluster.url())),
+        1,
+        0,
+    );
+    let (a, b) = tokio::join!(TestRelay::start(c.clone()), TestRelay::start(c));
+    let client = SseClient::new();
+    // Callers whose keys hash to different masters (distinct random tokens).
+    for i in 0..6 {
+        let token = format!("caller-{i}");
+        let ctl = upstream.controlled_stream();
+        let held = open_sse(get(&client, &a.url(), "/gen", Some(&token))).await;
+        assert_eq!(held.status(), 200);
+        assert_rate_limited(
+            get(&client, &b.url(), "/gen", Some(&token)),
+            "concurrent_streams",
+            1..=5,
+        )
+        .await;
+        ctl.finish();
+        drop(held);
+    }
+    a.stop().await;
+    b.stop().await;
 }
