@@ -27,7 +27,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{CallerConfig, LimitsConfig};
+use crate::config::LimitsConfig;
 use crate::error::RelayError;
 use crate::forwarded::Forwarding;
 use crate::live::LiveStream;
@@ -63,26 +63,13 @@ impl LimitKey {
     /// The caller identity if the request carries any value that
     /// identifies callers on the route, else the client's address.
     pub fn of(route: &Route, caller: &str, headers: &HeaderMap, fwd: &Forwarding) -> LimitKey {
-        if identifies(&route.caller, headers) {
+        if crate::auth::identifies(&route.caller, headers) {
             // The caller hash already covers the route.
             LimitKey(format!("c:{caller}"))
         } else {
             LimitKey(format!("ip:{}#{}", route.path, fwd.client_ip))
         }
     }
-}
-
-/// Whether `headers` carry any of the values that identify a caller.
-fn identifies(who: &CallerConfig, headers: &HeaderMap) -> bool {
-    who.headers.iter().any(|h| headers.contains_key(h.as_str()))
-        || who.cookies.iter().any(|name| {
-            headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .any(|pair| pair.trim().split_once('=').is_some_and(|(k, _)| k == name))
-        })
 }
 
 /// The limits that apply on `route`: its own, else `[limits]`.
@@ -236,35 +223,70 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{RouteConfig, RouteLimits};
+    use crate::routes::Router;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
+    fn route(limits: RouteLimits) -> Arc<Route> {
+        let c = RouteConfig {
+            path: "/api".into(),
+            upstream: "http://127.0.0.1:1".into(),
+            key: None,
+            resume: None,
+            record: true,
+            caller: Default::default(),
+            resume_auth: Default::default(),
+            ca_file: None,
+            limits,
+        };
+        let router = Router::new(&[c]).unwrap();
+        router.match_path("/api").unwrap().clone()
     }
 
     #[test]
-    fn callers_are_identified_by_credentials_if_any() {
-        let default = CallerConfig::default();
-        assert!(identifies(
-            &default,
-            &headers(&[("authorization", "Bearer x")])
-        ));
-        assert!(identifies(&default, &headers(&[("cookie", "a=b")])));
-        assert!(!identifies(&default, &headers(&[("x-other", "1")])));
-        let by_cookie = CallerConfig {
-            headers: vec![],
-            cookies: vec!["session".into()],
+    fn a_route_overrides_the_global_limits_key_by_key() {
+        let global = LimitsConfig {
+            max_streams_per_caller: 4,
+            max_starts_per_caller_per_minute: 60,
+            ..LimitsConfig::default()
         };
-        assert!(identifies(
-            &by_cookie,
-            &headers(&[("cookie", "theme=1; session=abc")])
-        ));
-        assert!(!identifies(&by_cookie, &headers(&[("cookie", "theme=1")])));
+        let inherit = route(RouteLimits::default());
+        assert_eq!(
+            limits_for(&global, &inherit),
+            RateLimits {
+                max_streams: 4,
+                max_starts_per_minute: 60
+            }
+        );
+        let own = route(RouteLimits {
+            max_streams_per_caller: Some(0),
+            max_starts_per_caller_per_minute: None,
+        });
+        assert_eq!(
+            limits_for(&global, &own),
+            RateLimits {
+                max_streams: 0,
+                max_starts_per_minute: 60
+            }
+        );
+    }
+
+    #[test]
+    fn anonymous_callers_are_counted_by_address_and_route() {
+        let r = route(RouteLimits::default());
+        let fwd = Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            peer_trusted: true,
+            client_ip: "198.51.100.1".parse().unwrap(),
+        };
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            LimitKey::of(&r, "hash", &h, &fwd),
+            LimitKey("ip:/api#198.51.100.1".into())
+        );
+        h.insert("authorization", "Bearer t".parse().unwrap());
+        assert_eq!(
+            LimitKey::of(&r, "hash", &h, &fwd),
+            LimitKey("c:hash".into())
+        );
     }
 }
