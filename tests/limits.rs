@@ -686,3 +686,49 @@ async fn rate_limits_hold_across_instances_on_a_redis_cluster() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_broken_streams_give_their_slot_back() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let c = with_limits(config(&upstream.url(), &Backend::Redis(redis.url())), 1, 0);
+    let relay = TestRelay::start(c).await;
+    let client = SseClient::new();
+    let start = || get(&client, &relay.url(), "/gen", Some("ivy"));
+
+    // Cancelled by its caller ("stop generating").
+    let ctl = upstream.controlled_stream();
+    let mut first = open_sse(start()).await;
+    assert_eq!(first.status(), 200);
+    let id = first.header("reprise-stream-id").unwrap().to_string();
+    assert_rate_limited(start(), "concurrent_streams", 1..=5).await;
+    let (status, _, _) = read_raw(
+        client
+            .http()
+            .delete(format!("{}/_reprise/streams/{id}", relay.url()))
+            .header("authorization", bearer("ivy")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    first.collect_until_end().await;
+    ctl.closed().await;
+
+    // The upstream breaks mid-stream.
+    let broken_ctl = upstream.controlled_stream();
+    let mut broken = until_admitted(start).await;
+    assert_eq!(broken.status(), 200);
+    assert_rate_limited(start(), "concurrent_streams", 1..=5).await;
+    broken_ctl.send(numbered_event(1)).await;
+    broken_ctl.abort().await;
+    let events = broken.collect_until_end().await;
+    assert_eq!(
+        events.last().unwrap().json()["reprise"]["code"],
+        "upstream_reset"
+    );
+
+    let last_ctl = upstream.controlled_stream();
+    let last = until_admitted(start).await;
+    assert_eq!(last.status(), 200);
+    last_ctl.finish();
+    relay.stop().await;
+}
