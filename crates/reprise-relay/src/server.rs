@@ -262,8 +262,10 @@ pub async fn run_with(
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
     let limits = &relay.config.limits;
     // Request heads over `limits.max_request_headers` (bytes) or
-    // `max_request_header_count` (fields) are answered 431 by hyper (HTTP/1)
-    // or refused by h2 (HTTP/2) before they reach a handler.
+    // `max_request_header_count` (fields, HTTP/1 only) are answered 431 by
+    // hyper (HTTP/1) and h2 (HTTP/2) before they reach a handler. The byte
+    // bound is hyper's HTTP/1 buffer size, which also caps its read and
+    // write buffers (64 KiB by default, plenty for SSE frames).
     let head_bytes = limits.max_request_headers.as_u64();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
