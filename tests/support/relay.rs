@@ -34,6 +34,7 @@ pub fn config(upstream: &str, backend: &Backend) -> Config {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         }],
         ..Config::default()
     };
@@ -58,6 +59,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         },
         RouteConfig {
             path: "/plain".into(),
@@ -68,6 +70,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         },
         RouteConfig {
             path: "/".into(),
@@ -78,6 +81,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         },
     ];
     c

@@ -78,6 +78,17 @@ impl Auth {
     }
 }
 
+/// Whether a request carries any of the values that identify callers on a
+/// route (`who`). Without them, every request shares the route's anonymous
+/// identity, and rate limits count by client address instead.
+pub fn identifies(who: &CallerConfig, headers: &HeaderMap) -> bool {
+    who.headers.iter().any(|h| headers.contains_key(h.as_str()))
+        || who
+            .cookies
+            .iter()
+            .any(|name| cookie_value(headers, name).is_some())
+}
+
 /// The value of one cookie in the request's `Cookie` headers.
 fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -158,6 +169,23 @@ mod tests {
         );
         // Never the credential itself.
         assert!(!alice.contains("alice"));
+    }
+
+    #[test]
+    fn requests_without_credentials_are_anonymous() {
+        let default = CallerConfig::default();
+        assert!(identifies(&default, &h(&[("authorization", "Bearer x")])));
+        assert!(identifies(&default, &h(&[("cookie", "a=b")])));
+        assert!(!identifies(&default, &h(&[("x-other", "1")])));
+        let by_cookie = CallerConfig {
+            headers: vec![],
+            cookies: vec!["session".into()],
+        };
+        assert!(identifies(
+            &by_cookie,
+            &h(&[("cookie", "theme=1; session=abc")])
+        ));
+        assert!(!identifies(&by_cookie, &h(&[("cookie", "theme=1")])));
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
+    /// Peers (CIDRs) whose `X-Forwarded-For`, `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `Forwarded` headers are believed; from any
+    /// other peer they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             auth: AuthConfig::default(),
             routes: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -141,8 +146,18 @@ pub struct LimitsConfig {
     pub max_stream_events: u64,
     /// Most bytes recorded in one stream.
     pub max_stream_bytes: ByteSize,
-    /// Largest request body buffered to extract a JSON key.
+    /// Largest request body forwarded (or buffered to extract a JSON key);
+    /// larger ones are answered `413`.
     pub max_request_body: ByteSize,
+    /// Largest request head (request line and headers); larger ones are
+    /// answered `431`.
+    pub max_request_headers: ByteSize,
+    /// Most request header fields; more are answered `431`.
+    pub max_request_header_count: usize,
+    /// Streams one caller may have open at once on a route (0: unlimited).
+    pub max_streams_per_caller: u32,
+    /// Streams one caller may start per minute on a route (0: unlimited).
+    pub max_starts_per_caller_per_minute: u32,
     /// Most client connections open at once; more are answered `503`.
     pub max_connections: usize,
     /// Most payload bytes of one stream held in memory while the store does
@@ -160,6 +175,10 @@ impl Default for LimitsConfig {
             max_stream_events: 1_000_000,
             max_stream_bytes: ByteSize::mib(64),
             max_request_body: ByteSize::mib(16),
+            max_request_headers: ByteSize::kib(64),
+            max_request_header_count: 100,
+            max_streams_per_caller: 0,
+            max_starts_per_caller_per_minute: 0,
             max_connections: 50_000,
             max_unstored_stream_bytes: ByteSize::mib(16),
             max_unstored_bytes: ByteSize::mib(256),
@@ -283,6 +302,15 @@ pub enum ResumeAuth {
     SameCaller,
 }
 
+/// `routes[].limits`: a route's own rate limits per caller; a key left out
+/// takes the `[limits]` value.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteLimits {
+    pub max_streams_per_caller: Option<u32>,
+    pub max_starts_per_caller_per_minute: Option<u32>,
+}
+
 /// Where a route finds the key (e.g. chat id) that names its latest stream.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
@@ -323,6 +351,9 @@ pub struct RouteConfig {
     /// route's `https://` upstream.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Rate limits per caller overriding `[limits]` on this route.
+    #[serde(default)]
+    pub limits: RouteLimits,
 }
 
 fn default_true() -> bool {
@@ -410,6 +441,14 @@ impl Config {
                 "limits.max_stream_bytes must be at least limits.max_event, max_stream_events > 0"
                     .into(),
             );
+        }
+        if l.max_request_headers.as_u64() < 8192
+            || l.max_request_headers.as_u64() > (u32::MAX as u64)
+        {
+            return bad("limits.max_request_headers must be between 8 KiB and 4 GiB".into());
+        }
+        if l.max_request_header_count == 0 {
+            return bad("limits.max_request_header_count must be more than 0".into());
         }
         if self.store.retention.is_zero() {
             return bad("store.retention must be more than 0".into());

@@ -1,7 +1,7 @@
 //! Errors of the relay layer and the one place they become HTTP responses.
 
 use http::{header, HeaderValue, Response, StatusCode};
-use reprise_store::StoreError;
+use reprise_store::{LimitKind, StoreError};
 use serde_json::json;
 
 use crate::body::{full, Body};
@@ -32,6 +32,14 @@ pub enum RelayError {
     /// The upstream did not answer in time.
     #[error("upstream timed out: {0}")]
     UpstreamTimeout(String),
+    /// The caller is over a rate limit (`limits.max_streams_per_caller`,
+    /// `limits.max_starts_per_caller_per_minute`); nothing was counted.
+    #[error("rate limited: at most {max} {} per caller", limit_text(*.limit))]
+    RateLimited {
+        limit: LimitKind,
+        max: u32,
+        retry_after: std::time::Duration,
+    },
     /// `limits.max_connections` connections are already open.
     #[error("too many connections; retry later")]
     TooManyConnections,
@@ -58,6 +66,7 @@ impl RelayError {
             RelayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             RelayError::NotFound { .. } | RelayError::NoRoute => StatusCode::NOT_FOUND,
             RelayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
             RelayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             RelayError::StoreUnavailable(_) | RelayError::TooManyConnections => {
@@ -72,6 +81,7 @@ impl RelayError {
         match self {
             RelayError::BadRequest { code, .. } | RelayError::NotFound { code, .. } => code,
             RelayError::PayloadTooLarge { .. } => "payload_too_large",
+            RelayError::RateLimited { .. } => "rate_limited",
             RelayError::NoRoute => "no_route",
             RelayError::Upstream(_) => "upstream_unavailable",
             RelayError::UpstreamTimeout(_) => "upstream_timeout",
@@ -81,10 +91,25 @@ impl RelayError {
         }
     }
 
-    /// `{"error": {"code": "...", "message": "..."}}` with the matching status.
+    /// `{"error": {"code": "...", "message": "..."}}` with the matching status
+    /// (a `429` also says which `limit` and in how many seconds to retry).
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        let mut retry_after = None;
+        if let RelayError::RateLimited {
+            limit,
+            retry_after: after,
+            ..
+        } = &self
+        {
+            // Whole seconds, rounded up, at least 1.
+            let secs = after.as_millis().div_ceil(1000).max(1) as u64;
+            error["limit"] = json!(limit.as_str());
+            error["retry_after"] = json!(secs);
+            retry_after = Some(secs);
+        }
+        let body = json!({ "error": error });
         let mut resp = Response::new(full(body.to_string()));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
@@ -92,9 +117,19 @@ impl RelayError {
             HeaderValue::from_static("application/json"),
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            retry_after = Some(RETRY_AFTER_SECS);
+        }
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+fn limit_text(limit: LimitKind) -> &'static str {
+    match limit {
+        LimitKind::Concurrent => "concurrent streams",
+        LimitKind::StartsPerMinute => "stream starts per minute",
     }
 }

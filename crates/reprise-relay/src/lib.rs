@@ -14,6 +14,8 @@
 //! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
 //! - [`admin`]: `/_reprise/...` endpoints;
 //! - [`auth`]: caller identities for key resumes, cancels and `same-caller`;
+//! - [`forwarded`]: trusted proxies, the client's address, `X-Forwarded-*`;
+//! - [`ratelimit`]: streams and starts per caller (`429`);
 //! - [`cancel`]: `DELETE`: stop a stream's generation from any instance;
 //! - [`metrics`]: Prometheus metrics and the instrumented store.
 #![forbid(unsafe_code)]
@@ -24,10 +26,12 @@ pub mod body;
 pub mod cancel;
 pub mod config;
 pub mod error;
+pub mod forwarded;
 pub mod hub;
 pub mod live;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reader;
 pub mod recorder;
 pub mod resume;

@@ -58,6 +58,13 @@ pub struct UpstreamErrorLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub route: String,
+    /// concurrent_streams, starts_per_minute
+    pub limit: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -85,6 +92,8 @@ pub struct Metrics {
     pub readers_active: Gauge,
     pub upstream_responses: Family<StatusLabels, Counter>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
+    pub rate_limit_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +123,8 @@ impl Metrics {
             readers_active: Gauge::default(),
             upstream_responses: Family::default(),
             upstream_errors: Family::default(),
+            rate_limited: Family::default(),
+            rate_limit_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,6 +212,16 @@ impl Metrics {
             "Upstream requests that got no response, by route and kind",
             m.upstream_errors.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by route and limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "rate_limit_errors",
+            "Rate-limit checks the store could not answer (the request was served unchecked)",
+            m.rate_limit_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -275,6 +296,9 @@ macro_rules! timed {
 impl Store for InstrumentedStore {
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+    fn shared_limiter(&self) -> Option<Arc<dyn reprise_store::Limiter>> {
+        self.inner.shared_limiter()
     }
     async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
         timed!(self, "create", self.inner.create(meta))

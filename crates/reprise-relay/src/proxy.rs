@@ -3,6 +3,7 @@
 //! upstream, and in the last case whether its response gets recorded.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,11 +14,12 @@ use percent_encoding::percent_decode_str;
 use reprise_core::{Cursor, Epoch, Format, StreamId};
 use reprise_store::{KeyRef, StreamMeta};
 
-use crate::body::{full, Body, BoxError};
+use crate::body::{full, Body, Bounded, BoxError, Holding};
 use crate::config::KeySource;
 use crate::error::RelayError;
 use crate::live::LiveStream;
 use crate::metrics::{StatusLabels, UpstreamErrorLabels};
+use crate::ratelimit::{self, LimitKey};
 use crate::resume::{self, Position, Via};
 use crate::routes::{is_unsafe_path, Route};
 use crate::server::Relay;
@@ -246,6 +248,13 @@ async fn forward(
     req: Request<Incoming>,
     client: SocketAddr,
 ) -> Result<Response<Body>, RelayError> {
+    // A body announced larger than the bound is refused before anything
+    // else; one that grows past it on the way is cut off below.
+    let body_limit = relay.config.limits.max_request_body.as_u64();
+    if declared_length(req.headers()).is_some_and(|n| n > body_limit) {
+        return Err(RelayError::PayloadTooLarge { limit: body_limit });
+    }
+    let fwd = relay.trusted_proxies.assess(client, req.headers());
     // The id of the stream this request may start, known up front so that
     // an Idempotency-Key can be claimed for it.
     let stream = StreamId::random();
@@ -260,6 +269,12 @@ async fn forward(
         }
     }
     let caller = relay.auth.caller(&route.path, &route.caller, req.headers());
+    // Rate limits: a 429 here costs the upstream nothing. The slot (if the
+    // route limits concurrent streams) is held until the stream ends; on
+    // any early return below it is dropped, which gives it back.
+    let who = LimitKey::of(route, &caller, req.headers(), &fwd);
+    let limits = ratelimit::limits_for(&relay.config.limits, route);
+    let slot = relay.limiter.admit(route, limits, &who).await?;
     let (parts, body) = req.into_parts();
     let pq = parts
         .uri
@@ -270,11 +285,12 @@ async fn forward(
         .upstream_uri(&pq)
         .map_err(|e| RelayError::Internal(format!("building upstream URI: {e}")))?;
 
-    // A JSON key needs the body; other requests stream it through.
+    // A JSON key needs the body; other requests stream it through, cut off
+    // past the limit (`body_too_large` tells a 413 from an upstream failure).
+    let mut body_too_large = None;
     let (key, body): (Option<String>, Body) = match &route.key {
         Some(KeySource::Json(pointer)) if route.record => {
-            let limit = relay.config.limits.max_request_body.as_u64();
-            let bytes = read_body(body, limit).await?;
+            let bytes = read_body(body, body_limit).await?;
             (json_key(&bytes, pointer), full(bytes))
         }
         other => {
@@ -289,19 +305,22 @@ async fn forward(
                 }
                 _ => None,
             };
-            (key, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            let (bounded, exceeded) = Bounded::new(
+                body.map_err(|e| Box::new(e) as BoxError).boxed(),
+                body_limit,
+            );
+            body_too_large = Some(exceeded);
+            (key, bounded.boxed())
         }
     };
     let key = key.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
 
-    let mut headers =
-        crate::upstream::upstream_request_headers(&parts.headers, client, route.authority.as_str());
-    if relay.tls.is_some() {
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            http::HeaderValue::from_static("https"),
-        );
-    }
+    let headers = crate::upstream::upstream_request_headers(
+        &parts.headers,
+        &fwd,
+        relay.tls.is_some(),
+        route.authority.as_str(),
+    );
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method.clone();
     *up_req.uri_mut() = uri;
@@ -325,6 +344,10 @@ async fn forward(
                 "no response headers within {}",
                 humantime::format_duration(timeout)
             )));
+        }
+        Ok(Err(_)) if body_too_large.is_some_and(|b| b.load(Ordering::SeqCst)) => {
+            // Our own cut-off aborted the request, not the upstream.
+            return Err(RelayError::PayloadTooLarge { limit: body_limit });
         }
         Ok(Err(e)) => {
             let detail = error_chain(&e);
@@ -356,6 +379,11 @@ async fn forward(
     let Some(format) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
         let body = resp_body.map_err(|e| Box::new(e) as BoxError).boxed();
+        let body = match slot {
+            // The caller's slot is held while the response streams.
+            Some(slot) => Holding::new(body, slot).boxed(),
+            None => body,
+        };
         return Ok(Response::from_parts(resp_parts, body));
     };
 
@@ -382,6 +410,10 @@ async fn forward(
         caller: Some(caller.clone()),
     });
     relay.hub.insert(live.clone());
+    if let Some(slot) = slot {
+        // Held until the recording ends, even if this client goes.
+        slot.release_when_ended(&relay.tasks, live.clone());
+    }
     let key_ref = key.map(|key| KeyRef {
         route: format!("{}#{caller}", route.path),
         key,
@@ -402,6 +434,16 @@ async fn forward(
         relay.hard_stop.clone(),
     );
     Ok(Response::from_parts(resp_parts, body))
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Reads a request body into memory, refusing more than `limit` bytes.

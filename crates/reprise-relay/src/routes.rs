@@ -11,7 +11,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use percent_encoding::percent_decode_str;
 
-use crate::config::{normalize_prefix, CallerConfig, KeySource, ResumeAuth, RouteConfig};
+use crate::config::{
+    normalize_prefix, CallerConfig, KeySource, ResumeAuth, RouteConfig, RouteLimits,
+};
 
 /// A configured route, ready for matching.
 #[derive(Debug)]
@@ -27,6 +29,8 @@ pub struct Route {
     pub record: bool,
     pub caller: CallerConfig,
     pub resume_auth: ResumeAuth,
+    /// Rate limits overriding `[limits]` (see `ratelimit::limits_for`).
+    pub limits: RouteLimits,
 }
 
 /// `prefix{key}suffix`.
@@ -112,6 +116,7 @@ impl Router {
                 record: c.record,
                 caller: c.caller.clone(),
                 resume_auth: c.resume_auth,
+                limits: c.limits,
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
@@ -205,6 +210,7 @@ mod tests {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         }
     }
 

@@ -81,6 +81,10 @@ pub struct Relay {
     pub instance: String,
     /// Caller identities (HMAC under `auth.secret`).
     pub auth: crate::auth::Auth,
+    /// Rate limits per caller, counted in the store.
+    pub limiter: crate::ratelimit::RateLimiter,
+    /// Peers whose forwarding headers are believed (`trusted_proxies`).
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
 }
 
 impl Relay {
@@ -102,7 +106,18 @@ impl Relay {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
+        let tasks = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let limiter = crate::ratelimit::RateLimiter::new(
+            store.as_ref(),
+            config.streams.lease,
+            metrics.clone(),
+            tasks.clone(),
+            hard_stop.clone(),
+        );
         Ok(Arc::new(Relay {
+            limiter,
+            trusted_proxies: crate::forwarded::TrustedProxies::new(&config.trusted_proxies),
             router,
             store: InstrumentedStore::wrap(store, metrics.clone()),
             metrics,
@@ -110,11 +125,11 @@ impl Relay {
             client,
             clients,
             tls,
-            tasks: TaskTracker::new(),
+            tasks,
             producers: TaskTracker::new(),
             shutdown,
             interrupt: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
             writers_busy: AtomicUsize::new(0),
             unstored_total: Arc::new(AtomicUsize::new(0)),
             instance: reprise_core::StreamId::random().to_string(),
@@ -245,12 +260,23 @@ pub async fn run_with(
 
 /// The accept loop and shutdown sequence for an already built [`Relay`].
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+    let limits = &relay.config.limits;
+    // Request heads over `limits.max_request_headers` (bytes) or
+    // `max_request_header_count` (fields, HTTP/1 only) are answered 431 by
+    // hyper (HTTP/1) and h2 (HTTP/2) before they reach a handler. The byte
+    // bound is hyper's HTTP/1 buffer size, which also caps its read and
+    // write buffers (64 KiB by default, plenty for SSE frames).
+    let head_bytes = limits.max_request_headers.as_u64();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_headers(100);
+        .max_buf_size(usize::try_from(head_bytes).unwrap_or(usize::MAX))
+        .max_headers(limits.max_request_header_count);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tls = relay.tls.clone();
     if let Ok(addr) = listener.local_addr() {

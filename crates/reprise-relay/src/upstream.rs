@@ -2,7 +2,6 @@
 //! the header rules of a reverse proxy (RFC 9110 §7.6).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
 use crate::config::{normalize_prefix, RouteConfig, TimeoutsConfig};
+use crate::forwarded::Forwarding;
 use crate::routes::Route;
 use crate::tls::{self, TlsError};
 
@@ -127,16 +127,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Headers that say who the client is and how it reached the proxy chain:
+/// kept only from a trusted proxy (`trusted_proxies`), else replaced.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
+
 /// The headers sent upstream for a client request.
 ///
 /// End-to-end headers (Authorization, cookies, content type, ...) pass
-/// unchanged. `Host` becomes the upstream's authority, `X-Forwarded-For`
-/// gains the client address, `X-Forwarded-Proto`/`-Host` say how the client
-/// reached Reprise, and `Accept-Encoding` asks for an uncompressed body, which
-/// the recorder must be able to parse.
+/// unchanged. `Host` becomes the upstream's authority; `Accept-Encoding`
+/// asks for an uncompressed body, which the recorder must be able to parse.
+///
+/// Forwarding headers: from a trusted proxy, `X-Forwarded-For` gains the
+/// peer's address, `Forwarded` a `for=` element, and `X-Forwarded-Proto` /
+/// `-Host` are kept (or set, if absent). From anyone else, all of them
+/// (and `X-Real-IP`) are dropped and replaced: `X-Forwarded-For` is the
+/// peer, `-Proto` how it reached Reprise (`https` with `[tls]`), `-Host`
+/// the `Host` it asked for.
 pub fn upstream_request_headers(
     client_headers: &HeaderMap,
-    client_addr: SocketAddr,
+    fwd: &Forwarding,
+    https: bool,
     upstream_authority: &str,
 ) -> HeaderMap {
     let mut h = client_headers.clone();
@@ -145,21 +161,51 @@ pub fn upstream_request_headers(
     if let Ok(v) = HeaderValue::from_str(upstream_authority) {
         h.insert(header::HOST, v);
     }
+    if !fwd.peer_trusted {
+        for name in FORWARDING {
+            h.remove(name);
+        }
+    }
     let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = client_addr.ip().to_string();
-    let forwarded_for = match h.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    let ip = fwd.peer.to_string();
+    let prev: Vec<&str> = h
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if prev.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prev.join(", "))
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         h.insert(xff, v);
     }
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    if let Some(host) = original_host {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    let prev_forwarded: Vec<&str> = h
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if !prev_forwarded.is_empty() {
+        let chained = format!(
+            "{}, {}",
+            prev_forwarded.join(", "),
+            crate::forwarded::forwarded_for(fwd.peer)
+        );
+        if let Ok(v) = HeaderValue::from_str(&chained) {
+            h.insert(header::FORWARDED, v);
+        }
+    }
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !h.contains_key(&proto) {
+        let scheme = if https { "https" } else { "http" };
+        h.insert(proto, HeaderValue::from_static(scheme));
+    }
+    let fwd_host = HeaderName::from_static("x-forwarded-host");
+    if !h.contains_key(&fwd_host) {
+        if let Some(host) = original_host {
+            h.insert(fwd_host, host);
+        }
     }
     h.insert(
         header::ACCEPT_ENCODING,
@@ -187,7 +233,12 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("relay.example"));
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let out = upstream_request_headers(&h, "192.0.2.7:5555".parse().unwrap(), "up:3000");
+        let trusted_peer = Forwarding {
+            peer: "192.0.2.7".parse().unwrap(),
+            peer_trusted: true,
+            client_ip: "10.0.0.1".parse().unwrap(),
+        };
+        let out = upstream_request_headers(&h, &trusted_peer, false, "up:3000");
         assert!(out.get("x-secret-hop").is_none());
         assert!(out.get("keep-alive").is_none());
         assert!(out.get(header::TE).is_none());
@@ -198,5 +249,39 @@ mod tests {
         assert_eq!(out["x-forwarded-host"], "relay.example");
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(out[header::ACCEPT_ENCODING], "identity");
+        assert_eq!(out["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn forwarding_headers_are_kept_from_trusted_proxies_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("relay.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.append("x-forwarded-for", HeaderValue::from_static("7.7.7.7"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        let mut fwd = Forwarding {
+            peer: "203.0.113.5".parse().unwrap(),
+            peer_trusted: false,
+            client_ip: "203.0.113.5".parse().unwrap(),
+        };
+        let out = upstream_request_headers(&h, &fwd, false, "up");
+        assert_eq!(out["x-forwarded-for"], "203.0.113.5");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        assert_eq!(out["x-forwarded-host"], "relay.example");
+        assert!(out.get(header::FORWARDED).is_none());
+        assert!(out.get("x-real-ip").is_none());
+        let out = upstream_request_headers(&h, &fwd, true, "up");
+        assert_eq!(out["x-forwarded-proto"], "https");
+
+        fwd.peer_trusted = true;
+        let out = upstream_request_headers(&h, &fwd, false, "up");
+        assert_eq!(out["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 203.0.113.5");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "evil.example");
+        assert_eq!(out[header::FORWARDED], "for=6.6.6.6, for=203.0.113.5");
+        assert_eq!(out["x-real-ip"], "6.6.6.6");
     }
 }

@@ -26,9 +26,11 @@ use serde::{Deserialize, Serialize};
 
 use reprise_core::{Epoch, Outcome, Seq, StreamId};
 
+pub mod limits;
 pub mod memory;
 pub mod redis;
 
+pub use limits::{Admission, LimitKind, Limiter, MemoryLimiter, RateLimits};
 pub use memory::{MemoryLimits, MemoryStore};
 pub use redis::{RedisOptions, RedisStore};
 
@@ -276,6 +278,14 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         outcome: &Outcome,
     ) -> Result<Option<Seq>, StoreError>;
+
+    /// A rate limiter whose counts every instance using this store shares
+    /// (Redis), or `None` if the store is this process's own (embedded), in
+    /// which case the relay counts in memory ([`MemoryLimiter`]). A wrapper
+    /// around a store must pass this through.
+    fn shared_limiter(&self) -> Option<std::sync::Arc<dyn Limiter>> {
+        None
+    }
 
     /// Watch a stream for appends (see [`Watcher`]).
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError>;

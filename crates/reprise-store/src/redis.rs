@@ -107,10 +107,12 @@ use reprise_core::{Epoch, Outcome, Seq, StreamId};
 
 use crate::memory::validate_batch;
 
+mod limits;
 mod routing;
 use crate::{
     Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
 };
+pub use limits::RedisLimiter;
 use routing::{Cmd, Router};
 
 /// Name of the Redis function library this version of Reprise loads. The
@@ -1230,6 +1232,10 @@ impl Store for RedisStore {
         };
         self.after_append(stream, seq, binding).await;
         Ok(Some(seq))
+    }
+
+    fn shared_limiter(&self) -> Option<Arc<dyn crate::limits::Limiter>> {
+        Some(Arc::new(RedisLimiter::new(self.inner.clone())))
     }
 
     async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {

@@ -74,14 +74,26 @@ fn main() -> ExitCode {
                 "auth.secret = (not set: a built-in key; set one, the same on every instance)"
             ),
         }
+        let proxies: Vec<String> = config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        println!("trusted_proxies = [{}]", proxies.join(", "));
+        let l = &config.limits;
+        println!(
+            "limits per caller: max_streams_per_caller = {}, max_starts_per_caller_per_minute = {} (0: unlimited)",
+            l.max_streams_per_caller, l.max_starts_per_caller_per_minute
+        );
         for r in &config.routes {
             println!(
-                "route {} -> {} (record: {}, key: {:?}, resume: {:?})",
+                "route {} -> {} (record: {}, key: {:?}, resume: {:?}, limits: {:?})",
                 r.path,
                 mask_credentials(&r.upstream),
                 r.record,
                 r.key,
-                r.resume
+                r.resume,
+                r.limits
             );
         }
         return ExitCode::SUCCESS;
@@ -163,6 +175,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             caller: Default::default(),
             resume_auth: Default::default(),
             ca_file: None,
+            limits: Default::default(),
         }];
     }
     config.validate()?;
