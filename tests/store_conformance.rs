@@ -315,6 +315,63 @@ mod cases {
         assert_eq!(tail.last().map(|e| e.seq), Some(Seq(1010)));
     }
 
+    /// Large batches (which the Redis store packs, up to 128 events per
+    /// stream entry) read back exactly from every position, whatever the
+    /// page size, mixed with small batches, a gap and the end.
+    pub async fn reads_across_large_batches(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let mut all = events(1..=300);
+        f.store.append(s, &all).await.unwrap();
+        f.store.append(s, &events(301..=301)).await.unwrap();
+        let mut batch = events(302..=430);
+        batch.push(gap(431, 440));
+        batch.extend(events(441..=700));
+        f.store.append(s, &batch).await.unwrap();
+        all.extend(events(301..=301));
+        all.extend(batch);
+        let last = end(701, Outcome::Completed);
+        f.store
+            .append(s, std::slice::from_ref(&last))
+            .await
+            .unwrap();
+        all.push(last);
+
+        // Everything, in one read and from another instance.
+        assert_eq!(f.peer.read(s, Seq::ZERO, 10_000).await.unwrap(), all);
+        // From every position (inside packs, on their edges, inside the
+        // gap), with small, odd and large pages.
+        for after in (0..=702).step_by(7).chain([
+            127, 128, 129, 255, 256, 300, 301, 430, 431, 435, 440, 700, 701,
+        ]) {
+            let expected: Vec<Entry> = all
+                .iter()
+                .filter(|e| e.last_seq() > Seq(after))
+                .cloned()
+                .collect();
+            for limit in [1, 5, 130, 1000] {
+                let page = f.store.read(s, Seq(after), limit).await.unwrap();
+                let want = &expected[..expected.len().min(limit)];
+                assert_eq!(page, want, "after {after}, limit {limit}");
+            }
+        }
+        // Paging through it all with an odd page size.
+        let mut paged = Vec::new();
+        let mut after = Seq::ZERO;
+        loop {
+            let page = f.peer.read(s, after, 37).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.last_seq();
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+        // Appends still have to follow the last event of a pack.
+        assert_conflict(
+            f.store.append(s, &events(700..=700)).await,
+            "append after the end",
+        );
+    }
+
     pub async fn payload_bytes_round_trip(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let s = new_stream(&*f.store).await;
@@ -1291,6 +1348,7 @@ conformance!(
     create_and_meta_round_trip,
     create_replaces_an_existing_stream,
     append_and_read_with_paging,
+    reads_across_large_batches,
     payload_bytes_round_trip,
     end_entry_finishes_the_stream,
     misplaced_appends_conflict,

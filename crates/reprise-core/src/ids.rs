@@ -184,16 +184,109 @@ pub struct EventId {
     pub seq: Seq,
 }
 
+impl EventId {
+    /// Appends the id's text to `out`, without `fmt` machinery: this runs
+    /// once per event on the hot path (see `benches/ids.rs`).
+    pub fn put(&self, out: &mut impl bytes::BufMut) {
+        IdPrefix::new(self.stream, self.epoch).put(self.seq, out);
+    }
+}
+
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}.{:0width$}",
-            self.stream,
-            self.epoch,
-            self.seq.0,
-            width = SEQ_WIDTH
-        )
+        let mut buf = [0u8; EVENT_ID_MAX_LEN];
+        let n = IdPrefix::new(self.stream, self.epoch).write(self.seq, &mut buf);
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Longest event id text: stream id, epoch, a 20-digit seq and two dots.
+pub const EVENT_ID_MAX_LEN: usize = PREFIX_LEN + 20;
+/// `<stream id>.<epoch>.`
+const PREFIX_LEN: usize = STREAM_ID_LEN + 1 + 8 + 1;
+
+/// The part of every event id of one stream that does not change
+/// (`<stream id>.<epoch>.`), encoded once per stream so that each event
+/// costs only its seq's digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IdPrefix([u8; PREFIX_LEN]);
+
+impl IdPrefix {
+    pub fn new(stream: StreamId, epoch: Epoch) -> IdPrefix {
+        let mut p = [0u8; PREFIX_LEN];
+        // 16 bytes always encode to exactly 22 characters without padding.
+        let _ = URL_SAFE_NO_PAD.encode_slice(stream.0, &mut p[..STREAM_ID_LEN]);
+        p[STREAM_ID_LEN] = b'.';
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, d) in p[STREAM_ID_LEN + 1..STREAM_ID_LEN + 9]
+            .iter_mut()
+            .enumerate()
+        {
+            *d = HEX[((epoch.0 >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        p[PREFIX_LEN - 1] = b'.';
+        IdPrefix(p)
+    }
+
+    /// Writes the id of `seq` into `buf` and returns its length.
+    pub fn write(&self, seq: Seq, buf: &mut [u8; EVENT_ID_MAX_LEN]) -> usize {
+        buf[..PREFIX_LEN].copy_from_slice(&self.0);
+        let mut digits = [b'0'; 20];
+        let start = put_digits(seq.0, &mut digits);
+        // Zero-padded to SEQ_WIDTH digits, more if the seq needs them.
+        let start = start.min(digits.len() - SEQ_WIDTH);
+        let n = digits.len() - start;
+        buf[PREFIX_LEN..PREFIX_LEN + n].copy_from_slice(&digits[start..]);
+        PREFIX_LEN + n
+    }
+
+    /// Appends the id of `seq` to `out`.
+    pub fn put(&self, seq: Seq, out: &mut impl bytes::BufMut) {
+        if seq.0 < 10_000_000_000 {
+            // The usual case: exactly SEQ_WIDTH digits, a fixed-size copy.
+            let mut buf = [b'0'; PREFIX_LEN + SEQ_WIDTH];
+            buf[..PREFIX_LEN].copy_from_slice(&self.0);
+            let mut digits = [b'0'; 20];
+            put_digits(seq.0, &mut digits);
+            buf[PREFIX_LEN..].copy_from_slice(&digits[20 - SEQ_WIDTH..]);
+            out.put_slice(&buf);
+        } else {
+            let mut buf = [0u8; EVENT_ID_MAX_LEN];
+            let n = self.write(seq, &mut buf);
+            out.put_slice(&buf[..n]);
+        }
+    }
+}
+
+/// Writes `v` in decimal at the end of `digits` (two digits per division);
+/// returns the index of its first digit (20 for zero, which writes nothing).
+fn put_digits(mut v: u64, digits: &mut [u8; 20]) -> usize {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let mut i = digits.len();
+    while v >= 100 {
+        let pair = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if v >= 10 {
+        let pair = v as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else if v > 0 {
+        i -= 1;
+        digits[i] = b'0' + v as u8;
+    }
+    i
+}
+
+impl fmt::Debug for IdPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdPrefix({})", String::from_utf8_lossy(&self.0))
     }
 }
 
@@ -314,6 +407,26 @@ mod tests {
         }
         let end = Cursor::End(stream);
         assert_eq!(Cursor::parse(&end.to_string()).unwrap(), end);
+    }
+
+    #[test]
+    fn fast_encoding_matches_the_format_spelling() {
+        for _ in 0..100 {
+            let stream = StreamId::random();
+            let epoch = Epoch::random();
+            for seq in [0u64, 1, 42, 9_999_999_999, 10_000_000_000, u64::MAX] {
+                let id = EventId {
+                    stream,
+                    epoch,
+                    seq: Seq(seq),
+                };
+                let slow = format!("{}.{:08x}.{:010}", stream, epoch.0, seq);
+                assert_eq!(id.to_string(), slow);
+                let mut out = Vec::new();
+                id.put(&mut out);
+                assert_eq!(out, slow.as_bytes());
+            }
+        }
     }
 
     #[test]

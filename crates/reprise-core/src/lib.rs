@@ -14,5 +14,5 @@ pub mod outcome;
 pub mod sse;
 
 pub use format::Format;
-pub use ids::{Cursor, Epoch, EventId, IdError, Seq, StreamId};
+pub use ids::{Cursor, Epoch, EventId, IdError, IdPrefix, Seq, StreamId};
 pub use outcome::{FailReason, Outcome};

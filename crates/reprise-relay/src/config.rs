@@ -249,6 +249,12 @@ pub struct StreamsConfig {
     /// stream of the first request to start before calling the upstream itself.
     #[serde(with = "humantime_serde")]
     pub idempotency_wait: Duration,
+    /// How long the store writer of a stream waits after new events before
+    /// appending them, so that one append carries several events. Readers
+    /// on this instance are not delayed; readers on other instances lag by
+    /// up to this much. Zero appends as soon as events arrive.
+    #[serde(with = "humantime_serde")]
+    pub store_linger: Duration,
 }
 
 impl Default for StreamsConfig {
@@ -259,6 +265,7 @@ impl Default for StreamsConfig {
             hot_linger: Duration::from_secs(30),
             lease: Duration::from_secs(6),
             idempotency_wait: Duration::from_secs(10),
+            store_linger: Duration::from_millis(50),
         }
     }
 }

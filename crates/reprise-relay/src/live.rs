@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use reprise_core::outcome::{signal_frame, signal_line, Signal};
-use reprise_core::{Cursor, Epoch, EventId, Format, Outcome, Seq, StreamId};
+use reprise_core::{Cursor, Epoch, EventId, Format, IdPrefix, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
 
@@ -87,6 +87,16 @@ impl Frame {
     }
 }
 
+/// Where one event sits in a block of frames encoded by the producer (see
+/// [`LiveStream::push_block`]): `block[start..end]` is its wire frame and
+/// `block[fields]` the part the store keeps.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub start: usize,
+    pub fields: Range<usize>,
+    pub end: usize,
+}
+
 /// What a reader got from one call to [`LiveStream::collect_after`].
 pub struct Collected {
     /// Wire bytes of the frames after the position (possibly several joined).
@@ -103,6 +113,8 @@ pub struct Collected {
 pub struct LiveStream {
     pub id: StreamId,
     pub epoch: Epoch,
+    /// `<id>.<epoch>.`, encoded once: each frame adds only its seq.
+    prefix: IdPrefix,
     /// Headers replayed to resuming readers.
     pub headers: Vec<(String, String)>,
     /// Wire framing of the frames.
@@ -110,6 +122,8 @@ pub struct LiveStream {
     state: Mutex<LogState>,
     /// Seq of the last frame; readers and the writer wait on it.
     last_tx: watch::Sender<u64>,
+    /// Woken once the log ends (the terminal frame is in).
+    ended_notify: tokio::sync::Notify,
     /// Readers currently attached (loaders stop when none are left).
     readers: AtomicUsize,
     /// Relay-wide count of unstored payload bytes, shared by all logs.
@@ -192,6 +206,7 @@ impl LiveStream {
         Arc::new(LiveStream {
             id,
             epoch,
+            prefix: IdPrefix::new(id, epoch),
             headers,
             format,
             state: Mutex::new(LogState {
@@ -199,6 +214,7 @@ impl LiveStream {
                 ..LogState::default()
             }),
             last_tx: watch::channel(0).0,
+            ended_notify: tokio::sync::Notify::new(),
             readers: AtomicUsize::new(0),
             unstored_total,
             cancel: tokio_util::sync::CancellationToken::new(),
@@ -229,17 +245,69 @@ impl LiveStream {
             return None;
         }
         let seq = Seq(st.next);
-        st.next += 1;
-        st.recorded_bytes += fields.len();
-        st.unstored_bytes += fields.len();
-        self.unstored_total
-            .fetch_add(fields.len(), Ordering::Relaxed);
-        st.frames.push(self.event_frame(seq, fields));
+        let frame = self.event_frame(seq, fields);
+        self.push_locked(&mut st, frame, fields.len());
         // Published under the lock, so that `last_seq()` never lags a frame
         // someone already read.
         self.last_tx.send_replace(seq.0);
         drop(st);
         Some(seq)
+    }
+
+    /// The seq the next event gets (for a producer encoding frames ahead,
+    /// see [`push_block`](Self::push_block)).
+    pub fn next_seq(&self) -> Seq {
+        Seq(self.lock().next)
+    }
+
+    /// The id prefix of this stream's events.
+    pub fn id_prefix(&self) -> &IdPrefix {
+        &self.prefix
+    }
+
+    /// Appends the events of one upstream read at once: one lock and one
+    /// wake-up of the readers and the writer for all of them. `block` holds
+    /// their wire frames, encoded with ids for consecutive seqs from
+    /// `first`, one [`Span`] each; every frame shares `block`'s memory.
+    /// Returns the last seq and the payload bytes not stored yet, or `None`
+    /// if the stream already ended.
+    pub fn push_block(&self, first: Seq, block: &Bytes, spans: &[Span]) -> Option<(Seq, usize)> {
+        let mut st = self.lock();
+        if st.ended {
+            return None;
+        }
+        let in_step = st.next == first.0;
+        for span in spans {
+            let seq = Seq(st.next);
+            let fields = span.fields.clone();
+            let frame = if in_step {
+                Frame {
+                    seq,
+                    wire: block.slice(span.start..span.end),
+                    kind: FrameKind::Event {
+                        fields: fields.start - span.start..fields.end - span.start,
+                    },
+                }
+            } else {
+                // Only one producer appends, so this is not expected; the
+                // ids must still be right.
+                self.event_frame(seq, &block[fields.clone()])
+            };
+            self.push_locked(&mut st, frame, fields.len());
+        }
+        let last = st.next - 1;
+        self.last_tx.send_replace(last);
+        let unstored = st.unstored_bytes;
+        drop(st);
+        Some((Seq(last), unstored))
+    }
+
+    fn push_locked(&self, st: &mut LogState, frame: Frame, len: usize) {
+        st.next += 1;
+        st.recorded_bytes += len;
+        st.unstored_bytes += len;
+        self.unstored_total.fetch_add(len, Ordering::Relaxed);
+        st.frames.push(frame);
     }
 
     /// Append the terminal frame. Returns its seq, or `None` if already ended.
@@ -254,6 +322,7 @@ impl LiveStream {
         st.ended = true;
         self.last_tx.send_replace(seq.0);
         drop(st);
+        self.ended_notify.notify_waiters();
         Some(seq)
     }
 
@@ -262,7 +331,7 @@ impl LiveStream {
         let mut wire = BytesMut::with_capacity(fields.len() + 64);
         if self.format == Format::Sse {
             wire.put_slice(b"id: ");
-            wire.put_slice(self.event_id(seq).to_string().as_bytes());
+            self.prefix.put(seq, &mut wire);
             wire.put_u8(b'\n');
         }
         let start = wire.len();
@@ -343,7 +412,11 @@ impl LiveStream {
         // Loaded frames are in the store already.
         st.stored_upto = Seq(next - 1);
         self.last_tx.send_replace(next - 1);
+        let ended = st.ended;
         drop(st);
+        if ended {
+            self.ended_notify.notify_waiters();
+        }
         true
     }
 
@@ -513,6 +586,19 @@ impl LiveStream {
 
     pub fn is_ended(&self) -> bool {
         self.lock().ended
+    }
+
+    /// Resolves once the log has ended, without waking on every frame.
+    pub async fn wait_ended(&self) {
+        loop {
+            let notified = self.ended_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_ended() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Payload bytes recorded in the stream (for the per-stream limit).

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::live::LiveStream;
+use crate::live::{LiveStream, Span};
 use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::retry::Backoff;
 use crate::server::Relay;
@@ -91,7 +91,7 @@ pub fn spawn(
 /// Turns upstream bytes into entry payloads, per format.
 enum Framer {
     /// SSE events, re-encoded as their fields (no id, no blank line).
-    Sse { parser: Parser, fields: BytesMut },
+    Sse { parser: Parser },
     /// NDJSON lines, as sent.
     Ndjson(LineSplitter),
 }
@@ -101,7 +101,6 @@ impl Framer {
         match format {
             Format::Sse => Framer::Sse {
                 parser: Parser::new(limits),
-                fields: BytesMut::with_capacity(1024),
             },
             Format::Ndjson => Framer::Ndjson(LineSplitter::new(limits.max_line)),
         }
@@ -114,21 +113,26 @@ impl Framer {
         }
     }
 
-    /// The next entry payload, or an error message for invalid input.
-    fn next(&mut self) -> Result<Option<Bytes>, String> {
+    /// Appends the next entry payload to `out`; false if no complete entry
+    /// is buffered, an error message for invalid input.
+    fn next_into(&mut self, out: &mut BytesMut) -> Result<bool, String> {
         match self {
-            Framer::Sse { parser, fields } => match parser.next_event() {
+            Framer::Sse { parser, .. } => match parser.next_event() {
                 Ok(Some(event)) => {
-                    fields.clear();
-                    encode_fields(&event, fields);
-                    Ok(Some(fields.split().freeze()))
+                    encode_fields(&event, out);
+                    Ok(true)
                 }
-                Ok(None) => Ok(None),
+                Ok(None) => Ok(false),
                 Err(e) => Err(format!("invalid upstream event stream: {e}")),
             },
-            Framer::Ndjson(lines) => lines
-                .next_line()
-                .map_err(|e| format!("invalid upstream NDJSON stream: {e}")),
+            Framer::Ndjson(lines) => match lines.next_line() {
+                Ok(Some(line)) => {
+                    out.extend_from_slice(&line);
+                    Ok(true)
+                }
+                Ok(None) => Ok(false),
+                Err(e) => Err(format!("invalid upstream NDJSON stream: {e}")),
+            },
         }
     }
 
@@ -148,19 +152,96 @@ impl Framer {
     }
 }
 
+/// The events of one upstream read, encoded as wire frames (`id:` line
+/// included) into one buffer, so that a read costs one allocation and one
+/// append to the log however many events it held.
+struct Batch {
+    buf: BytesMut,
+    spans: Vec<Span>,
+    /// Seq of the first event of the batch.
+    first: Seq,
+    sse: bool,
+    prefix: reprise_core::IdPrefix,
+}
+
+/// Room reserved for a batch (an `id:` line is ~50 bytes).
+const BATCH_RESERVE: usize = 4096;
+
+impl Batch {
+    fn new(live: &LiveStream) -> Batch {
+        Batch {
+            buf: BytesMut::new(),
+            spans: Vec::new(),
+            first: Seq::ZERO,
+            sse: live.format == Format::Sse,
+            prefix: *live.id_prefix(),
+        }
+    }
+
+    fn start(&mut self, live: &LiveStream) {
+        self.spans.clear();
+        self.first = live.next_seq();
+    }
+
+    /// Encodes the framer's next event; returns its payload length.
+    fn encode_next(&mut self, framer: &mut Framer) -> Result<Option<usize>, String> {
+        let start = self.buf.len();
+        if self.buf.capacity() - start < 256 {
+            self.buf.reserve(BATCH_RESERVE);
+        }
+        if self.sse {
+            let seq = Seq(self.first.0 + self.spans.len() as u64);
+            self.buf.extend_from_slice(b"id: ");
+            self.prefix.put(seq, &mut self.buf);
+            self.buf.extend_from_slice(b"\n");
+        }
+        let fields_start = self.buf.len();
+        match framer.next_into(&mut self.buf) {
+            Ok(true) => {}
+            other => {
+                self.buf.truncate(start);
+                return other.map(|_| None);
+            }
+        }
+        let fields = fields_start..self.buf.len();
+        self.buf.extend_from_slice(b"\n");
+        let len = fields.len();
+        self.spans.push(Span {
+            start,
+            fields,
+            end: self.buf.len(),
+        });
+        Ok(Some(len))
+    }
+
+    /// Forgets the last encoded event (it broke a limit).
+    fn drop_last(&mut self) {
+        if let Some(span) = self.spans.pop() {
+            self.buf.truncate(span.start);
+        }
+    }
+
+    /// Appends the batch to the log: (events, payload bytes, unstored
+    /// bytes of the stream), or `None` if it was empty or the log ended.
+    fn push(&mut self, live: &LiveStream) -> Option<(u64, u64, usize)> {
+        if self.spans.is_empty() {
+            return None;
+        }
+        // The frames keep this memory; the buffer goes on with what is left.
+        let block = self.buf.split().freeze();
+        let bytes: usize = self.spans.iter().map(|s| s.fields.len()).sum();
+        let (_, unstored) = live.push_block(self.first, &block, &self.spans)?;
+        Some((self.spans.len() as u64, bytes as u64, unstored))
+    }
+}
+
 /// Renews this instance's lease on a stream it records, every third of the
 /// lease, until the stream ends; a renewal that reports a cancel request
 /// (`DELETE` on another instance) cancels the producer.
 async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
     let lease = relay.config.streams.lease;
-    let mut rx = live.subscribe();
-    let ended = async {
-        while !live.is_ended() {
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    };
+    // Not woken by every event: only by the end.
+    let ended = live.wait_ended();
     tokio::pin!(ended);
     loop {
         tokio::select! {
@@ -216,31 +297,25 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
     let interrupt: CancellationToken = relay.interrupt.clone();
 
     let mut framer = Framer::new(live.format, limits);
+    let mut batch = Batch::new(&live);
     let mut events: u64 = 0;
-    // Appends one payload, enforcing the per-stream limits.
-    let mut append = |payload: &[u8]| -> Result<(), Outcome> {
-        events += 1;
-        if events > max_events || live.event_bytes() + payload.len() > max_bytes {
-            return Err(failed(
-                FailReason::StreamTooLarge,
-                format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
-            ));
-        }
-        live.push_event(payload);
-        metrics.events_recorded.inc();
-        metrics.bytes_recorded.inc_by(payload.len() as u64);
-        if live.unstored_bytes() > max_unstored_stream
-            || unstored_total.load(Ordering::Relaxed) > max_unstored
-        {
-            // The store has not kept up for too long: give up on the oldest
-            // part it has not taken, rather than grow without bound. The
-            // newest half of the budget stays for the readers at the head.
+    let mut recorded: usize = 0;
+    // After a batch: give up on the oldest unstored part if the store has
+    // not kept up for too long, rather than grow without bound. The newest
+    // half of the budget stays for the readers at the head.
+    let check_budget = |unstored: usize| {
+        if unstored > max_unstored_stream || unstored_total.load(Ordering::Relaxed) > max_unstored {
             if let Some((from, upto)) = live.declare_gap(max_unstored_stream / 2) {
                 metrics.entries_lost.inc_by(upto.0 - from.0 + 1);
                 tracing::error!(from = from.0, upto = upto.0, "store unavailable past the memory budget: entries dropped, the stream has lost history");
             }
         }
-        Ok(())
+    };
+    let too_large = || {
+        failed(
+            FailReason::StreamTooLarge,
+            format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
+        )
     };
     tracing::debug!(format = %live.format, "recording started");
     let outcome = 'read: loop {
@@ -262,9 +337,14 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
             }
             Ok(None) => {
                 if let Some(last) = framer.finish() {
-                    if let Err(o) = append(&last) {
-                        break o;
+                    events += 1;
+                    recorded += last.len();
+                    if events > max_events || recorded > max_bytes {
+                        break too_large();
                     }
+                    live.push_event(&last);
+                    metrics.events_recorded.inc();
+                    metrics.bytes_recorded.inc_by(last.len() as u64);
                 }
                 break Outcome::Completed;
             }
@@ -280,16 +360,36 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
             },
         };
         framer.push(data);
+        // Every complete event of this read, encoded into one block and
+        // appended at once (one lock, one wake-up), enforcing the
+        // per-stream limits event by event.
+        let mut stop = None;
+        batch.start(&live);
         loop {
-            match framer.next() {
-                Ok(Some(payload)) => {
-                    if let Err(o) = append(&payload) {
-                        break 'read o;
+            match batch.encode_next(&mut framer) {
+                Ok(Some(len)) => {
+                    events += 1;
+                    recorded += len;
+                    if events > max_events || recorded > max_bytes {
+                        batch.drop_last();
+                        stop = Some(too_large());
+                        break;
                     }
                 }
                 Ok(None) => break,
-                Err(message) => break 'read failed(FailReason::UpstreamProtocol, message),
+                Err(message) => {
+                    stop = Some(failed(FailReason::UpstreamProtocol, message));
+                    break;
+                }
             }
+        }
+        if let Some((n, bytes, unstored)) = batch.push(&live) {
+            metrics.events_recorded.inc_by(n);
+            metrics.bytes_recorded.inc_by(bytes);
+            check_budget(unstored);
+        }
+        if let Some(o) = stop {
+            break 'read o;
         }
     };
     // Dropping the body here closes the upstream connection on failures.
@@ -353,6 +453,7 @@ async fn write(
             return;
         }
     }
+    let linger = relay.config.streams.store_linger;
     let mut persisted = Seq::ZERO;
     let mut rx = live.subscribe();
     loop {
@@ -365,11 +466,25 @@ async fn write(
             }
             continue;
         };
-        let last_seq = match last.body {
-            EntryBody::Gap { upto } => upto,
-            _ => last.seq,
+        let (batch, last_seq, ended) = if linger.is_zero()
+            || batch.len() >= MAX_BATCH
+            || matches!(last.body, EntryBody::End(_))
+        {
+            let (last_seq, ended) = batch_end(last);
+            (batch, last_seq, ended)
+        } else {
+            // Let more events join this append (fewer store round trips,
+            // commands and wake-ups), unless the stream ends meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {}
+                _ = live.wait_ended() => {}
+                _ = stop.cancelled() => {}
+            }
+            let batch = live.entries_after(persisted, MAX_BATCH);
+            let Some(last) = batch.last() else { continue };
+            let (last_seq, ended) = batch_end(last);
+            (batch, last_seq, ended)
         };
-        let ended = matches!(last.body, EntryBody::End(_));
         match retry_append(&stop, &*store, id, &batch).await {
             Appended::Ok => {
                 persisted = last_seq;
@@ -415,6 +530,11 @@ async fn write(
         _ = stop.cancelled() => {}
     }
     relay.hub.remove(&live);
+}
+
+/// The last seq a batch covers, and whether it ends the stream.
+fn batch_end(last: &Entry) -> (Seq, bool) {
+    (last.last_seq(), matches!(last.body, EntryBody::End(_)))
 }
 
 enum Appended {

@@ -13,7 +13,7 @@
 //! | key | type | content |
 //! |-----|------|---------|
 //! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested) |
-//! | `P{<sid>}:e` | stream | one Redis stream entry per entry, with an explicit id `<seq>-0` (a gap's: its last seq, see below) and one field: `e` = event bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
+//! | `P{<sid>}:e` | stream | Redis stream entries with explicit ids `<seq>-0`, the last seq each covers, and one field: `p` = a **pack** of consecutive events (see below), `e` = one event's bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
 //!
@@ -25,6 +25,13 @@
 //! is greater than `after`, including a gap that contains `after`. A read
 //! needs no second command to find a gap that started before its position.
 //!
+//! A pack holds up to [`PACK_MAX`] consecutive events of one append, each
+//! as a 4-byte big-endian length and its bytes, under the id of its last
+//! event; its first seq is that minus the number of events plus one. Packing
+//! makes an append of N events cost about N / 128 `XADD`s instead of N. Event
+//! ids stay exact per event: a read positioned inside a pack gets the pack
+//! (its id is past the position) and drops the events up to the position.
+//!
 //! Lifetimes: metadata and entries expire `max_stream_duration + retention`
 //! after creation while live, and `retention` after the end. A binding
 //! expires `max_stream_duration + retention` after it was set; when its stream
@@ -34,10 +41,11 @@
 //!
 //! `append` is one `FCALL` per batch (library [`LIBRARY_NAME`], loaded at
 //! connect and again whenever a server answers that it is missing, e.g. after a
-//! restart). The function checks that the stream exists, is not finished and
-//! that the batch starts right after the last stored seq, then runs one `XADD`
-//! per entry, an `HINCRBY … gaps` if the batch holds gaps, the expiry updates
-//! and one `SPUBLISH` (of the last covered seq), atomically: a rejected batch
+//! restart). The function checks that the stream exists and is not finished
+//! (one `HMGET`) and that the batch starts right after the last stored seq
+//! (`XREVRANGE … COUNT 1`), then runs one `XADD` per pack, gap or end, an
+//! `HINCRBY … gaps` if the batch holds gaps, the expiry updates and one
+//! `SPUBLISH` (of the last covered seq), atomically: a rejected batch
 //! writes nothing. The batch itself (consecutive seqs, gaps not ending before
 //! they start, the end last) is checked before sending, as the memory store
 //! does. The batch that ends a stream costs one more round
@@ -52,8 +60,9 @@
 //! the stream.
 //!
 //! `create` is one pipeline (`DEL` meta and entries, `HSET`, `PEXPIRE`);
-//! `read` one `XRANGE <after+1>-0 + COUNT <limit>` (one round trip, gaps or
-//! not); `meta` one `HGETALL`;
+//! `read` one `XRANGE <after+1>-0 + COUNT <n>`, or a few when the entries
+//! hold fewer events than asked for (it asks for 8 entries, then for as many
+//! as the remaining events need at the pack size seen); `meta` one `HGETALL`;
 //! `bind_key` a `SET … PX` and an `FCALL` noting the binding in the metadata,
 //! concurrently; `claim_key` the same with `SET … NX GET` (a losing claim
 //! notes the key too: harmless, since the end of a stream only shortens a
@@ -121,14 +130,16 @@ use routing::{Cmd, Router};
 ///
 /// Version 2: gap entries (field `g`, counted in the metadata's `gaps`).
 /// Version 3: producer leases, cancel requests, ending abandoned streams.
-pub const LIBRARY_NAME: &str = "reprise_store_3";
+/// Version 4: packed entries (field `p`, several events per Redis stream
+/// entry), which version 3 readers cannot decode.
+pub const LIBRARY_NAME: &str = "reprise_store_4";
 
-const FN_APPEND: &str = "reprise_store_3_append";
-const FN_NOTE_BINDING: &str = "reprise_store_3_note_binding";
-const FN_END_BINDING: &str = "reprise_store_3_end_binding";
-const FN_RENEW_LEASE: &str = "reprise_store_3_renew_lease";
-const FN_REQUEST_CANCEL: &str = "reprise_store_3_request_cancel";
-const FN_END_IF_ABANDONED: &str = "reprise_store_3_end_if_abandoned";
+const FN_APPEND: &str = "reprise_store_4_append";
+const FN_NOTE_BINDING: &str = "reprise_store_4_note_binding";
+const FN_END_BINDING: &str = "reprise_store_4_end_binding";
+const FN_RENEW_LEASE: &str = "reprise_store_4_renew_lease";
+const FN_REQUEST_CANCEL: &str = "reprise_store_4_request_cancel";
+const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
 
 /// How often the store looks for pooled clients whose connection task ended.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
@@ -136,23 +147,26 @@ const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
 /// Error prefix the library uses for batches that do not follow the stream.
 const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
 
-const LIBRARY: &str = r#"#!lua name=reprise_store_3
+const LIBRARY: &str = r#"#!lua name=reprise_store_4
 
 -- Append a batch of entries to a stream, atomically.
 -- KEYS: metadata hash, entries stream, notification shard channel.
 -- ARGV: first seq, last covered seq, live TTL ms, retention ms, end record
 --       JSON or '', then for each entry: its id, its field name, its value.
---       Entry ids are the last seq each entry covers (a gap's `upto`).
+--       Entry ids are the last seq each entry covers (a pack's last event,
+--       a gap's `upto`); packs are built and unpacked by the relay.
 -- Returns the key binding pointing at the stream when the batch ends it.
 local function append(keys, args)
   local meta, entries, channel = keys[1], keys[2], keys[3]
-  if redis.call('EXISTS', meta) == 0 then
+  -- One lookup for both checks: every stream's metadata has an `id`.
+  local state = redis.call('HMGET', meta, 'id', 'end')
+  if not state[1] then
     return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
   end
-  if redis.call('HEXISTS', meta, 'end') == 1 then
+  if state[2] then
     return redis.error_reply('REPRISE_CONFLICT stream already ended')
   end
-  -- The top id is the last covered seq, a gap's included.
+  -- The top id is the last covered seq, a pack's or a gap's included.
   local stored = 0
   local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
   if #top > 0 then
@@ -263,12 +277,12 @@ local function end_if_abandoned(keys, args)
   return {seq, redis.call('HGET', meta, 'k') or ''}
 end
 
-redis.register_function('reprise_store_3_append', append)
-redis.register_function('reprise_store_3_renew_lease', renew_lease)
-redis.register_function('reprise_store_3_request_cancel', request_cancel)
-redis.register_function('reprise_store_3_end_if_abandoned', end_if_abandoned)
-redis.register_function('reprise_store_3_note_binding', note_binding)
-redis.register_function('reprise_store_3_end_binding', end_binding)
+redis.register_function('reprise_store_4_append', append)
+redis.register_function('reprise_store_4_renew_lease', renew_lease)
+redis.register_function('reprise_store_4_request_cancel', request_cancel)
+redis.register_function('reprise_store_4_end_if_abandoned', end_if_abandoned)
+redis.register_function('reprise_store_4_note_binding', note_binding)
+redis.register_function('reprise_store_4_end_binding', end_binding)
 "#;
 
 /// Connection settings of the Redis backend.
@@ -839,9 +853,71 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
     })
 }
 
-/// Decodes one `XRANGE` item: `[id, [field, value]]`. The id is the last
-/// seq the entry covers; for a gap (field `g`) the value is its first seq.
-fn parse_entry(item: Value) -> Result<Entry, StoreError> {
+/// Most events in one packed Redis stream entry.
+pub const PACK_MAX: usize = 128;
+/// Entries the first `XRANGE` of a read asks for.
+const FIRST_READ_COUNT: usize = 8;
+
+/// The Redis stream entry id of the entry ending at `seq`.
+fn entry_id(seq: Seq) -> String {
+    let mut id = seq.0.to_string();
+    id.push_str("-0");
+    id
+}
+
+/// Packs consecutive events into one value: per event, its length as a
+/// 4-byte big-endian integer, then its bytes.
+fn pack(events: &[Entry]) -> bytes::Bytes {
+    let len: usize = events
+        .iter()
+        .map(|e| match &e.body {
+            EntryBody::Event(b) => 4 + b.len(),
+            _ => 0,
+        })
+        .sum();
+    let mut out = bytes::BytesMut::with_capacity(len);
+    for e in events {
+        if let EntryBody::Event(b) = &e.body {
+            // validate_batch bounds nothing per event; u32 is 4 GiB.
+            out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+    out.freeze()
+}
+
+/// The events of a pack whose last event is `last`, without copying.
+fn unpack(last: Seq, value: bytes::Bytes, out: &mut Vec<Entry>) -> Result<(), StoreError> {
+    let bad = || corrupt(format!("pack ending at {}: bad lengths", last.0));
+    let mut spans = Vec::new();
+    let mut at = 0usize;
+    while at < value.len() {
+        let head: [u8; 4] = value
+            .get(at..at + 4)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(bad)?;
+        let len = u32::from_be_bytes(head) as usize;
+        let end = (at + 4).checked_add(len).filter(|&e| e <= value.len());
+        let end = end.ok_or_else(bad)?;
+        spans.push(at + 4..end);
+        at = end;
+    }
+    let n = spans.len() as u64;
+    if n == 0 || n > last.0 {
+        return Err(bad());
+    }
+    let first = last.0 - n + 1;
+    out.extend(spans.into_iter().enumerate().map(|(i, span)| Entry {
+        seq: Seq(first + i as u64),
+        body: EntryBody::Event(value.slice(span)),
+    }));
+    Ok(())
+}
+
+/// Decodes one `XRANGE` item, `[id, [field, value]]`, into `out` (a pack
+/// gives several entries). The id is the last seq the item covers; for a
+/// gap (field `g`) the value is its first seq.
+fn parse_entry(item: Value, out: &mut Vec<Entry>) -> Result<(), StoreError> {
     let Value::Array(mut parts) = item else {
         return Err(corrupt("stream entry is not an array"));
     };
@@ -870,28 +946,31 @@ fn parse_entry(item: Value) -> Result<Entry, StoreError> {
         .next()
         .and_then(|v| v.into_bytes())
         .ok_or_else(|| corrupt(format!("entry {id}: value")))?;
-    match name.as_str() {
-        "e" => Ok(Entry {
+    let entry = match name.as_str() {
+        "p" => return unpack(last, value, out),
+        "e" => Entry {
             seq: last,
             body: EntryBody::Event(value),
-        }),
-        "x" => Ok(Entry {
+        },
+        "x" => Entry {
             seq: last,
             body: EntryBody::End(serde_json::from_slice(&value).map_err(corrupt)?),
-        }),
+        },
         "g" => {
             let first = std::str::from_utf8(&value)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
                 .filter(|&first| first >= 1 && first <= last.0)
                 .ok_or_else(|| corrupt(format!("gap entry {id}: first seq {value:?}")))?;
-            Ok(Entry {
+            Entry {
                 seq: Seq(first),
                 body: EntryBody::Gap { upto: last },
-            })
+            }
         }
-        other => Err(corrupt(format!("entry {id}: unknown field {other:?}"))),
-    }
+        other => return Err(corrupt(format!("entry {id}: unknown field {other:?}"))),
+    };
+    out.push(entry);
+    Ok(())
 }
 
 #[async_trait]
@@ -970,29 +1049,36 @@ impl Store for RedisStore {
             }
             EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
         };
-        let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len());
+        let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len().min(PACK_MAX));
         args.push(first.seq.0.to_string().into());
         args.push(last.last_seq().0.to_string().into());
         args.push(self.live_ttl_ms().into());
         args.push(self.retention_ms().into());
         args.push(end_record.into());
-        for e in entries {
-            // Every entry is stored under the last seq it covers.
-            args.push(format!("{}-0", e.last_seq().0).into());
-            match &e.body {
-                EntryBody::Event(b) => {
-                    args.push("e".into());
-                    args.push(Value::Bytes(b.clone()));
-                }
-                EntryBody::End(o) => {
-                    args.push("x".into());
-                    args.push(serde_json::to_string(o).map_err(corrupt)?.into());
-                }
-                EntryBody::Gap { .. } => {
-                    args.push("g".into());
-                    args.push(e.seq.0.to_string().into());
-                }
-            }
+        let mut rest = entries;
+        while let Some(e) = rest.first() {
+            // A run of events becomes one pack (up to PACK_MAX events) under
+            // the seq of its last event; gaps and the end stay entries of
+            // their own. Every entry is stored under the last seq it covers.
+            let run = rest
+                .iter()
+                .take(PACK_MAX)
+                .take_while(|e| matches!(e.body, EntryBody::Event(_)))
+                .count();
+            let (id, field, value): (Seq, &'static str, Value) = match &e.body {
+                EntryBody::Event(b) if run == 1 => (e.seq, "e", Value::Bytes(b.clone())),
+                EntryBody::Event(_) => (rest[run - 1].seq, "p", Value::Bytes(pack(&rest[..run]))),
+                EntryBody::End(o) => (
+                    e.seq,
+                    "x",
+                    serde_json::to_string(o).map_err(corrupt)?.into(),
+                ),
+                EntryBody::Gap { upto } => (*upto, "g", e.seq.0.to_string().into()),
+            };
+            args.push(entry_id(id).into());
+            args.push(field.into());
+            args.push(value);
+            rest = &rest[run.max(1)..];
         }
         let keys = vec![k.meta, k.entries, k.channel];
         let binding = self
@@ -1036,27 +1122,63 @@ impl Store for RedisStore {
         }
         self.ready()?;
         let k = self.keys(stream);
-        // Ids are last covered seqs, so this also returns a gap holding `after`.
-        // COUNT is a signed 64-bit integer, which fred wants strictly below i64::MAX.
-        let count = u64::try_from(limit)
-            .unwrap_or(u64::MAX)
-            .min(i64::MAX as u64 - 1);
-        let args: Vec<Value> = vec![
-            k.entries.as_str().into(),
-            format!("{from}-0").into(),
-            "+".into(),
-            "COUNT".into(),
-            count.to_string().into(),
-        ];
-        let items: Value = self
-            .run(&self.inner.read_opts, &k.entries, Cmd::new("XRANGE", args))
-            .await
-            .map_err(map_err)?;
-        match items {
-            Value::Null => Ok(Vec::new()),
-            Value::Array(items) => items.into_iter().map(parse_entry).collect(),
-            other => Err(corrupt(format!("XRANGE answered {:?}", other.kind()))),
+        // Ids are last covered seqs, so this also returns a gap or a pack
+        // holding `after`. Packs hold a varying number of events: ask for a
+        // few entries first, then for as many as the events still wanted
+        // need at the density seen so far (at most `limit` entries in all,
+        // since an entry holds at least one event).
+        let mut out: Vec<Entry> = Vec::new();
+        let mut from = from;
+        let mut entries_seen = 0usize;
+        let mut count = limit.min(FIRST_READ_COUNT);
+        loop {
+            // COUNT is a signed 64-bit integer, which fred wants strictly below i64::MAX.
+            let count_arg = u64::try_from(count)
+                .unwrap_or(u64::MAX)
+                .min(i64::MAX as u64 - 1);
+            let args: Vec<Value> = vec![
+                k.entries.as_str().into(),
+                entry_id(Seq(from)).into(),
+                "+".into(),
+                "COUNT".into(),
+                count_arg.to_string().into(),
+            ];
+            let items: Value = self
+                .run(&self.inner.read_opts, &k.entries, Cmd::new("XRANGE", args))
+                .await
+                .map_err(map_err)?;
+            let items = match items {
+                Value::Null => Vec::new(),
+                Value::Array(items) => items,
+                other => return Err(corrupt(format!("XRANGE answered {:?}", other.kind()))),
+            };
+            let got = items.len();
+            entries_seen += got;
+            for item in items {
+                let before = out.len();
+                parse_entry(item, &mut out)?;
+                // Events of a pack that straddles the position were read before.
+                let skip = out[before..]
+                    .iter()
+                    .take_while(|e| e.last_seq() < Seq(from))
+                    .count();
+                out.drain(before..before + skip);
+            }
+            let exhausted = got < count;
+            let ended = out
+                .last()
+                .is_some_and(|e| matches!(e.body, EntryBody::End(_)));
+            if out.len() >= limit || exhausted || ended {
+                break;
+            }
+            let Some(last) = out.last() else { break };
+            from = last.last_seq().0.saturating_add(1);
+            let wanted = limit - out.len();
+            let per_entry = (out.len() / entries_seen.max(1)).max(1);
+            count = wanted.div_ceil(per_entry).clamp(1, wanted);
         }
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
@@ -1619,6 +1741,47 @@ mod tests {
         assert!(matches!(map_err(e), StoreError::Full(_)));
     }
 
+    fn parse_one(item: Value) -> Result<Entry, StoreError> {
+        let mut out = Vec::new();
+        parse_entry(item, &mut out)?;
+        assert_eq!(out.len(), 1);
+        Ok(out.remove(0))
+    }
+
+    #[test]
+    fn packs_round_trip_and_reject_bad_lengths() {
+        let events: Vec<Entry> = (5..=9)
+            .map(|s| Entry {
+                seq: Seq(s),
+                body: EntryBody::Event(Bytes::from(vec![b'x'; s as usize * 3])),
+            })
+            .collect();
+        let packed = pack(&events);
+        let item = Value::Array(vec![
+            "9-0".into(),
+            Value::Array(vec!["p".into(), Value::Bytes(packed.clone())]),
+        ]);
+        let mut out = Vec::new();
+        parse_entry(item, &mut out).unwrap();
+        assert_eq!(out, events);
+        // Truncated, or more events than seqs before the id.
+        for (id, value) in [
+            ("9-0", packed.slice(..packed.len() - 1)),
+            ("3-0", packed.clone()),
+            ("9-0", Bytes::new()),
+            ("9-0", Bytes::from_static(b"\0\0")),
+        ] {
+            let item = Value::Array(vec![
+                id.into(),
+                Value::Array(vec!["p".into(), Value::Bytes(value)]),
+            ]);
+            assert!(matches!(
+                parse_entry(item, &mut Vec::new()),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+    }
+
     #[test]
     fn entry_parsing_rejects_foreign_records() {
         let good = Value::Array(vec![
@@ -1628,7 +1791,7 @@ mod tests {
                 Value::Bytes(Bytes::from_static(b"\0\xff")),
             ]),
         ]);
-        let e = parse_entry(good).unwrap();
+        let e = parse_one(good).unwrap();
         assert_eq!(e.seq, Seq(7));
         assert_eq!(e.body, EntryBody::Event(Bytes::from_static(b"\0\xff")));
         // A gap is stored under its last seq, with its first seq as value.
@@ -1636,7 +1799,7 @@ mod tests {
             "9-0".into(),
             Value::Array(vec!["g".into(), "4".into()]),
         ]);
-        let e = parse_entry(gap).unwrap();
+        let e = parse_one(gap).unwrap();
         assert_eq!(e.seq, Seq(4));
         assert_eq!(e.body, EntryBody::Gap { upto: Seq(9) });
         assert_eq!(e.last_seq(), Seq(9));
@@ -1669,7 +1832,7 @@ mod tests {
             Value::Array(vec!["7-0".into()]),
             "nope".into(),
         ] {
-            assert!(matches!(parse_entry(bad), Err(StoreError::Corrupt(_))));
+            assert!(matches!(parse_one(bad), Err(StoreError::Corrupt(_))));
         }
     }
 }

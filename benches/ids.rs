@@ -1,0 +1,59 @@
+//! Event-id encoding: the `id:` line every forwarded event carries. The
+//! `format!` spelling is the baseline the hot path used to pay per event.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use reprise_core::{Epoch, EventId, IdPrefix, Seq, StreamId};
+
+fn ids(c: &mut Criterion) {
+    let stream = StreamId::random();
+    let epoch = Epoch::random();
+    let mut g = c.benchmark_group("event_id");
+    let mut seq = 0u64;
+    g.bench_function("format!", |b| {
+        b.iter(|| {
+            seq += 1;
+            black_box(format!("{}.{:08x}.{:010}", black_box(stream), epoch.0, seq))
+        })
+    });
+    g.bench_function("to_string", |b| {
+        b.iter(|| {
+            seq += 1;
+            let id = EventId {
+                stream: black_box(stream),
+                epoch,
+                seq: Seq(seq),
+            };
+            black_box(id.to_string())
+        })
+    });
+    let mut out = Vec::with_capacity(64);
+    g.bench_function("EventId::put", |b| {
+        b.iter(|| {
+            seq += 1;
+            out.clear();
+            EventId {
+                stream: black_box(stream),
+                epoch,
+                seq: Seq(seq),
+            }
+            .put(&mut out);
+            black_box(&out);
+        })
+    });
+    // What the relay does: the stream's prefix is encoded once.
+    let prefix = IdPrefix::new(stream, epoch);
+    g.bench_function("IdPrefix::put (per event)", |b| {
+        b.iter(|| {
+            seq += 1;
+            out.clear();
+            black_box(&prefix).put(Seq(seq), &mut out);
+            black_box(&out);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ids);
+criterion_main!(benches);
