@@ -160,6 +160,15 @@ async fn starts_per_minute_are_limited_per_caller_with_a_retry_after() {
         .await;
     }
     assert_eq!(upstream.request_count(), 2);
+    // CORS preflights are not counted.
+    let (status, _, _) = read_raw(
+        client
+            .http()
+            .request(reqwest::Method::OPTIONS, format!("{}/gen", a.url()))
+            .header("authorization", bearer("carol")),
+    )
+    .await;
+    assert_ne!(status, 429);
     // Anonymous callers are counted by address, apart from carol.
     let mut anon = open_sse(get(&client, &a.url(), "/gen", None)).await;
     assert_eq!(anon.status(), 200);

@@ -273,7 +273,13 @@ async fn forward(
     // route limits concurrent streams) is held until the stream ends; on
     // any early return below it is dropped, which gives it back.
     let who = LimitKey::of(route, &caller, req.headers(), &fwd);
-    let limits = ratelimit::limits_for(&relay.config.limits, route);
+    let limits = if req.method() == Method::OPTIONS {
+        // CORS preflights start nothing; counting them would halve a
+        // browser's allowance.
+        reprise_store::RateLimits::default()
+    } else {
+        ratelimit::limits_for(&relay.config.limits, route)
+    };
     let slot = relay.limiter.admit(route, limits, &who).await?;
     let (parts, body) = req.into_parts();
     let pq = parts
