@@ -5,7 +5,7 @@ use reprise_tests::redis::RedisCluster;
 use reprise_tests::relay::{chat_config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::numbered_event;
 use reprise_tests::{data, numbered};
-use reprise_tests::{open_sse, read_raw, SseClient, Upstream};
+use reprise_tests::{open_sse, read_raw, with_timeout, SseClient, Upstream};
 use serde_json::json;
 
 /// A config file for a `reprise` process: one recorded route `/`, a short
@@ -220,4 +220,65 @@ async fn an_idempotent_retry_makes_one_upstream_call() {
     a.stop().await;
     b.stop().await;
     c.stop().await;
+}
+
+/// An attempt that never started its stream (an upstream error, a 429)
+/// gives its `Idempotency-Key` back: the retry calls the upstream at once
+/// instead of waiting `streams.idempotency_wait` (an hour here) for a stream
+/// that will never exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_gives_its_idempotency_key_back() {
+    let redis = RedisCluster::start().await.expect("start a Redis cluster");
+    let upstream = Upstream::start().await;
+    let mut cfg = chat_config(&upstream.url(), &Backend::Redis(redis.url()));
+    cfg.streams.idempotency_wait = std::time::Duration::from_secs(3600);
+    cfg.limits.max_streams_per_caller = 1;
+    let a = TestRelay::start(cfg.clone()).await;
+    let b = TestRelay::start(cfg).await;
+    let client = SseClient::new();
+    let send = |base: &str, key: &str| {
+        client
+            .post_json(
+                &format!("{base}/api/chat"),
+                &json!({"id": "c9", "messages": []}),
+            )
+            .header("idempotency-key", key)
+    };
+
+    // The upstream fails the first attempt; the retry, on another instance,
+    // is a new call.
+    upstream.respond_once(reprise_tests::Reply::status(503));
+    let (status, _, _) = read_raw(send(&a.url(), "send-1")).await;
+    assert_eq!(status, 503);
+    let ctl = upstream.controlled_stream();
+    let mut retried =
+        with_timeout("the retry after a 503", open_sse(send(&b.url(), "send-1"))).await;
+    assert_eq!(retried.status(), 200);
+    assert_eq!(retried.header("reprise-idempotent-replay"), None);
+    assert_eq!(upstream.request_count(), 2);
+
+    // While that stream holds the caller's only slot, a new send is refused;
+    // once it ends, the same key starts a stream.
+    let (status, _, _) = read_raw(send(&a.url(), "send-2")).await;
+    assert_eq!(status, 429);
+    ctl.send(numbered_event(1)).await;
+    ctl.finish();
+    assert_eq!(data(&retried.collect_until_end().await), numbered(1..=1));
+    let ctl = upstream.controlled_stream();
+    let admitted = with_timeout("a send admitted with the refused key", async {
+        loop {
+            let r = open_sse(send(&a.url(), "send-2")).await;
+            if r.status() != 429 {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(admitted.status(), 200);
+    assert_eq!(admitted.header("reprise-idempotent-replay"), None);
+    assert_eq!(upstream.request_count(), 3);
+    ctl.finish();
+    a.stop().await;
+    b.stop().await;
 }

@@ -1237,6 +1237,34 @@ mod cases {
         assert_eq!(f.store.resolve_key(&fresh).await.unwrap(), Some(ghost));
     }
 
+    pub async fn release_key_drops_only_its_own_claim(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let key = KeyRef {
+            route: "idempotency:/api/chat".into(),
+            key: "send-7\r\n{x}".into(),
+        };
+        let failed = StreamId::random();
+        let retry = StreamId::random();
+        assert_eq!(f.store.claim_key(&key, failed).await.unwrap(), None);
+        // Giving back a claim another stream holds changes nothing.
+        f.peer.release_key(&key, retry).await.unwrap();
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(failed));
+        // The claimer gives it back: the next claim wins at once.
+        f.store.release_key(&key, failed).await.unwrap();
+        assert_eq!(f.peer.resolve_key(&key).await.unwrap(), None);
+        assert_eq!(f.peer.claim_key(&key, retry).await.unwrap(), None);
+        // A late give-back of the failed claim leaves the retry's alone.
+        f.store.release_key(&key, failed).await.unwrap();
+        assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(retry));
+        // Releasing an unbound key is a no-op.
+        let unbound = KeyRef {
+            route: "idempotency:/api/chat".into(),
+            key: "never".into(),
+        };
+        f.store.release_key(&unbound, retry).await.unwrap();
+        assert_eq!(f.store.resolve_key(&unbound).await.unwrap(), None);
+    }
+
     pub async fn concurrent_claims_one_wins(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let key = KeyRef {
@@ -1371,6 +1399,7 @@ conformance!(
     abandoned_end_races_leave_one_end,
     claim_key_first_wins,
     concurrent_claims_one_wins,
+    release_key_drops_only_its_own_claim,
     claim_key_respects_expiry,
     ping_answers,
 );

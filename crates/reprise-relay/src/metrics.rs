@@ -323,6 +323,9 @@ impl Store for InstrumentedStore {
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         timed!(self, "resolve_key", self.inner.resolve_key(key))
     }
+    async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        timed!(self, "release_key", self.inner.release_key(key, stream))
+    }
     async fn claim_key(
         &self,
         key: &KeyRef,

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use reprise_core::{Cursor, Epoch, Format, StreamId};
 use reprise_store::{KeyRef, StreamMeta};
+use tracing::Instrument;
 
 use crate::body::{full, Body, Bounded, BoxError, Holding};
 use crate::config::KeySource;
@@ -195,15 +196,16 @@ fn idempotency_key(relay: &Relay, route: &Route, headers: &HeaderMap) -> Option<
 
 /// Claims `key` for the stream about to start (`stream`). If another
 /// request claimed it first, answers with that request's stream (waiting up
-/// to `streams.idempotency_wait` for it to start); if it never started,
-/// takes the key over and lets this request call the upstream.
+/// to `streams.idempotency_wait` for it to start); if that request gives the
+/// key back (it failed) or its stream never starts, takes the key over and
+/// lets this request call the upstream.
 async fn attach_idempotent(
     relay: &Arc<Relay>,
     key: &KeyRef,
     stream: StreamId,
     headers: &HeaderMap,
 ) -> Result<Option<Response<Body>>, RelayError> {
-    let existing = match relay.store.claim_key(key, stream).await {
+    let mut existing = match relay.store.claim_key(key, stream).await {
         Ok(None) => return Ok(None),
         Ok(Some(existing)) => existing,
         Err(e) => {
@@ -238,6 +240,47 @@ async fn attach_idempotent(
             return Ok(None);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The first request may have given the key back (it failed before
+        // its stream started): then the next claim wins and calls upstream.
+        if relay.store.resolve_key(key).await? != Some(existing) {
+            match relay.store.claim_key(key, stream).await? {
+                None => return Ok(None),
+                Some(other) => existing = other,
+            }
+        }
+    }
+}
+
+/// An `Idempotency-Key` claimed for a stream that has not started yet. If
+/// the request ends without starting it (refused, upstream error, a
+/// response that is not recorded), dropping the claim gives the key back, so
+/// that a retry calls the upstream at once instead of waiting
+/// `streams.idempotency_wait` for a stream that will never exist.
+struct Claim {
+    relay: Arc<Relay>,
+    key: Option<KeyRef>,
+    stream: StreamId,
+}
+
+impl Claim {
+    /// The stream started: the key stays bound to it.
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let (relay, stream) = (self.relay.clone(), self.stream);
+        self.relay.tasks.spawn(
+            async move {
+                if let Err(e) = relay.store.release_key(&key, stream).await {
+                    tracing::warn!(cause = %e, "cannot give back an Idempotency-Key; a retry waits for it to lapse");
+                }
+            }
+            .in_current_span(),
+        );
     }
 }
 
@@ -263,10 +306,17 @@ async fn forward(
     } else {
         None
     };
-    if let Some(key) = &idempotency {
-        if let Some(resp) = attach_idempotent(relay, key, stream, req.headers()).await? {
+    // Given back on any return before the stream starts.
+    let mut claim = None;
+    if let Some(key) = idempotency {
+        if let Some(resp) = attach_idempotent(relay, &key, stream, req.headers()).await? {
             return Ok(resp);
         }
+        claim = Some(Claim {
+            relay: relay.clone(),
+            key: Some(key),
+            stream,
+        });
     }
     let caller = relay.auth.caller(&route.path, &route.caller, req.headers());
     // Rate limits: a 429 here costs the upstream nothing. The slot (if the
@@ -416,6 +466,10 @@ async fn forward(
         caller: Some(caller.clone()),
     });
     relay.hub.insert(live.clone());
+    // The stream exists now: requests with the same Idempotency-Key attach.
+    if let Some(claim) = claim {
+        claim.keep();
+    }
     if let Some(slot) = slot {
         // Held until the recording ends, even if this client goes.
         slot.release_when_ended(&relay.tasks, live.clone());

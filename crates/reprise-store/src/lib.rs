@@ -236,6 +236,13 @@ pub trait Store: Send + Sync + 'static {
         stream: StreamId,
     ) -> Result<Option<StreamId>, StoreError>;
 
+    /// Remove `key`'s binding if it still points at `stream` (a claim whose
+    /// request never started its stream: an upstream error, a refusal), so
+    /// that a retry with the same key calls the upstream at once instead of
+    /// waiting for a stream that will never exist. A binding that has moved
+    /// on to another stream is left alone.
+    async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError>;
+
     /// The stream `key` points at, if any.
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError>;
 

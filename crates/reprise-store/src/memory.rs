@@ -578,6 +578,14 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
+    async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        let mut keys = lock(&self.shared.keys);
+        if keys.get(key).is_some_and(|b| b.stream == stream) {
+            keys.remove(key);
+        }
+        Ok(())
+    }
+
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
         let now = Instant::now();
         Ok(lock(&self.shared.keys)

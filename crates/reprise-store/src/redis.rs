@@ -141,6 +141,11 @@ const FN_RENEW_LEASE: &str = "reprise_store_4_renew_lease";
 const FN_REQUEST_CANCEL: &str = "reprise_store_4_request_cancel";
 const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
 
+/// Deletes a key binding (KEYS[1]) only if it still holds ARGV[1], the
+/// stream id whose claim is given back.
+const RELEASE_KEY: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// How often the store looks for pooled clients whose connection task ended.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -1252,6 +1257,28 @@ impl Store for RedisStore {
                     .map_err(|_| corrupt(format!("key binding holds {s:?}")))
             })
             .transpose()
+    }
+
+    async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        // Compare and delete, atomically: never drops a binding that moved on.
+        self.run(
+            &self.inner.write_opts,
+            &name,
+            Cmd::new(
+                "EVAL",
+                vec![
+                    RELEASE_KEY.into(),
+                    1.into(),
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                ],
+            ),
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
