@@ -635,11 +635,45 @@ async fn two_processes_share_streams_over_one_redis() {
     assert_eq!(upstream.request_count(), 1);
 }
 
+/// An absolute-form target or a forged `Host` never picks the upstream: the
+/// route's configured upstream is called, with its own authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_targets_and_host_tricks_stay_on_the_route() {
+    let upstream = Upstream::start().await;
+    let relay = TestRelay::start(chat_config(&upstream.url(), &Backend::Memory)).await;
+    upstream.respond(|_| Reply::text(200, "ok"));
+    let own = upstream.addr().to_string();
+    let cases = [
+        ("http://evil.example/api/chat/x", "relay"),
+        ("http://evil.example:80/plain/y?q=1", "evil.example"),
+        ("/plain/z", "evil.example"),
+        ("/plain/w", "evil.example@127.0.0.1:1"),
+    ];
+    for (i, (target, host)) in cases.iter().enumerate() {
+        let status = raw_status_with_host(relay.addr(), target, host).await;
+        assert_eq!(status, 200, "{target} with Host {host}");
+        let req = upstream.nth_request(i + 1).await;
+        assert_eq!(req.header("host"), Some(own.as_str()), "{target}");
+        assert!(
+            !req.path_and_query.contains("evil"),
+            "{target} reached the upstream as {}",
+            req.path_and_query
+        );
+    }
+    assert_eq!(upstream.nth_request(1).await.path_and_query, "/api/chat/x");
+    assert_eq!(upstream.nth_request(2).await.path_and_query, "/plain/y?q=1");
+    relay.stop().await;
+}
+
 /// Status code of a GET sent as raw bytes, so the target is not normalized.
 async fn raw_status(addr: std::net::SocketAddr, target: &str) -> u16 {
+    raw_status_with_host(addr, target, "relay").await
+}
+
+async fn raw_status_with_host(addr: std::net::SocketAddr, target: &str, host: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {target} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     conn.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     reprise_tests::with_timeout("raw response", conn.read_to_end(&mut buf))
