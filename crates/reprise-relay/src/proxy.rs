@@ -355,7 +355,10 @@ async fn forward(
     };
     let Some(format) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
-        let body = resp_body.map_err(|e| Box::new(e) as BoxError).boxed();
+        // Bursts go out in one write (see `Coalesce`).
+        let body = crate::body::Coalesce::new(resp_body)
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed();
         return Ok(Response::from_parts(resp_parts, body));
     };
 

@@ -273,7 +273,10 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
 }
 
 /// Reads the upstream body to its end and appends each entry to the log.
-async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, route: String) {
+async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route: String) {
+    // A burst of upstream chunks becomes one batch: one append to the log,
+    // one wake-up of its readers and writer (see `Coalesce`).
+    let mut body = crate::body::Coalesce::new(body);
     let cfg = &relay.config;
     let metrics = relay.metrics.clone();
     metrics
