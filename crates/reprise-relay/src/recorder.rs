@@ -297,7 +297,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
     let unstored_total = relay.unstored_total.clone();
     let idle = cfg.timeouts.idle;
     let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
-    let interrupt: CancellationToken = relay.interrupt.clone();
+    // This stream's own token: waiting on it touches no lock shared with
+    // other streams.
+    let interrupt: CancellationToken = relay.interrupt.child_token();
 
     let mut framer = Framer::new(live.format, limits);
     let mut batch = Batch::new(&live);
@@ -321,24 +323,41 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
         )
     };
     tracing::debug!(format = %live.format, "recording started");
+    // Made once, not per read: a read costs no timer or waiter registration.
+    // The idle timer is moved forward lazily, only when it fires early.
+    let max_duration = tokio::time::sleep_until(deadline);
+    let idle_timer = tokio::time::sleep(idle);
+    let interrupted = interrupt.cancelled();
+    let cancelled = live.cancel.cancelled();
+    tokio::pin!(max_duration, idle_timer, interrupted, cancelled);
+    let mut last_read = Instant::now();
     let outcome = 'read: loop {
         let frame = tokio::select! {
-            f = tokio::time::timeout(idle, body.frame()) => f,
-            _ = tokio::time::sleep_until(deadline) => break failed(
+            f = body.frame() => Ok(f),
+            _ = &mut idle_timer => Err(()),
+            _ = &mut max_duration => break failed(
                 FailReason::UpstreamTimeout,
                 format!("stream exceeded the maximum duration of {}", humantime(cfg.timeouts.max_stream_duration)),
             ),
-            _ = interrupt.cancelled() => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
-            _ = live.cancel.cancelled() => break Outcome::Cancelled,
+            _ = &mut interrupted => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
+            _ = &mut cancelled => break Outcome::Cancelled,
         };
         let data = match frame {
-            Err(_) => {
+            Err(()) => {
+                if Instant::now() < last_read + idle {
+                    idle_timer.as_mut().reset(last_read + idle);
+                    continue;
+                }
                 break failed(
                     FailReason::UpstreamTimeout,
                     format!("upstream sent nothing for {}", humantime(idle)),
-                )
+                );
             }
-            Ok(None) => {
+            Ok(f) => f,
+        };
+        last_read = Instant::now();
+        let data = match data {
+            None => {
                 if let Some(last) = framer.finish() {
                     events += 1;
                     recorded += last.len();
@@ -351,13 +370,13 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
                 }
                 break Outcome::Completed;
             }
-            Ok(Some(Err(e))) => {
+            Some(Err(e)) => {
                 break failed(
                     FailReason::UpstreamReset,
                     format!("upstream body failed: {e}"),
                 )
             }
-            Ok(Some(Ok(frame))) => match frame.into_data() {
+            Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) => d,
                 Err(_) => continue, // trailers
             },
@@ -435,7 +454,8 @@ async fn write(
     busy: Busy,
 ) {
     let store = relay.store.clone();
-    let stop = relay.hard_stop.clone();
+    // Its own token: waiting on it touches no lock shared with other streams.
+    let stop = relay.hard_stop.child_token();
     let id = live.id;
     // Metadata written late (store down at the start, or lost) carries a
     // fresh lease, so other instances do not take it for abandoned.
