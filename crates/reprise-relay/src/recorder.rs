@@ -3,8 +3,11 @@
 //!
 //! Both run as tasks of their own, detached from the client's connection:
 //! a client that hangs up stops only its reader, never the recording (the
-//! generation is paid for). The writer batches naturally: while one append
-//! is in flight, new events accumulate in the log and go in the next one.
+//! generation is paid for). The writer batches: it waits
+//! `streams.store_linger` after new events before an append (not when the
+//! stream ends), and while one append is in flight new events accumulate in
+//! the log and go in the next one. The producer appends each upstream burst
+//! to the log at once (see [`Batch`] and `body::Coalesce`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
