@@ -139,3 +139,71 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> Coalesce<B> {
         Some(Ok(self.take()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    /// Drains a body: the data in order, then what ended it.
+    async fn drain(
+        body: &mut Coalesce<StreamBody<futures::stream::Iter<std::vec::IntoIter<Item>>>>,
+    ) -> (Vec<u8>, Option<String>) {
+        let mut data = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => return (data, f.trailers_ref().map(|_| "trailers".into())),
+                },
+                Some(Err(e)) => return (data, Some(e.to_string())),
+                None => return (data, None),
+            }
+        }
+    }
+
+    fn body(
+        items: Vec<Item>,
+    ) -> Coalesce<StreamBody<futures::stream::Iter<std::vec::IntoIter<Item>>>> {
+        Coalesce::new(StreamBody::new(futures::stream::iter(items)))
+    }
+
+    fn chunks(n: usize) -> Vec<Item> {
+        (0..n)
+            .map(|i| Ok(Frame::data(Bytes::from(format!("chunk {i};")))))
+            .collect()
+    }
+
+    fn expected(n: usize) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| format!("chunk {i};").into_bytes())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn joined_chunks_keep_every_byte_in_order_then_the_end() {
+        // More chunks than one frame may join, so that joining restarts.
+        let n = 2 * MAX_CHUNKS as usize + 3;
+        let mut b = body(chunks(n));
+        assert_eq!(drain(&mut b).await, (expected(n), None));
+        assert!(b.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_or_trailers_come_after_the_gathered_data() {
+        let mut items = chunks(5);
+        items.push(Err(std::io::Error::other("reset")));
+        assert_eq!(
+            drain(&mut body(items)).await,
+            (expected(5), Some("reset".into()))
+        );
+        let mut items = chunks(5);
+        items.push(Ok(Frame::trailers(http::HeaderMap::new())));
+        assert_eq!(
+            drain(&mut body(items)).await,
+            (expected(5), Some("trailers".into()))
+        );
+    }
+}
