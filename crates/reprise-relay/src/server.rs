@@ -292,7 +292,10 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
                     );
                     return Ok::<_, Infallible>(resp);
                 }
-                Ok::<_, Infallible>(proxy::handle(relay, req, addr).await)
+                // Boxed: hyper keeps the service future's memory for the
+                // connection's life; the handler's (large) state is freed
+                // once the response starts.
+                Ok::<_, Infallible>(Box::pin(proxy::handle(relay, req, addr)).await)
             }
         });
         let span = tracing::debug_span!("conn", client.addr = %addr);
