@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reprise_core::{FailReason, Format, Outcome, StreamId};
-use reprise_store::{Store, StreamMeta};
+use reprise_store::{Store, StoreError, StreamMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -31,7 +31,13 @@ pub const STORE_PAGE: usize = 1000;
 #[derive(Default)]
 pub struct Hub {
     streams: Mutex<HashMap<StreamId, Arc<LiveStream>>>,
+    /// Metadata lookups in flight, shared by concurrent resumes of one
+    /// stream (see [`Hub::meta`]).
+    meta_flights: Mutex<HashMap<StreamId, Arc<MetaFlight>>>,
 }
+
+/// One shared metadata lookup: the first resume does it, the others wait.
+type MetaFlight = tokio::sync::OnceCell<Result<Option<StreamMeta>, StoreError>>;
 
 impl Hub {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Arc<LiveStream>>> {
@@ -103,6 +109,34 @@ impl Hub {
         (live, guard)
     }
 
+    /// The stream's metadata from the store, for a resume of a stream not
+    /// held here. Concurrent callers for one stream share one lookup, so a
+    /// storm of resumes of a stream this instance never saw reads the
+    /// metadata once, not once per client.
+    pub async fn meta(
+        &self,
+        store: &dyn Store,
+        id: StreamId,
+    ) -> Result<Option<StreamMeta>, StoreError> {
+        let flight = {
+            let mut flights = self.meta_flights.lock().unwrap_or_else(|p| p.into_inner());
+            flights.entry(id).or_default().clone()
+        };
+        let result = flight.get_or_init(|| store.meta(id)).await;
+        // The first to finish retires the flight: later resumes read afresh
+        // (by then the stream is usually held here anyway).
+        {
+            let mut flights = self.meta_flights.lock().unwrap_or_else(|p| p.into_inner());
+            if flights.get(&id).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                flights.remove(&id);
+            }
+        }
+        match result {
+            Ok(meta) => Ok(meta.clone()),
+            Err(e) => Err(clone_error(e)),
+        }
+    }
+
     /// Attaches a reader to a stream held here, if any.
     pub fn attach(&self, id: StreamId) -> Option<(Arc<LiveStream>, ReaderGuard)> {
         let map = self.map();
@@ -121,6 +155,19 @@ impl Hub {
             map.remove(&live.id);
         }
         true
+    }
+}
+
+/// A store error for each caller of a shared lookup.
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        StoreError::Conflict { stream, detail } => StoreError::Conflict {
+            stream: *stream,
+            detail: detail.clone(),
+        },
+        StoreError::Full(m) => StoreError::Full(m.clone()),
     }
 }
 

@@ -277,6 +277,7 @@ impl LiveStream {
             return None;
         }
         let in_step = st.next == first.0;
+        let mut added = 0;
         for span in spans {
             let seq = Seq(st.next);
             let fields = span.fields.clone();
@@ -293,8 +294,14 @@ impl LiveStream {
                 // ids must still be right.
                 self.event_frame(seq, &block[fields.clone()])
             };
-            self.push_locked(&mut st, frame, fields.len());
+            st.next += 1;
+            st.recorded_bytes += fields.len();
+            st.unstored_bytes += fields.len();
+            st.frames.push(frame);
+            added += fields.len();
         }
+        // One update of the relay-wide counter per batch.
+        self.unstored_total.fetch_add(added, Ordering::Relaxed);
         let last = st.next - 1;
         self.last_tx.send_replace(last);
         let unstored = st.unstored_bytes;

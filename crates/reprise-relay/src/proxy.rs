@@ -434,7 +434,10 @@ async fn forward(
     };
     let Some(format) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
-        let body = resp_body.map_err(|e| Box::new(e) as BoxError).boxed();
+        // Bursts go out in one write (see `Coalesce`).
+        let body = crate::body::Coalesce::new(resp_body)
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed();
         let body = match slot {
             // The caller's slot is held while the response streams.
             Some(slot) => Holding::new(body, slot).boxed(),

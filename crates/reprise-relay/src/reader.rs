@@ -4,6 +4,7 @@
 //! The original client of a stream and every resuming client are readers of
 //! the same kind; they differ only in their starting position.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,8 @@ use futures::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use reprise_core::Seq;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Sleep;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{Body, BoxError};
 use crate::live::{LiveStream, ReaderGuard};
@@ -42,7 +44,14 @@ struct ReaderState {
     pos: Seq,
     rx: tokio::sync::watch::Receiver<u64>,
     heartbeat: Duration,
-    stop: CancellationToken,
+    /// Fires at or after the heartbeat is due; moved forward lazily (only
+    /// when it fires early), so sending a frame costs no timer update.
+    heartbeat_timer: Pin<Box<Sleep>>,
+    /// When the last chunk was sent.
+    last_sent: tokio::time::Instant,
+    /// Shutdown, as a token of this reader's own: waiting on it registers
+    /// once, and touches no lock shared with other readers.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     done: bool,
 }
 
@@ -68,7 +77,9 @@ pub fn body(
         pos: after,
         rx,
         heartbeat,
-        stop,
+        heartbeat_timer: Box::pin(tokio::time::sleep(heartbeat)),
+        last_sent: tokio::time::Instant::now(),
+        stopped: Box::pin(stop.child_token().cancelled_owned()),
         done: false,
     };
     let frames = stream::unfold(state, |mut st| async move {
@@ -92,6 +103,7 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
                 st.metrics.events_replayed.inc_by(c.frames as u64);
                 st.metrics.bytes_replayed.inc_by(chunk.len() as u64);
             }
+            st.last_sent = tokio::time::Instant::now();
             return Some(chunk);
         }
         if st.done {
@@ -104,13 +116,24 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
                 .observe(started.elapsed().as_secs_f64());
         }
         tokio::select! {
+            biased;
             r = st.rx.changed() => {
                 if r.is_err() {
                     return None;
                 }
             }
-            _ = tokio::time::sleep(st.heartbeat) => return Some(Bytes::from_static(HEARTBEAT)),
-            _ = st.stop.cancelled() => return None,
+            _ = st.heartbeat_timer.as_mut() => {
+                let now = tokio::time::Instant::now();
+                let due = st.last_sent + st.heartbeat;
+                if now >= due {
+                    st.last_sent = now;
+                    st.heartbeat_timer.as_mut().reset(now + st.heartbeat);
+                    return Some(Bytes::from_static(HEARTBEAT));
+                }
+                // Something was sent since the timer was set: wait for the rest.
+                st.heartbeat_timer.as_mut().reset(due);
+            }
+            _ = st.stopped.as_mut() => return None,
         }
     }
 }

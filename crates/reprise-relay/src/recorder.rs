@@ -3,8 +3,11 @@
 //!
 //! Both run as tasks of their own, detached from the client's connection:
 //! a client that hangs up stops only its reader, never the recording (the
-//! generation is paid for). The writer batches naturally: while one append
-//! is in flight, new events accumulate in the log and go in the next one.
+//! generation is paid for). The writer batches: it waits
+//! `streams.store_linger` after new events before an append (not when the
+//! stream ends), and while one append is in flight new events accumulate in
+//! the log and go in the next one. The producer appends each upstream burst
+//! to the log at once (see [`Batch`] and `body::Coalesce`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -273,7 +276,10 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
 }
 
 /// Reads the upstream body to its end and appends each entry to the log.
-async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, route: String) {
+async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route: String) {
+    // A burst of upstream chunks becomes one batch: one append to the log,
+    // one wake-up of its readers and writer (see `Coalesce`).
+    let mut body = crate::body::Coalesce::new(body);
     let cfg = &relay.config;
     let metrics = relay.metrics.clone();
     metrics
@@ -294,7 +300,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
     let unstored_total = relay.unstored_total.clone();
     let idle = cfg.timeouts.idle;
     let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
-    let interrupt: CancellationToken = relay.interrupt.clone();
+    // This stream's own token: waiting on it touches no lock shared with
+    // other streams.
+    let interrupt: CancellationToken = relay.interrupt.child_token();
 
     let mut framer = Framer::new(live.format, limits);
     let mut batch = Batch::new(&live);
@@ -318,24 +326,41 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
         )
     };
     tracing::debug!(format = %live.format, "recording started");
+    // Made once, not per read: a read costs no timer or waiter registration.
+    // The idle timer is moved forward lazily, only when it fires early.
+    let max_duration = tokio::time::sleep_until(deadline);
+    let idle_timer = tokio::time::sleep(idle);
+    let interrupted = interrupt.cancelled();
+    let cancelled = live.cancel.cancelled();
+    tokio::pin!(max_duration, idle_timer, interrupted, cancelled);
+    let mut last_read = Instant::now();
     let outcome = 'read: loop {
         let frame = tokio::select! {
-            f = tokio::time::timeout(idle, body.frame()) => f,
-            _ = tokio::time::sleep_until(deadline) => break failed(
+            f = body.frame() => Ok(f),
+            _ = &mut idle_timer => Err(()),
+            _ = &mut max_duration => break failed(
                 FailReason::UpstreamTimeout,
                 format!("stream exceeded the maximum duration of {}", humantime(cfg.timeouts.max_stream_duration)),
             ),
-            _ = interrupt.cancelled() => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
-            _ = live.cancel.cancelled() => break Outcome::Cancelled,
+            _ = &mut interrupted => break failed(FailReason::Interrupted, "Reprise shut down before the upstream finished".into()),
+            _ = &mut cancelled => break Outcome::Cancelled,
         };
         let data = match frame {
-            Err(_) => {
+            Err(()) => {
+                if Instant::now() < last_read + idle {
+                    idle_timer.as_mut().reset(last_read + idle);
+                    continue;
+                }
                 break failed(
                     FailReason::UpstreamTimeout,
                     format!("upstream sent nothing for {}", humantime(idle)),
-                )
+                );
             }
-            Ok(None) => {
+            Ok(f) => f,
+        };
+        last_read = Instant::now();
+        let data = match data {
+            None => {
                 if let Some(last) = framer.finish() {
                     events += 1;
                     recorded += last.len();
@@ -348,13 +373,13 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, mut body: Incoming, r
                 }
                 break Outcome::Completed;
             }
-            Ok(Some(Err(e))) => {
+            Some(Err(e)) => {
                 break failed(
                     FailReason::UpstreamReset,
                     format!("upstream body failed: {e}"),
                 )
             }
-            Ok(Some(Ok(frame))) => match frame.into_data() {
+            Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) => d,
                 Err(_) => continue, // trailers
             },
@@ -432,7 +457,8 @@ async fn write(
     busy: Busy,
 ) {
     let store = relay.store.clone();
-    let stop = relay.hard_stop.clone();
+    // Its own token: waiting on it touches no lock shared with other streams.
+    let stop = relay.hard_stop.child_token();
     let id = live.id;
     // Metadata written late (store down at the start, or lost) carries a
     // fresh lease, so other instances do not take it for abandoned.

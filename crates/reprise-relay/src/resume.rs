@@ -108,7 +108,8 @@ async fn answer(
             held: Some((live, guard)),
             meta: None,
         },
-        None => match relay.store.meta(stream).await? {
+        // Concurrent resumes of one stream share the lookup.
+        None => match relay.hub.meta(&*relay.store, stream).await? {
             Some(meta) => Known {
                 owner: Some(Owner {
                     route: meta.route.clone(),

@@ -318,7 +318,10 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
                     );
                     return Ok::<_, Infallible>(resp);
                 }
-                Ok::<_, Infallible>(proxy::handle(relay, req, addr).await)
+                // Boxed: hyper keeps the service future's memory for the
+                // connection's life; the handler's (large) state is freed
+                // once the response starts.
+                Ok::<_, Infallible>(Box::pin(proxy::handle(relay, req, addr)).await)
             }
         });
         let span = tracing::debug_span!("conn", client.addr = %addr);
@@ -339,27 +342,32 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
                         let conn = builder.serve_connection(TokioIo::new(io), svc);
                         watcher.watch(conn.into_owned()).await
                     }
+                    // Boxed: its state (rustls) is larger than a plain
+                    // connection's, and would otherwise size every task.
                     Some(acceptor) => {
-                        // In the connection's task, so that a slow handshake
-                        // never holds up the accept loop.
-                        let handshake =
-                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
-                        let stream = tokio::select! {
-                            r = handshake => match r {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(cause = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            },
-                            _ = stop.cancelled() => return,
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                        watcher.watch(conn.into_owned()).await
+                        Box::pin(async move {
+                            // In the connection's task, so that a slow handshake
+                            // never holds up the accept loop.
+                            let handshake =
+                                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
+                            let stream = tokio::select! {
+                                r = handshake => match r {
+                                    Ok(Ok(stream)) => stream,
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(cause = %e, "TLS handshake failed");
+                                        return Ok(());
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!("TLS handshake timed out");
+                                        return Ok(());
+                                    }
+                                },
+                                _ = stop.cancelled() => return Ok(()),
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        })
+                        .await
                     }
                 };
                 if let Err(e) = result {
