@@ -148,8 +148,8 @@ async fn same_caller_routes_check_every_resume() {
 async fn logs_contain_no_credential() {
     let redis = RedisServer::start().await.expect("start redis-server");
     let upstream = Upstream::start().await;
-    let dir = std::env::temp_dir().join(format!("reprise-auth-logs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let log = dir.join("stderr.log");
     let cfg = dir.join("reprise.toml");
     // A password in the URL: Redis ignores it without ACLs... so give the
@@ -200,5 +200,4 @@ async fn logs_contain_no_credential() {
     ] {
         assert!(!text.contains(secret), "{secret} leaked into the logs");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,10 +10,10 @@ use serde_json::json;
 
 /// A config file for a `reprise` process: one recorded route `/`, a short
 /// lease, and the chat route with a resume template.
-fn config_file(redis: &RedisCluster, upstream: &Upstream, tag: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("reprise-scaleout-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("reprise.toml");
+/// The file lives as long as the returned directory.
+fn config_file(redis: &RedisCluster, upstream: &Upstream) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reprise.toml");
     std::fs::write(
         &path,
         format!(
@@ -36,14 +36,15 @@ upstream = "{up}"
         ),
     )
     .unwrap();
-    path.to_string_lossy().to_string()
+    let path = path.to_string_lossy().to_string();
+    (dir, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
     let redis = RedisCluster::start().await.expect("start a Redis cluster");
     let upstream = Upstream::start().await;
-    let cfg = config_file(&redis, &upstream, "kill");
+    let (_dir, cfg) = config_file(&redis, &upstream);
     let args = ["--config", cfg.as_str()];
     let (mut a, b, c) = tokio::join!(
         RelayProcess::start(&args),
@@ -90,7 +91,7 @@ async fn killing_the_producer_ends_readers_elsewhere_with_producer_lost() {
 async fn cancel_on_any_instance_stops_the_generation() {
     let redis = RedisCluster::start().await.expect("start a Redis cluster");
     let upstream = Upstream::start().await;
-    let cfg = config_file(&redis, &upstream, "cancel");
+    let (_dir, cfg) = config_file(&redis, &upstream);
     let args = ["--config", cfg.as_str()];
     let (a, b, c) = tokio::join!(
         RelayProcess::start(&args),

@@ -10,8 +10,8 @@ use reprise_tests::{SseClient, Upstream};
 async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them() {
     let redis = RedisServer::start().await.expect("start redis-server");
     let upstream = Upstream::start().await;
-    let dir = std::env::temp_dir().join(format!("reprise-shutdown-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cfg = dir.join("reprise.toml");
     std::fs::write(
         &cfg,
@@ -85,5 +85,4 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
         vec![numbered_event_data(1), numbered_event_data(2)]
     );
     assert_eq!(events[2].json()["reprise"]["code"], "interrupted");
-    let _ = std::fs::remove_dir_all(&dir);
 }
