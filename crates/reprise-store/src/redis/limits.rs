@@ -24,8 +24,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::prelude::*;
 
+use super::codec::{b64, millis};
+use super::connection::Inner;
+use super::error::map_err;
 use super::routing::Cmd;
-use super::{b64, map_err, millis, Inner};
 use crate::limits::{Admission, LimitKind, Limiter, RateLimits, START_WINDOW};
 use crate::StoreError;
 

@@ -1,0 +1,31 @@
+//! The Redis function library Reprise loads (`library.lua`): its name,
+//! the functions the store calls, and the marks its refusals carry.
+
+/// Name of the Redis function library this version of Reprise loads. The
+/// version suffix lets instances of two Reprise versions share one Redis
+/// during a rolling upgrade.
+///
+/// Version 2: gap entries (field `g`, counted in the metadata's `gaps`).
+/// Version 3: producer leases, cancel requests, ending abandoned streams.
+/// Version 4: packed entries (field `p`, several events per Redis stream
+/// entry), which version 3 readers cannot decode.
+pub const LIBRARY_NAME: &str = "reprise_store_4";
+
+pub(super) const FN_APPEND: &str = "reprise_store_4_append";
+pub(super) const FN_NOTE_BINDING: &str = "reprise_store_4_note_binding";
+pub(super) const FN_END_BINDING: &str = "reprise_store_4_end_binding";
+pub(super) const FN_RENEW_LEASE: &str = "reprise_store_4_renew_lease";
+pub(super) const FN_REQUEST_CANCEL: &str = "reprise_store_4_request_cancel";
+pub(super) const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
+
+/// Deletes a key binding (KEYS[1]) only if it still holds ARGV[1], the
+/// stream id whose claim is given back.
+pub(super) const RELEASE_KEY: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Error prefix the library uses for batches that do not follow the stream.
+pub(super) const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
+
+/// The library's source: loaded at connect and again whenever a server
+/// answers that it is missing (a restart, a new node).
+pub(super) const LIBRARY: &str = include_str!("library.lua");

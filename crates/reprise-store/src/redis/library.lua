@@ -1,0 +1,136 @@
+#!lua name=reprise_store_4
+
+-- Append a batch of entries to a stream, atomically.
+-- KEYS: metadata hash, entries stream, notification shard channel.
+-- ARGV: first seq, last covered seq, live TTL ms, retention ms, end record
+--       JSON or '', then for each entry: its id, its field name, its value.
+--       Entry ids are the last seq each entry covers (a pack's last event,
+--       a gap's `upto`); packs are built and unpacked by the relay.
+-- Returns the key binding pointing at the stream when the batch ends it.
+local function append(keys, args)
+  local meta, entries, channel = keys[1], keys[2], keys[3]
+  -- One lookup for both checks: every stream's metadata has an `id`.
+  local state = redis.call('HMGET', meta, 'id', 'end')
+  if not state[1] then
+    return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
+  end
+  if state[2] then
+    return redis.error_reply('REPRISE_CONFLICT stream already ended')
+  end
+  -- The top id is the last covered seq, a pack's or a gap's included.
+  local stored = 0
+  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
+  if #top > 0 then
+    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
+  end
+  if stored + 1 ~= tonumber(args[1]) then
+    return redis.error_reply('REPRISE_CONFLICT append at seq ' .. args[1] ..
+      ' but the last stored seq is ' .. stored)
+  end
+  local gaps = 0
+  for i = 6, #args, 3 do
+    redis.call('XADD', entries, args[i], args[i + 1], args[i + 2])
+    if args[i + 1] == 'g' then gaps = gaps + 1 end
+  end
+  if gaps > 0 then
+    redis.call('HINCRBY', meta, 'gaps', gaps)
+  end
+  if stored == 0 then
+    -- The entries expire with the metadata, whose life started at creation.
+    local ttl = redis.call('PTTL', meta)
+    if ttl <= 0 then ttl = args[3] end
+    redis.call('PEXPIRE', entries, ttl)
+  end
+  local binding = false
+  if args[5] ~= '' then
+    redis.call('HSET', meta, 'end', args[5])
+    redis.call('PEXPIRE', meta, args[4])
+    redis.call('PEXPIRE', entries, args[4])
+    binding = redis.call('HGET', meta, 'k')
+  end
+  redis.call('SPUBLISH', channel, args[2])
+  return binding
+end
+
+-- Remember which key binding points at a stream, if the stream exists.
+-- KEYS: metadata hash. ARGV: binding key name.
+local function note_binding(keys, args)
+  if redis.call('EXISTS', keys[1]) == 1 then
+    redis.call('HSET', keys[1], 'k', args[1])
+    return 1
+  end
+  return 0
+end
+
+-- Shorten a key binding to the retention if it still points at the stream.
+-- KEYS: binding key. ARGV: stream id, retention ms.
+local function end_binding(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then
+    return redis.call('PEXPIRE', keys[1], args[2], 'LT')
+  end
+  return 0
+end
+
+-- Take or renew the producer lease.
+-- KEYS: metadata hash. ARGV: owner, now ms, until ms.
+-- Returns 1 if a cancel was requested, else 0.
+local function renew_lease(keys, args)
+  local meta = keys[1]
+  if redis.call('EXISTS', meta) == 0 then
+    return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
+  end
+  if redis.call('HEXISTS', meta, 'end') == 1 then
+    return redis.error_reply('REPRISE_CONFLICT stream already ended')
+  end
+  local lease = redis.call('HMGET', meta, 'lease_owner', 'lease_until_ms')
+  local owner, lease_until = lease[1], lease[2]
+  if owner and lease_until and owner ~= args[1] and tonumber(lease_until) >= tonumber(args[2]) then
+    return redis.error_reply('REPRISE_CONFLICT leased by ' .. owner .. ' until ' .. lease_until)
+  end
+  redis.call('HSET', meta, 'lease_owner', args[1], 'lease_until_ms', args[3])
+  return redis.call('HEXISTS', meta, 'cancel')
+end
+
+-- Flag a cancel request for the stream's producer, if the stream exists.
+-- KEYS: metadata hash. Returns 1 if it exists, else 0.
+local function request_cancel(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return 0
+  end
+  redis.call('HSET', keys[1], 'cancel', '1')
+  return 1
+end
+
+-- End a stream whose lease expired, with an End entry after the last one.
+-- KEYS: metadata hash, entries stream, notification shard channel.
+-- ARGV: now ms, retention ms, outcome JSON.
+-- Returns false if nothing was written, else {seq, key binding or ''}.
+local function end_if_abandoned(keys, args)
+  local meta, entries, channel = keys[1], keys[2], keys[3]
+  if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'end') == 1 then
+    return false
+  end
+  local lease_until = redis.call('HGET', meta, 'lease_until_ms')
+  if not lease_until or tonumber(lease_until) >= tonumber(args[1]) then
+    return false
+  end
+  local stored = 0
+  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
+  if #top > 0 then
+    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
+  end
+  local seq = string.format('%d', stored + 1)
+  redis.call('XADD', entries, seq .. '-0', 'x', args[3])
+  redis.call('HSET', meta, 'end', '[' .. seq .. ',' .. args[3] .. ']')
+  redis.call('PEXPIRE', meta, args[2])
+  redis.call('PEXPIRE', entries, args[2])
+  redis.call('SPUBLISH', channel, seq)
+  return {seq, redis.call('HGET', meta, 'k') or ''}
+end
+
+redis.register_function('reprise_store_4_append', append)
+redis.register_function('reprise_store_4_renew_lease', renew_lease)
+redis.register_function('reprise_store_4_request_cancel', request_cancel)
+redis.register_function('reprise_store_4_end_if_abandoned', end_if_abandoned)
+redis.register_function('reprise_store_4_note_binding', note_binding)
+redis.register_function('reprise_store_4_end_binding', end_binding)

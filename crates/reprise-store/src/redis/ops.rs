@@ -1,0 +1,545 @@
+//! The [`Store`] operations on Redis: each one's commands, routed by key
+//! (see the module docs of `redis` for what each sends).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fred::error::{Error as FredError, ErrorKind};
+use fred::prelude::*;
+use reprise_core::{Outcome, Seq, StreamId};
+
+use super::codec::*;
+use super::connection::RedisStore;
+use super::error::{conflict_or, corrupt, map_err};
+use super::functions::*;
+use super::notifier::Notifier;
+use super::routing::Cmd;
+use super::RedisLimiter;
+use crate::memory::validate_batch;
+use crate::{Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher};
+
+impl RedisStore {
+    /// Runs one keyed command (see [`routing`]) and answers its reply.
+    async fn run(&self, opts: &Options, key: &str, cmd: Cmd) -> Result<Value, FredError> {
+        let mut replies = self.inner.router.run(opts, key, &[cmd]).await?;
+        Ok(replies.pop().unwrap_or(Value::Null))
+    }
+
+    fn keys(&self, stream: StreamId) -> StreamKeys {
+        stream_keys(&self.inner.opts.key_prefix, stream)
+    }
+
+    fn binding_key(&self, key: &KeyRef) -> String {
+        format!(
+            "{}k:{}:{}",
+            self.inner.opts.key_prefix,
+            b64(&key.route),
+            b64(&key.key)
+        )
+    }
+
+    fn live_ttl_ms(&self) -> i64 {
+        millis(
+            self.inner
+                .opts
+                .max_stream_duration
+                .saturating_add(self.inner.opts.retention),
+        )
+    }
+
+    fn retention_ms(&self) -> i64 {
+        millis(self.inner.opts.retention)
+    }
+
+    /// Calls a function of [`LIBRARY`], loading the library once if the
+    /// server lost it (restart, new node).
+    async fn fcall(
+        &self,
+        write: bool,
+        func: &str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, FredError> {
+        let opts = if write {
+            &self.inner.write_opts
+        } else {
+            &self.inner.read_opts
+        };
+        let Some(first) = keys.first() else {
+            return Err(FredError::new(
+                ErrorKind::InvalidArgument,
+                "FCALL without keys",
+            ));
+        };
+        let mut full: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        full.push(func.to_string().into());
+        full.push(Value::Integer(keys.len() as i64));
+        full.extend(keys.iter().map(|k| Value::from(k.as_str())));
+        full.extend(args);
+        let cmd = Cmd::new("FCALL", full);
+        let call = || self.run(opts, first, cmd.clone());
+        match call().await {
+            Err(e) if e.details().contains("Function not found") => {
+                tracing::info!("reloading the Redis function library");
+                let _: Value = self
+                    .inner
+                    .pool
+                    .next_connected()
+                    .function_load_cluster(true, LIBRARY)
+                    .await?;
+                call().await
+            }
+            other => other,
+        }
+    }
+
+    /// What follows a successful append (or abandoned end): wake this
+    /// process's tails at once, and when the stream just ended with a key
+    /// binding pointing at it, shorten the binding (best effort).
+    async fn after_append(&self, stream: StreamId, last: Seq, binding: Option<String>) {
+        // Same-process tails need not wait for the notification's round trip.
+        if let Some(n) = self.inner.notifier.get() {
+            n.bump(stream, last.0);
+        }
+        let Some(binding) = binding else { return };
+        // Only ever our own key names; anything else (or '') is left alone.
+        if binding.starts_with(&format!("{}k:", self.inner.opts.key_prefix)) {
+            let args: Vec<Value> = vec![stream.to_string().into(), self.retention_ms().into()];
+            if let Err(e) = self.fcall(false, FN_END_BINDING, vec![binding], args).await {
+                tracing::debug!(stream.id = %stream, cause = %e, "could not shorten the key binding");
+            }
+        }
+    }
+
+    async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
+        self.inner
+            .notifier
+            .get_or_try_init(|| Notifier::start(&self.inner))
+            .await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        self.ready()?;
+        let k = self.keys(meta.id);
+        let headers = serde_json::to_string(&meta.headers).map_err(corrupt)?;
+        let mut fields: Vec<(&str, String)> = vec![
+            ("id", meta.id.to_string()),
+            ("epoch", meta.epoch.0.to_string()),
+            ("created_ms", meta.created_ms.to_string()),
+            ("route", meta.route.clone()),
+            ("format", meta.format.clone()),
+            ("headers", headers),
+        ];
+        if let Some(end) = &meta.end {
+            fields.push(("end", serde_json::to_string(end).map_err(corrupt)?));
+        }
+        if meta.lost_history {
+            fields.push(("gaps", "1".into()));
+        }
+        if let Some(owner) = &meta.lease_owner {
+            fields.push(("lease_owner", owner.clone()));
+        }
+        if let Some(until) = meta.lease_until_ms {
+            fields.push(("lease_until_ms", until.to_string()));
+        }
+        if meta.cancel_requested {
+            fields.push(("cancel", "1".into()));
+        }
+        if let Some(caller) = &meta.caller {
+            fields.push(("caller", caller.clone()));
+        }
+        // Creating an id that exists replaces the stream, entries included,
+        // so a re-created stream never inherits an old `end` or old entries.
+        let mut hset: Vec<Value> = Vec::with_capacity(1 + 2 * fields.len());
+        hset.push(k.meta.as_str().into());
+        for (name, value) in fields {
+            hset.push(name.into());
+            hset.push(value.into());
+        }
+        let cmds = [
+            Cmd::new(
+                "DEL",
+                vec![k.meta.as_str().into(), k.entries.as_str().into()],
+            ),
+            Cmd::new("HSET", hset),
+            Cmd::new(
+                "PEXPIRE",
+                vec![k.meta.as_str().into(), self.live_ttl_ms().into()],
+            ),
+        ];
+        self.inner
+            .router
+            .run(&self.inner.read_opts, &k.meta, &cmds)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        validate_batch(stream, entries)?;
+        self.ready()?;
+        let k = self.keys(stream);
+        let end_record = match &last.body {
+            EntryBody::End(outcome) => {
+                serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
+            }
+            EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
+        };
+        let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len().min(PACK_MAX));
+        args.push(first.seq.0.to_string().into());
+        args.push(last.last_seq().0.to_string().into());
+        args.push(self.live_ttl_ms().into());
+        args.push(self.retention_ms().into());
+        args.push(end_record.into());
+        let mut rest = entries;
+        while let Some(e) = rest.first() {
+            // A run of events becomes one pack (up to PACK_MAX events) under
+            // the seq of its last event; gaps and the end stay entries of
+            // their own. Every entry is stored under the last seq it covers.
+            let run = rest
+                .iter()
+                .take(PACK_MAX)
+                .take_while(|e| matches!(e.body, EntryBody::Event(_)))
+                .count();
+            let (id, field, value): (Seq, &'static str, Value) = match &e.body {
+                EntryBody::Event(b) if run == 1 => (e.seq, "e", Value::Bytes(b.clone())),
+                EntryBody::Event(_) => (rest[run - 1].seq, "p", Value::Bytes(pack(&rest[..run]))),
+                EntryBody::End(o) => (
+                    e.seq,
+                    "x",
+                    serde_json::to_string(o).map_err(corrupt)?.into(),
+                ),
+                EntryBody::Gap { upto } => (*upto, "g", e.seq.0.to_string().into()),
+            };
+            args.push(entry_id(id).into());
+            args.push(field.into());
+            args.push(value);
+            rest = &rest[run.max(1)..];
+        }
+        let keys = vec![k.meta, k.entries, k.channel];
+        let binding = self
+            .fcall(true, FN_APPEND, keys, args)
+            .await
+            .map_err(|e| conflict_or(stream, e))?;
+        self.after_append(stream, last.last_seq(), binding.into_string())
+            .await;
+        Ok(())
+    }
+
+    async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let h: HashMap<String, String> = self
+            .run(
+                &self.inner.read_opts,
+                &k.meta,
+                Cmd::new("HGETALL", vec![k.meta.as_str().into()]),
+            )
+            .await
+            .and_then(|v| v.convert())
+            .map_err(map_err)?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        parse_meta(stream, h).map(Some)
+    }
+
+    async fn read(
+        &self,
+        stream: StreamId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let Some(from) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.ready()?;
+        let k = self.keys(stream);
+        // Ids are last covered seqs, so this also returns a gap or a pack
+        // holding `after`. Packs hold a varying number of events: ask for a
+        // few entries first, then for as many as the events still wanted
+        // need at the density seen so far (at most `limit` entries in all,
+        // since an entry holds at least one event).
+        let mut out: Vec<Entry> = Vec::new();
+        let mut from = from;
+        let mut entries_seen = 0usize;
+        let mut count = limit.min(FIRST_READ_COUNT);
+        loop {
+            // COUNT is a signed 64-bit integer, which fred wants strictly below i64::MAX.
+            let count_arg = u64::try_from(count)
+                .unwrap_or(u64::MAX)
+                .min(i64::MAX as u64 - 1);
+            let args: Vec<Value> = vec![
+                k.entries.as_str().into(),
+                entry_id(Seq(from)).into(),
+                "+".into(),
+                "COUNT".into(),
+                count_arg.to_string().into(),
+            ];
+            let items: Value = self
+                .run(&self.inner.read_opts, &k.entries, Cmd::new("XRANGE", args))
+                .await
+                .map_err(map_err)?;
+            let items = match items {
+                Value::Null => Vec::new(),
+                Value::Array(items) => items,
+                other => return Err(corrupt(format!("XRANGE answered {:?}", other.kind()))),
+            };
+            let got = items.len();
+            entries_seen += got;
+            for item in items {
+                let before = out.len();
+                parse_entry(item, &mut out)?;
+                // Events of a pack that straddles the position were read before.
+                let skip = out[before..]
+                    .iter()
+                    .take_while(|e| e.last_seq() < Seq(from))
+                    .count();
+                out.drain(before..before + skip);
+            }
+            let exhausted = got < count;
+            let ended = out
+                .last()
+                .is_some_and(|e| matches!(e.body, EntryBody::End(_)));
+            if out.len() >= limit || exhausted || ended {
+                break;
+            }
+            let Some(last) = out.last() else { break };
+            from = last.last_seq().0.saturating_add(1);
+            let wanted = limit - out.len();
+            let per_entry = (out.len() / entries_seen.max(1)).max(1);
+            count = wanted.div_ceil(per_entry).clamp(1, wanted);
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        let k = self.keys(stream);
+        let set = self.run(
+            &self.inner.read_opts,
+            &name,
+            Cmd::new(
+                "SET",
+                vec![
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                    "PX".into(),
+                    self.live_ttl_ms().into(),
+                ],
+            ),
+        );
+        let note = self.fcall(
+            false,
+            FN_NOTE_BINDING,
+            vec![k.meta],
+            vec![name.clone().into()],
+        );
+        let (set, note) = tokio::join!(set, note);
+        set.map_err(map_err)?;
+        note.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn claim_key(
+        &self,
+        key: &KeyRef,
+        stream: StreamId,
+    ) -> Result<Option<StreamId>, StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        let k = self.keys(stream);
+        // SET NX GET: sets only if absent and answers the previous value, in
+        // one command. Sent once: a replay would find its own binding.
+        let set = self.run(
+            &self.inner.write_opts,
+            &name,
+            Cmd::new(
+                "SET",
+                vec![
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                    "PX".into(),
+                    self.live_ttl_ms().into(),
+                    "NX".into(),
+                    "GET".into(),
+                ],
+            ),
+        );
+        // Noted concurrently (one round trip), even if the claim loses: the
+        // end of the stream only shortens a binding still pointing at it.
+        let note = self.fcall(
+            false,
+            FN_NOTE_BINDING,
+            vec![k.meta],
+            vec![name.clone().into()],
+        );
+        let (set, note) = tokio::join!(set, note);
+        let previous: Option<String> = set.and_then(|v| v.convert()).map_err(map_err)?;
+        note.map_err(map_err)?;
+        previous
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| corrupt(format!("key binding holds {s:?}")))
+            })
+            .transpose()
+    }
+
+    async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        // Compare and delete, atomically: never drops a binding that moved on.
+        self.run(
+            &self.inner.write_opts,
+            &name,
+            Cmd::new(
+                "EVAL",
+                vec![
+                    RELEASE_KEY.into(),
+                    1.into(),
+                    name.as_str().into(),
+                    stream.to_string().into(),
+                ],
+            ),
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+        self.ready()?;
+        let name = self.binding_key(key);
+        let v: Option<String> = self
+            .run(
+                &self.inner.read_opts,
+                &name,
+                Cmd::new("GET", vec![name.as_str().into()]),
+            )
+            .await
+            .and_then(|v| v.convert())
+            .map_err(map_err)?;
+        v.map(|s| {
+            s.parse()
+                .map_err(|_| corrupt(format!("key binding holds {s:?}")))
+        })
+        .transpose()
+    }
+
+    async fn renew_lease(
+        &self,
+        stream: StreamId,
+        owner: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<LeaseRenewal, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            owner.into(),
+            now_ms.to_string().into(),
+            until_ms.to_string().into(),
+        ];
+        let cancel = self
+            .fcall(true, FN_RENEW_LEASE, vec![k.meta], args)
+            .await
+            .map_err(|e| conflict_or(stream, e))?;
+        match cancel.as_i64() {
+            Some(flag) => Ok(LeaseRenewal {
+                cancel_requested: flag != 0,
+            }),
+            None => Err(corrupt(format!("renew_lease answered {:?}", cancel.kind()))),
+        }
+    }
+
+    async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let known = self
+            .fcall(true, FN_REQUEST_CANCEL, vec![k.meta], Vec::new())
+            .await
+            .map_err(map_err)?;
+        match known.as_i64() {
+            Some(flag) => Ok(flag != 0),
+            None => Err(corrupt(format!(
+                "request_cancel answered {:?}",
+                known.kind()
+            ))),
+        }
+    }
+
+    async fn end_if_abandoned(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<Seq>, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            now_ms.to_string().into(),
+            self.retention_ms().into(),
+            serde_json::to_string(outcome).map_err(corrupt)?.into(),
+        ];
+        let keys = vec![k.meta, k.entries, k.channel];
+        let reply = self
+            .fcall(true, FN_END_IF_ABANDONED, keys, args)
+            .await
+            .map_err(map_err)?;
+        let (seq, binding) = match reply {
+            // Lua's false arrives as a nil.
+            Value::Null => return Ok(None),
+            Value::Array(parts) if parts.len() == 2 => {
+                let mut parts = parts.into_iter();
+                let seq = parts
+                    .next()
+                    .and_then(|v| v.as_u64())
+                    .map(Seq)
+                    .ok_or_else(|| corrupt("end_if_abandoned answered a bad seq"))?;
+                (seq, parts.next().and_then(|v| v.into_string()))
+            }
+            other => {
+                return Err(corrupt(format!(
+                    "end_if_abandoned answered {:?}",
+                    other.kind()
+                )))
+            }
+        };
+        self.after_append(stream, seq, binding).await;
+        Ok(Some(seq))
+    }
+
+    fn shared_limiter(&self) -> Option<Arc<dyn crate::limits::Limiter>> {
+        Some(Arc::new(RedisLimiter::new(self.inner.clone())))
+    }
+
+    async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
+        self.ready()?;
+        let n = self.notifier().await?;
+        n.watch(stream).await
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        self.ready()?;
+        let start = Instant::now();
+        let () = self.inner.pool.ping(None).await.map_err(map_err)?;
+        Ok(start.elapsed())
+    }
+}
