@@ -1978,13 +1978,21 @@ mod redis_only {
         raw_command(server.port(), &["CONFIG", "SET", "requirepass", "p@ss"])
             .await
             .unwrap();
-        let wrong =
+        // No password (NOAUTH) and a wrong one (WRONGPASS) are told apart
+        // from an outage by type: a configuration error, not retried.
+        let none =
             RedisStore::connect_with(&server.url(), default_options(), redis_options()).await;
         assert!(
-            matches!(wrong, Err(StoreError::Unavailable(_))),
+            matches!(none, Err(StoreError::AuthFailed(_))),
             "{:?}",
-            wrong.err()
+            none.err()
         );
+        let wrong_url = format!("redis://:nope@127.0.0.1:{}", server.port());
+        let wrong = RedisStore::connect_with(&wrong_url, default_options(), redis_options()).await;
+        match wrong {
+            Err(StoreError::AuthFailed(m)) => assert!(!m.contains("nope"), "{m}"),
+            other => panic!("expected AuthFailed, got {:?}", other.err()),
+        }
         let url = format!("redis://:p%40ss@127.0.0.1:{}", server.port());
         let store = RedisStore::connect_with(&url, default_options(), redis_options())
             .await

@@ -54,7 +54,11 @@ pub enum RelayError {
 impl From<StoreError> for RelayError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => RelayError::StoreUnavailable(m),
+            // Refused credentials at run time (a rotated password): for the
+            // client, the store is as unavailable as during an outage.
+            StoreError::Unavailable(m) | StoreError::AuthFailed(m) => {
+                RelayError::StoreUnavailable(m)
+            }
             other => RelayError::Internal(other.to_string()),
         }
     }

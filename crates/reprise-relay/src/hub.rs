@@ -133,7 +133,7 @@ impl Hub {
         }
         match result {
             Ok(meta) => Ok(meta.clone()),
-            Err(e) => Err(clone_error(e)),
+            Err(e) => Err(e.clone()),
         }
     }
 
@@ -155,19 +155,6 @@ impl Hub {
             map.remove(&live.id);
         }
         true
-    }
-}
-
-/// A store error for each caller of a shared lookup.
-fn clone_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-        StoreError::Conflict { stream, detail } => StoreError::Conflict {
-            stream: *stream,
-            detail: detail.clone(),
-        },
-        StoreError::Full(m) => StoreError::Full(m.clone()),
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use reprise_store::{MemoryStore, RedisStore, Store, StoreOptions};
+use reprise_store::{MemoryStore, RedisStore, Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -179,7 +179,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
                 Ok(store) => store,
                 // Wrong credentials are a configuration error, not an outage:
                 // retrying would only fill the log.
-                Err(e) if is_auth_error(&e) => return Err(StartError::Store(e)),
+                Err(e @ StoreError::AuthFailed(_)) => return Err(StartError::Store(e)),
                 Err(e) => {
                     tracing::warn!(cause = %e, "Redis unreachable at start-up; starting anyway");
                     RedisStore::connect_lazy(url.expose(), opts, ropts).await?
@@ -198,13 +198,6 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             Ok(Arc::new(MemoryStore::new(opts, limits)))
         }
     }
-}
-
-/// Whether Redis refused the URL's credentials (`WRONGPASS`, `NOAUTH`).
-/// fred's message quotes Redis's reply, never the password.
-fn is_auth_error(e: &reprise_store::StoreError) -> bool {
-    let m = e.to_string();
-    m.contains("WRONGPASS") || m.contains("NOAUTH")
 }
 
 /// Runs the relay on `listener` until `shutdown` fires, then shuts down as

@@ -129,11 +129,10 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
-/// fred's TLS settings for a `rediss://` URL whose server certificate is
-/// issued by `ca_file` (or by a CA the system trusts).
-pub fn redis_tls(ca_file: &Path) -> Result<fred::types::config::TlsConfig, TlsError> {
-    let config = client_config(Some(ca_file))?;
-    Ok(fred::types::config::TlsConfig::from(config))
+/// The store's TLS settings for a `rediss://` URL whose server certificate
+/// is issued by `ca_file` (or by a CA the system trusts).
+pub fn redis_tls(ca_file: &Path) -> Result<ClientConfig, TlsError> {
+    client_config(Some(ca_file))
 }
 
 #[cfg(test)]

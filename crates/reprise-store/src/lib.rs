@@ -35,7 +35,7 @@ pub use memory::{MemoryLimits, MemoryStore};
 pub use redis::{RedisOptions, RedisStore};
 
 /// Errors of the store layer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, Clone)]
 pub enum StoreError {
     /// The backend could not be reached or timed out: retrying later makes sense.
     #[error("store unavailable: {0}")]
@@ -50,6 +50,10 @@ pub enum StoreError {
     /// A memory or size bound of the embedded store was hit.
     #[error("store full: {0}")]
     Full(String),
+    /// The backend refused the configured credentials (Redis `WRONGPASS`,
+    /// `NOAUTH`): a configuration error, which retrying does not mend.
+    #[error("store refused the credentials: {0}")]
+    AuthFailed(String),
 }
 
 impl StoreError {

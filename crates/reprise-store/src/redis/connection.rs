@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::Pool;
-use fred::error::Error as FredError;
+use fred::error::{Error as FredError, ErrorKind};
 use fred::prelude::*;
 use fred::types::config::UnresponsiveConfig;
 use fred::types::ConnectHandle;
@@ -51,7 +51,7 @@ pub struct RedisOptions {
     pub notification_buffer: usize,
     /// TLS settings replacing fred's default (system roots) for a
     /// `rediss://` URL, e.g. to trust a private CA. Ignored without TLS.
-    pub tls: Option<fred::types::config::TlsConfig>,
+    pub tls: Option<rustls::ClientConfig>,
 }
 
 impl Default for RedisOptions {
@@ -145,6 +145,10 @@ impl RedisStore {
             .saturating_add(ropts.command_timeout);
         let result = match tokio::time::timeout(bound, setup).await {
             Ok(Ok(tasks)) => Ok(tasks),
+            // fred's message quotes Redis's reply, never the password.
+            Ok(Err(e)) if *e.kind() == ErrorKind::Auth => Err(StoreError::AuthFailed(format!(
+                "cannot connect to Redis: {e}"
+            ))),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
                 "cannot connect to Redis: {e}"
             ))),
@@ -312,7 +316,7 @@ pub(super) fn configure(
     let mut config = Config::from_url(url)
         .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {}", e.details())))?;
     if let (Some(tls), true) = (&ropts.tls, config.tls.is_some()) {
-        config.tls = Some(tls.clone());
+        config.tls = Some(fred::types::config::TlsConfig::from(tls.clone()));
     }
     if opts.key_prefix.contains(['{', '}']) {
         tracing::warn!("key_prefix contains braces: every stream will share one cluster slot");

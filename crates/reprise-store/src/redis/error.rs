@@ -13,6 +13,7 @@ pub(super) fn map_err(e: FredError) -> StoreError {
         ErrorKind::Parse | ErrorKind::Protocol | ErrorKind::NotFound => {
             StoreError::Corrupt(e.to_string())
         }
+        ErrorKind::Auth => StoreError::AuthFailed(e.to_string()),
         _ if details.starts_with("WRONGTYPE") => StoreError::Corrupt(e.to_string()),
         _ if details.starts_with("OOM") => StoreError::Full(e.to_string()),
         // IO, timeouts, cancellations while disconnected, cluster
