@@ -407,7 +407,7 @@ async fn forward(
         }
         Ok(Err(e)) => {
             let detail = error_chain(&e);
-            if detail.contains("timed out") || detail.contains("timeout") {
+            if is_timeout(&e) {
                 upstream_error("timeout");
                 return Err(RelayError::UpstreamTimeout(detail));
             }
@@ -570,6 +570,24 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// An error and its sources, joined, for messages that say what happened.
+/// Whether an upstream request failed because a bound ran out (the connect
+/// timeout: hyper-util reports it as an `io::Error` of kind `TimedOut`),
+/// told by type anywhere in the error's source chain.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || err.is::<tokio::time::error::Elapsed>()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -584,6 +602,34 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error that wraps another, as hyper-util's connect errors do.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn timeouts_are_told_by_kind_not_text() {
+        let timed_out = Wrapped(std::io::Error::new(std::io::ErrorKind::TimedOut, "slow"));
+        assert!(is_timeout(&timed_out));
+        // A message that merely says "timed out" is not a timeout.
+        let refused = Wrapped(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "timed out waiting: refused",
+        ));
+        assert!(!is_timeout(&refused));
+    }
 
     #[test]
     fn query_params() {
