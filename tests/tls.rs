@@ -194,7 +194,8 @@ async fn client_for_a_route_trusts_its_ca_file() {
     let mut same_ca = private.clone();
     same_ca.path = "/private2".into();
     c.routes.extend([private, same_ca]);
-    let store = reprise_relay::open_store(&c).await.expect("store");
+    let loaded = c.validate().expect("valid config");
+    let store = reprise_relay::open_store(&c, &loaded).await.expect("store");
     let relay = reprise_relay::Relay::new(c, store, CancellationToken::new()).expect("relay");
 
     let get = |route: &str| {

@@ -1,7 +1,7 @@
 //! Configuration: the TOML file shape, its defaults, and validation.
 //!
-//! Loaded once at start-up (`Config::from_toml`), overridden by CLI flags and
-//! env vars in the binary, then checked by [`Config::validate`]. Every key is
+//! Loaded once at start-up ([`Config::load`]: the file, then env vars and
+//! CLI flags), then checked by [`Config::validate`]. Every key is
 //! documented in `docs/config.md`; `config/reprise.toml` is a commented example.
 
 use std::fmt;
@@ -36,12 +36,57 @@ impl fmt::Debug for Secret {
 
 /// A Redis URL with any user info replaced by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+    mask_credentials(url)
+}
+
+/// Masks the user info of every URL in `text` (`redis://user:pw@host` →
+/// `redis://***@host`), for messages that may quote a config file or URL.
+pub fn mask_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            // The authority ends at the path, query or fragment; user info is
+            // everything before its last '@'.
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '/' | '?' | '#'))
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
         }
-        _ => url.to_string(),
     }
+    out.push_str(rest);
+    out
+}
+
+/// What [`Config::validate`] read from the TLS files the config names.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedTls {
+    /// `[tls]`: the listener's certificate chain and key.
+    pub listener: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// `routes[].ca_file`: a client config (system roots + the file's CAs)
+    /// per distinct file.
+    pub upstream_cas: std::collections::HashMap<PathBuf, rustls::ClientConfig>,
+    /// `store.ca_file`: the Redis connection's client config.
+    pub redis: Option<rustls::ClientConfig>,
+}
+
+/// What the command line and the environment say over the config file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--config FILE`.
+    pub file: Option<PathBuf>,
+    /// `--listen ADDR`.
+    pub listen: Option<SocketAddr>,
+    /// `--redis URL`.
+    pub redis: Option<String>,
+    /// `--upstream URL`: one route `/` replacing the file's routes.
+    pub upstream: Option<String>,
 }
 
 /// Errors found while loading or validating a configuration.
@@ -363,6 +408,17 @@ pub struct RouteConfig {
     pub limits: RouteLimits,
 }
 
+impl RouteConfig {
+    /// A route with every optional key at its default, exactly as a
+    /// `[[routes]]` table with only `path` and `upstream` would give.
+    pub fn new(path: &str, upstream: &str) -> Result<RouteConfig, ConfigError> {
+        let mut table = toml::Table::new();
+        table.insert("path".into(), path.into());
+        table.insert("upstream".into(), upstream.into());
+        RouteConfig::deserialize(table).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -380,8 +436,43 @@ impl Config {
         Config::from_toml(&text)
     }
 
-    /// Checks what serde cannot: consistent routes and sane bounds.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// The configuration the binary runs with: the file (or the defaults),
+    /// then `env` and `over`, in this order for the Redis URL: `--redis`,
+    /// `$REPRISE_REDIS_URL`, the file's `store.redis_url`, `$REDIS_URL`.
+    /// `env` reads an environment variable (empty counts as unset). Not
+    /// validated here: [`crate::server::run`] validates once.
+    pub fn load(
+        over: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match &over.file {
+            Some(path) => Config::from_file(&path.to_string_lossy())?,
+            None => Config::default(),
+        };
+        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(listen) = over.listen {
+            config.listen = listen;
+        }
+        config.store.redis_url = over
+            .redis
+            .clone()
+            .or_else(|| env("REPRISE_REDIS_URL"))
+            .map(Secret::new)
+            .or(config.store.redis_url.take())
+            .or_else(|| env("REDIS_URL").map(Secret::new));
+        if config.auth.secret.is_none() {
+            config.auth.secret = env("REPRISE_AUTH_SECRET").map(Secret::new);
+        }
+        if let Some(upstream) = &over.upstream {
+            config.routes = vec![RouteConfig::new("/", upstream)?];
+        }
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: consistent routes and sane bounds, and
+    /// reads every TLS file the config names. What it read is returned, so
+    /// that starting the relay reads no file twice.
+    pub fn validate(&self) -> Result<LoadedTls, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.routes.is_empty() {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
@@ -479,17 +570,18 @@ impl Config {
         {
             return bad("store.key_prefix must not contain spaces or control characters".into());
         }
-        self.validate_tls()?;
-        Ok(())
+        self.load_tls()
     }
 
     /// Reads every TLS file the config names, so that a missing or invalid
     /// one stops start-up (and `--check-config`) with its name.
-    fn validate_tls(&self) -> Result<(), ConfigError> {
+    fn load_tls(&self) -> Result<LoadedTls, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        let mut loaded = LoadedTls::default();
         if let Some(t) = &self.tls {
-            if let Err(e) = crate::tls::server_config(&t.cert_file, &t.key_file) {
-                return bad(format!("tls: {e}"));
+            match crate::tls::server_config(&t.cert_file, &t.key_file) {
+                Ok(c) => loaded.listener = Some(c),
+                Err(e) => return bad(format!("tls: {e}")),
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
@@ -497,9 +589,13 @@ impl Config {
             if !r.upstream.starts_with("https://") {
                 return bad(format!("routes[{i}].ca_file needs an https:// upstream"));
             }
-            if let Err(e) = crate::tls::check_ca_file(ca) {
-                return bad(format!("routes[{i}].ca_file: {e}"));
+            if loaded.upstream_cas.contains_key(ca) {
+                continue;
             }
+            match crate::tls::client_config(Some(ca)) {
+                Ok(c) => loaded.upstream_cas.insert(ca.clone(), c),
+                Err(e) => return bad(format!("routes[{i}].ca_file: {e}")),
+            };
         }
         if let Some(ca) = &self.store.ca_file {
             let url = self.store.redis_url.as_ref();
@@ -507,11 +603,12 @@ impl Config {
             if !tls_url {
                 return bad("store.ca_file needs a rediss:// (TLS) Redis URL".into());
             }
-            if let Err(e) = crate::tls::check_ca_file(ca) {
-                return bad(format!("store.ca_file: {e}"));
+            match crate::tls::client_config(Some(ca)) {
+                Ok(c) => loaded.redis = Some(c),
+                Err(e) => return bad(format!("store.ca_file: {e}")),
             }
         }
-        Ok(())
+        Ok(loaded)
     }
 }
 
@@ -586,6 +683,87 @@ mod tests {
             let err = Config::from_toml(text).and_then(|c| c.validate()).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn credentials_in_messages_are_masked() {
+        for (text, want) in [
+            (
+                "redis_url = redis://user:hunter2@127.0.0.1:6379\n",
+                "redis_url = redis://***@127.0.0.1:6379\n",
+            ),
+            (
+                "\"rediss://:pw@a:1\" and redis-cluster://u:p@b:2?node=c:3",
+                "\"rediss://***@a:1\" and redis-cluster://***@b:2?node=c:3",
+            ),
+            (
+                "https://api.example.com/v1/@scope?x=a@b",
+                "https://api.example.com/v1/@scope?x=a@b",
+            ),
+            ("no url here: user:pw@host", "no url here: user:pw@host"),
+            ("ends with redis://", "ends with redis://"),
+        ] {
+            assert_eq!(mask_credentials(text), want);
+        }
+    }
+
+    #[test]
+    fn a_route_from_flags_has_the_files_defaults() {
+        let built = RouteConfig::new("/", "http://127.0.0.1:1").unwrap();
+        let parsed =
+            Config::from_toml("[[routes]]\npath = \"/\"\nupstream = \"http://127.0.0.1:1\"\n")
+                .unwrap()
+                .routes
+                .remove(0);
+        assert_eq!(format!("{built:?}"), format!("{parsed:?}"));
+    }
+
+    #[test]
+    fn flags_and_env_override_the_file_in_order() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let url = |c: &Config| c.store.redis_url.as_ref().map(|u| u.expose().to_string());
+        let none = Overrides::default();
+        // $REDIS_URL is the last resort; an empty variable counts as unset.
+        let c = Config::load(
+            &none,
+            env(&[("REDIS_URL", "redis://low:1"), ("REPRISE_REDIS_URL", " ")]),
+        )
+        .unwrap();
+        assert_eq!(url(&c).as_deref(), Some("redis://low:1"));
+        let c = Config::load(
+            &none,
+            env(&[
+                ("REDIS_URL", "redis://low:1"),
+                ("REPRISE_REDIS_URL", "redis://mid:1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(url(&c).as_deref(), Some("redis://mid:1"));
+        let flags = Overrides {
+            redis: Some("redis://top:1".into()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let c = Config::load(
+            &flags,
+            env(&[
+                ("REPRISE_REDIS_URL", "redis://mid:1"),
+                ("REPRISE_AUTH_SECRET", "s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(url(&c).as_deref(), Some("redis://top:1"));
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].upstream, "http://127.0.0.1:9");
+        assert_eq!(c.auth.secret.as_ref().map(Secret::expose), Some("s"));
     }
 
     #[test]

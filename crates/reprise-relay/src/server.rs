@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{redact_url, Config, ConfigError};
+use crate::config::{redact_url, Config, ConfigError, LoadedTls};
 use crate::error::RelayError;
 use crate::hub::{Hub, LoaderCtx};
 use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
@@ -93,18 +93,23 @@ impl Relay {
         store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Relay>, StartError> {
-        config.validate()?;
+        let loaded = config.validate()?;
+        Self::with_loaded(config, &loaded, store, shutdown)
+    }
+
+    /// [`Relay::new`] for a config already validated, with the TLS material
+    /// its validation loaded.
+    pub fn with_loaded(
+        config: Config,
+        loaded: &LoadedTls,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Relay>, StartError> {
         let router = Router::new(&config.routes)?;
-        let clients = Clients::build(&config.routes, &config.timeouts)
+        let clients = Clients::build(&config.routes, &config.timeouts, &loaded.upstream_cas)
             .map_err(|e| ConfigError::Invalid(format!("routes[].ca_file: {e}")))?;
         let client = clients.default_client().clone();
-        let tls = match &config.tls {
-            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
-                crate::tls::server_config(&t.cert_file, &t.key_file)
-                    .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))?,
-            )),
-            None => None,
-        };
+        let tls = loaded.listener.clone().map(tokio_rustls::TlsAcceptor::from);
         let metrics = Arc::new(Metrics::new());
         let tasks = TaskTracker::new();
         let hard_stop = CancellationToken::new();
@@ -156,7 +161,7 @@ impl Relay {
 }
 
 /// Opens the store the config names: Redis if a URL is set, else embedded.
-pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+pub async fn open_store(config: &Config, loaded: &LoadedTls) -> Result<Arc<dyn Store>, StartError> {
     let opts = StoreOptions {
         key_prefix: config.store.key_prefix.clone(),
         retention: config.store.retention,
@@ -167,12 +172,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             tracing::info!(url = %redact_url(url.expose()), "connecting to Redis");
             // Connect now if Redis answers; if it does not, start anyway and
             // keep trying in the background (only an invalid URL fails).
-            let mut ropts = reprise_store::RedisOptions::default();
-            if let Some(ca) = &config.store.ca_file {
-                let tls = crate::tls::redis_tls(ca)
-                    .map_err(|e| ConfigError::Invalid(format!("store.ca_file: {e}")))?;
-                ropts.tls = Some(tls);
-            }
+            let ropts = reprise_store::RedisOptions {
+                tls: loaded.redis.clone(),
+                ..Default::default()
+            };
             let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone())
                 .await
             {
@@ -207,22 +210,25 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    run_with(config, listener, shutdown, || {}).await
+    let loaded = config.validate()?;
+    run_with(config, &loaded, listener, shutdown, || {}).await
 }
 
-/// [`run`], calling `on_ready` once the store answered for the first time
-/// (the binary's `READY=1`). The relay serves from the start: while Redis is
-/// unreachable, streams are proxied and recorded in memory, `/readyz`
-/// answers 503, and the store is retried in the background.
+/// [`run`] for a config the caller validated (`loaded` is what
+/// [`Config::validate`] returned), calling `on_ready` once the store
+/// answered for the first time (the binary's `READY=1`). The relay serves
+/// from the start: while Redis is unreachable, streams are proxied and
+/// recorded in memory, `/readyz` answers 503, and the store is retried in
+/// the background.
 pub async fn run_with(
     config: Config,
+    loaded: &LoadedTls,
     listener: TcpListener,
     shutdown: CancellationToken,
     on_ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), StartError> {
-    config.validate()?;
-    let store = open_store(&config).await?;
-    let relay = Relay::new(config, store, shutdown)?;
+    let store = open_store(&config, loaded).await?;
+    let relay = Relay::with_loaded(config, loaded, store, shutdown)?;
     let probe = relay.clone();
     relay.tasks.spawn(async move {
         let mut warned = false;

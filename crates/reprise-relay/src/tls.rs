@@ -25,7 +25,7 @@ pub struct TlsError {
 }
 
 impl TlsError {
-    fn new(file: &Path, reason: impl fmt::Display) -> TlsError {
+    pub(crate) fn new(file: &Path, reason: impl fmt::Display) -> TlsError {
         TlsError {
             file: file.to_path_buf(),
             reason: reason.to_string(),
@@ -64,17 +64,6 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         // The error names the problem (base64, section), never key bytes.
         e => TlsError::new(path, format!("invalid PEM: {e}")),
     })
-}
-
-/// Checks that `path` holds at least one CA certificate usable as a root.
-pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::new(path, format!("not a usable CA certificate: {e}")))?;
-    }
-    Ok(())
 }
 
 /// The system's roots plus, if given, every certificate of `ca_file`.
@@ -127,12 +116,6 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// The store's TLS settings for a `rediss://` URL whose server certificate
-/// is issued by `ca_file` (or by a CA the system trusts).
-pub fn redis_tls(ca_file: &Path) -> Result<ClientConfig, TlsError> {
-    client_config(Some(ca_file))
 }
 
 #[cfg(test)]

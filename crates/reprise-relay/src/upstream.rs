@@ -2,7 +2,7 @@
 //! the header rules of a reverse proxy (RFC 9110 §7.6).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper_rustls::HttpsConnector;
@@ -29,8 +29,14 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Builds the clients of `routes`, reading each CA file once.
-    pub fn build(routes: &[RouteConfig], timeouts: &TimeoutsConfig) -> Result<Clients, TlsError> {
+    /// Builds the clients of `routes` from the CA files' client configs
+    /// that validation loaded (one client per file); a route whose file is
+    /// missing from `cas` is a caller's error, reported as a TLS error.
+    pub fn build(
+        routes: &[RouteConfig],
+        timeouts: &TimeoutsConfig,
+        cas: &HashMap<PathBuf, rustls::ClientConfig>,
+    ) -> Result<Clients, TlsError> {
         let default = build_client(timeouts);
         let mut by_ca: HashMap<PathBuf, HttpClient> = HashMap::new();
         let mut by_route = HashMap::new();
@@ -39,7 +45,11 @@ impl Clients {
             let client = match by_ca.get(ca) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = build_client_with_ca(timeouts, ca)?;
+                    let tls = cas
+                        .get(ca)
+                        .cloned()
+                        .ok_or_else(|| TlsError::new(ca, "not loaded by validation"))?;
+                    let c = client_with_tls(timeouts, tls);
                     by_ca.insert(ca.clone(), c.clone());
                     c
                 }
@@ -70,17 +80,6 @@ pub fn build_client(timeouts: &TimeoutsConfig) -> HttpClient {
         Err(e) => panic!("TLS client config without a CA file: {e}"),
     };
     client_with_tls(timeouts, tls)
-}
-
-/// A client trusting the system's roots and the CA certificates of `ca_file`.
-pub fn build_client_with_ca(
-    timeouts: &TimeoutsConfig,
-    ca_file: &Path,
-) -> Result<HttpClient, TlsError> {
-    Ok(client_with_tls(
-        timeouts,
-        tls::client_config(Some(ca_file))?,
-    ))
 }
 
 fn client_with_tls(timeouts: &TimeoutsConfig, tls: rustls::ClientConfig) -> HttpClient {

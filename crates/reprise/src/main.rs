@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use reprise_relay::config::{redact_url, RouteConfig, Secret};
+use reprise_relay::config::{mask_credentials, redact_url, ConfigError, LoadedTls, Overrides};
 use reprise_relay::Config;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
@@ -53,7 +53,8 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let config = match load_config(&cli) {
+    let loaded = load_config(&cli).and_then(|config| Ok((config.validate()?, config)));
+    let (tls, config) = match loaded {
         Ok(c) => c,
         Err(e) => {
             // A TOML error quotes the offending line, which may hold a password.
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let e = mask_credentials(&format!("{e:#}"));
@@ -119,70 +120,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Masks the user info of every URL in `text` (`redis://user:pw@host` →
-/// `redis://***@host`), for messages that may quote a config file.
-fn mask_credentials(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail
-            // The authority ends at the path, query or fragment; user info is
-            // everything before its last '@'.
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '/' | '?' | '#'))
-            .unwrap_or(tail.len());
-        match tail[..end].rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                rest = &tail[at..];
-            }
-            None => rest = tail,
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// File, then env, then flags (see `Cli::redis` for the Redis URL order).
-fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let mut config = match &cli.config {
-        Some(path) => Config::from_file(&path.to_string_lossy())?,
-        None => Config::default(),
+/// The file, then env vars and flags ([`Config::load`]).
+fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    let over = Overrides {
+        file: cli.config.clone(),
+        listen: cli.listen,
+        redis: cli.redis.clone(),
+        upstream: cli.upstream.clone(),
     };
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let redis = cli
-        .redis
-        .clone()
-        .or_else(|| env("REPRISE_REDIS_URL"))
-        .map(Secret::new)
-        .or(config.store.redis_url.take())
-        .or_else(|| env("REDIS_URL").map(Secret::new));
-    config.store.redis_url = redis;
-    if config.auth.secret.is_none() {
-        config.auth.secret = env("REPRISE_AUTH_SECRET").map(Secret::new);
-    }
-    if let Some(upstream) = &cli.upstream {
-        config.routes = vec![RouteConfig {
-            path: "/".into(),
-            upstream: upstream.clone(),
-            key: None,
-            resume: None,
-            record: true,
-            caller: Default::default(),
-            resume_auth: Default::default(),
-            ca_file: None,
-            limits: Default::default(),
-        }];
-    }
-    config.validate()?;
-    Ok(config)
+    Config::load(&over, |name| std::env::var(name).ok())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, tls: LoadedTls) -> anyhow::Result<()> {
     let listener = listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
@@ -203,7 +152,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let status = format!("listening on {addr}, store: {store}");
         notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
     };
-    reprise_relay::server::run_with(config, listener, shutdown, ready).await?;
+    reprise_relay::server::run_with(config, &tls, listener, shutdown, ready).await?;
     Ok(())
 }
 
@@ -301,32 +250,5 @@ fn init_tracing(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(true)
             .init(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_credentials;
-
-    #[test]
-    fn credentials_in_messages_are_masked() {
-        for (text, want) in [
-            (
-                "redis_url = redis://user:hunter2@127.0.0.1:6379\n",
-                "redis_url = redis://***@127.0.0.1:6379\n",
-            ),
-            (
-                "\"rediss://:pw@a:1\" and redis-cluster://u:p@b:2?node=c:3",
-                "\"rediss://***@a:1\" and redis-cluster://***@b:2?node=c:3",
-            ),
-            (
-                "https://api.example.com/v1/@scope?x=a@b",
-                "https://api.example.com/v1/@scope?x=a@b",
-            ),
-            ("no url here: user:pw@host", "no url here: user:pw@host"),
-            ("ends with redis://", "ends with redis://"),
-        ] {
-            assert_eq!(mask_credentials(text), want);
-        }
     }
 }
