@@ -205,7 +205,9 @@ fn load(block: &Block) -> Config {
 
 /// `upstream` with its scheme and authority replaced by `mock`'s, path kept.
 fn rebase(upstream: &str, mock: &str) -> String {
-    let after_scheme = upstream.split_once("://").map_or(upstream, |(_, rest)| rest);
+    let after_scheme = upstream
+        .split_once("://")
+        .map_or(upstream, |(_, rest)| rest);
     let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
     format!("{mock}{path}")
 }
@@ -266,15 +268,16 @@ impl Program {
     fn spawn(block: &Block, reprise: &str) -> Program {
         let (program, file_name, parent) = interpreter(&block.lang);
         let dir = match &parent {
-            Some(parent) => tempfile::Builder::new()
-                .prefix(".run-")
-                .tempdir_in(parent),
+            Some(parent) => tempfile::Builder::new().prefix(".run-").tempdir_in(parent),
             None => tempfile::tempdir(),
         }
         .expect("temporary directory for a snippet");
         let file = dir.path().join(file_name);
         std::fs::write(&file, &block.code).expect("write the snippet");
-        let what = format!("the {} block at docs/integrations.md:{}", block.lang, block.line);
+        let what = format!(
+            "the {} block at docs/integrations.md:{}",
+            block.lang, block.line
+        );
         let mut child = Command::new(&program)
             .arg(&file)
             .current_dir(dir.path())
@@ -353,7 +356,8 @@ enum Wire {
     /// Anthropic Messages events, with `ping`s.
     Anthropic,
     /// Ollama `/api/chat` NDJSON. `go_escaped`: U+2028 and U+2029 escaped as
-    /// Ollama's Go encoder writes them, and U+0085 too (see `ollama_client`).
+    /// Ollama's Go encoder writes them, and U+0085 too before the cut (see
+    /// `ollama_client`).
     Ollama { go_escaped: bool },
     /// The AI SDK's UI message stream.
     AiSdk,
@@ -365,13 +369,25 @@ fn sse(event: Option<&str>, data: &Value) -> Bytes {
     Bytes::from(format!("{head}data: {data}\n\n"))
 }
 
-fn ndjson(line: &Value, go_escaped: bool) -> Bytes {
+/// Which separators an NDJSON line carries escaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Escape {
+    None,
+    /// U+2028 and U+2029, as Go's encoder (Ollama's) writes them.
+    Go,
+    /// U+0085 too, which Go leaves raw.
+    All,
+}
+
+fn ndjson(line: &Value, escape: Escape) -> Bytes {
     let mut text = line.to_string();
-    if go_escaped {
+    if escape != Escape::None {
         text = text
             .replace('\u{2028}', "\\u2028")
-            .replace('\u{2029}', "\\u2029")
-            .replace('\u{0085}', "\\u0085");
+            .replace('\u{2029}', "\\u2029");
+    }
+    if escape == Escape::All {
+        text = text.replace('\u{0085}', "\\u0085");
     }
     text.push('\n');
     Bytes::from(text)
@@ -441,9 +457,15 @@ fn frames(wire: Wire) -> Vec<Vec<Bytes>> {
                         }
                         line
                     };
-                    group.push(ndjson(&line(piece, false), go_escaped));
+                    // U+0085 stays raw after the cut, where the doc's `body_lines` reads it.
+                    let escaping = match (go_escaped, i < CUT_AFTER) {
+                        (false, _) => Escape::None,
+                        (true, true) => Escape::All,
+                        (true, false) => Escape::Go,
+                    };
+                    group.push(ndjson(&line(piece, false), escaping));
                     if i == last {
-                        group.push(ndjson(&line("", true), go_escaped));
+                        group.push(ndjson(&line("", true), escaping));
                     }
                 }
                 Wire::AiSdk => {
@@ -542,7 +564,10 @@ async fn run_with_a_cut(block: Block, toml: Option<Block>, wire: Wire, path: &st
             push(&control, &groups[CUT_AFTER..]).await;
             control.finish();
             let (status, printed) = program.finish().await;
-            assert!(status.success(), "the program failed ({status}); stderr above");
+            assert!(
+                status.success(),
+                "the program failed ({status}); stderr above"
+            );
             assert_eq!(printed, answer(), "the whole answer, once, in order");
             assert_eq!(
                 setup.upstream.request_count(),
@@ -593,11 +618,11 @@ fn ollama_httpx() -> (Block, Option<Block>) {
 }
 
 /// The `ollama` package itself splits lines with httpx's `iter_lines()`, so
-/// its own part of the answer carries the separators escaped, as Ollama's Go
-/// encoder writes U+2028 and U+2029 (U+0085 too here, which Go does not
-/// escape: the package would break on it with or without Reprise, as the
-/// doc says). The resumed part is read by the doc's `body_lines`, which the
-/// escaped text does not exercise; the `ollama_httpx` runs do.
+/// the part of the answer it reads (before the cut) carries the separators
+/// escaped: U+2028 and U+2029 as Ollama's Go encoder writes them, and U+0085
+/// too, which Go leaves raw (the package would break on it with or without
+/// Reprise, as the doc says). After the cut, read by the doc's `body_lines`,
+/// U+0085 is raw.
 fn ollama_client() -> (Block, Option<Block>) {
     (block("Ollama", "python", "import ollama"), None)
 }
@@ -686,7 +711,14 @@ async fn openai_js_gives_up_when_reprise_is_unreachable() {
 #[tokio::test]
 async fn anthropic_python_resumes_through_a_cut() {
     let (block, toml) = anthropic_python();
-    run_with_a_cut(block, toml, Wire::Anthropic, ANTHROPIC_PATH, Cut::ThenResume).await;
+    run_with_a_cut(
+        block,
+        toml,
+        Wire::Anthropic,
+        ANTHROPIC_PATH,
+        Cut::ThenResume,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -741,7 +773,10 @@ async fn ollama_curl_block_reads_and_resumes() {
     assert!(status.success(), "the curl block failed ({status})");
     let rest: Vec<u8> = lines[2..].iter().flat_map(|l| l.to_vec()).collect();
     let expected = String::from_utf8([body, rest].concat()).expect("UTF-8");
-    assert_eq!(printed, expected, "the answer, then its lines after the 2nd");
+    assert_eq!(
+        printed, expected,
+        "the answer, then its lines after the 2nd"
+    );
     assert_eq!(setup.upstream.nth_request(1).await.path(), OLLAMA_PATH);
     assert_eq!(setup.upstream.request_count(), 1);
 }
