@@ -17,8 +17,10 @@
 //! The answers contain U+2028, U+2029 and U+0085 inside JSON strings (as the
 //! APIs send them). Each resuming program has its connection to Reprise cut
 //! mid-answer by the forwarder and must print the whole answer exactly once,
-//! in order; then, with Reprise unreachable after the cut, it must give up
-//! after exactly its `MAX_RECONNECTS` reconnections.
+//! in order; with Reprise unreachable after the cut, it must give up after
+//! exactly its `MAX_RECONNECTS` reconnections; and when the upstream fails
+//! mid-answer, it must raise on Reprise's failure signal (whichever dialect
+//! the route uses) rather than end quietly.
 
 #[path = "py/python.rs"]
 mod python;
@@ -543,6 +545,10 @@ enum Cut {
     /// Cuts it and makes Reprise unreachable: the program must fail after
     /// exactly `MAX_RECONNECTS` reconnections.
     ThenUnreachable,
+    /// No cut: the upstream connection breaks instead, and Reprise ends the
+    /// stream with its failure signal: the program must raise, not end
+    /// quietly with half an answer.
+    UpstreamFails,
 }
 
 /// Runs a resuming program against `wire`, cutting its connection mid-answer.
@@ -574,6 +580,16 @@ async fn run_with_a_cut(block: Block, toml: Option<Block>, wire: Wire, path: &st
                 1,
                 "the resume was served by Reprise, not the upstream"
             );
+        }
+        Cut::UpstreamFails => {
+            control.abort().await;
+            let (status, printed) = program.finish().await;
+            assert!(
+                !status.success(),
+                "the program must raise on the failure signal"
+            );
+            assert_eq!(printed, answer_before_cut());
+            assert_eq!(setup.forwarder.accepted(), before, "no reconnection");
         }
         Cut::ThenUnreachable => {
             setup.forwarder.drop_all();
@@ -754,6 +770,41 @@ async fn ollama_client_gives_up_when_reprise_is_unreachable() {
     let (block, toml) = ollama_client();
     let wire = Wire::Ollama { go_escaped: true };
     run_with_a_cut(block, toml, wire, OLLAMA_PATH, Cut::ThenUnreachable).await;
+}
+
+#[tokio::test]
+async fn openai_python_raises_when_the_upstream_fails() {
+    let (block, toml) = openai_python();
+    let wire = Wire::OpenAi;
+    run_with_a_cut(block, toml, wire, OPENAI_PATH, Cut::UpstreamFails).await;
+}
+
+#[tokio::test]
+async fn openai_js_raises_when_the_upstream_fails() {
+    let (block, toml) = openai_js();
+    let wire = Wire::OpenAi;
+    run_with_a_cut(block, toml, wire, OPENAI_PATH, Cut::UpstreamFails).await;
+}
+
+#[tokio::test]
+async fn anthropic_python_raises_when_the_upstream_fails() {
+    let (block, toml) = anthropic_python();
+    let wire = Wire::Anthropic;
+    run_with_a_cut(block, toml, wire, ANTHROPIC_PATH, Cut::UpstreamFails).await;
+}
+
+#[tokio::test]
+async fn ollama_httpx_raises_when_the_upstream_fails() {
+    let (block, toml) = ollama_httpx();
+    let wire = Wire::Ollama { go_escaped: false };
+    run_with_a_cut(block, toml, wire, OLLAMA_PATH, Cut::UpstreamFails).await;
+}
+
+#[tokio::test]
+async fn ollama_client_raises_when_the_upstream_fails() {
+    let (block, toml) = ollama_client();
+    let wire = Wire::Ollama { go_escaped: true };
+    run_with_a_cut(block, toml, wire, OLLAMA_PATH, Cut::UpstreamFails).await;
 }
 
 /// The curl block: the whole answer, then the lines after the first two.
