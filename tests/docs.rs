@@ -334,6 +334,21 @@ impl Program {
         assert_eq!(printed, expected, "{} printed something else", self.what);
     }
 
+    /// Waits until what the program printed contains `part`.
+    async fn wait_for_part(&mut self, part: &str) {
+        let what = format!("{} to print {part:?}", self.what);
+        let seen = |out: &Vec<u8>| String::from_utf8_lossy(out).contains(part);
+        let waited = with_timeout_of(PROGRAM_BOUND, &what, self.out.wait_for(seen))
+            .await
+            .is_ok();
+        assert!(
+            waited,
+            "{} ended before printing {part:?}; it printed {:?}",
+            self.what,
+            self.printed()
+        );
+    }
+
     /// Waits for the program to exit; its status and everything it printed.
     async fn finish(mut self) -> (ExitStatus, String) {
         let what = format!("{} to exit", self.what);
@@ -852,12 +867,14 @@ async fn ai_sdk_curl_block_replays_the_chat_answer() {
     push(&control, &groups[..CUT_AFTER]).await;
     // The page goes away mid-answer; Reprise goes on recording.
     drop(response);
-    let program = Program::spawn(
+    let mut program = Program::spawn(
         &block("Next.js", "sh", "/api/chat/chat-1/stream"),
         &setup.forwarder.url(),
     );
-    // The resume arrives while the answer is live; the rest follows.
-    setup.forwarder.wait_for_accepted(1).await;
+    // The replay reaches curl while the answer is live (a resume after the
+    // end would get 204); then the rest follows.
+    let last_before_cut = json!({"type": "text-delta", "id": "t1", "delta": PIECES[CUT_AFTER - 1]});
+    program.wait_for_part(&last_before_cut.to_string()).await;
     push(&control, &groups[CUT_AFTER..]).await;
     control.finish();
     let (status, printed) = program.finish().await;
