@@ -42,6 +42,12 @@ if [ ! -f tests/js/node_modules/.package-lock.json ] ||
     echo "tests/run.sh: installing tests/js's npm packages (npm ci)" >&2
     npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 fi
+# docs/integrations.md's JavaScript snippets' packages (tests/docs.rs), likewise.
+if [ ! -f tests/js/docs/node_modules/.package-lock.json ] ||
+    [ tests/js/docs/package-lock.json -nt tests/js/docs/node_modules/.package-lock.json ]; then
+    echo "tests/run.sh: installing tests/js/docs's npm packages (npm ci)" >&2
+    npm ci --prefix tests/js/docs --no-audit --no-fund --loglevel=error
+fi
 
 # tests/py's virtualenv with the pinned Python clients, when missing or outdated.
 if [ ! -x tests/py/.venv/bin/python ] || [ ! -f tests/py/.venv/.installed ] ||

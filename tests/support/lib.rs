@@ -2,6 +2,7 @@
 //! the relay in a request's path (client → relay → upstream, with Redis behind the relay).
 //!
 //! - [`upstream`]: a scriptable upstream HTTP server (the fake LLM), recording every request.
+//! - [`forwarder`]: a loopback TCP forwarder in front of the relay that cuts client connections.
 //! - [`client`]: SSE and raw HTTP clients built on reqwest and `eventsource-stream`, an SSE
 //!   parser independent of Reprise's own.
 //!
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod forwarder;
 pub mod redis;
 pub mod relay;
 pub mod upstream;
