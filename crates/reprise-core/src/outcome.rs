@@ -6,7 +6,9 @@
 //! `data` is JSON shaped like the Vercel AI SDK's `error` UI-message part, so
 //! an AI SDK client shows it as an error, while an `EventSource` client only
 //! sees it when it listens for `reprise-error`: it never mixes with upstream
-//! `message` events.
+//! `message` events. That is the `reprise` dialect; a route's `signals`
+//! setting may pick the client API's own error shape instead (see
+//! [`crate::dialect`]).
 
 use std::fmt;
 

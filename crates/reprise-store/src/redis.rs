@@ -12,7 +12,7 @@
 //!
 //! | key | type | content |
 //! |-----|------|---------|
-//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested) |
+//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested), `signals` (the dialect of in-band signals, once decided; absent means `reprise`) |
 //! | `P{<sid>}:e` | stream | Redis stream entries with explicit ids `<seq>-0`, the last seq each covers, and one field: `p` = a **pack** of consecutive events (see below), `e` = one event's bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
@@ -53,7 +53,8 @@
 //! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
 //!
 //! `renew_lease`, `request_cancel` and `end_if_abandoned` are one `FCALL`
-//! each, on the stream's keys only. `end_if_abandoned` checks the lease and
+//! each, on the stream's keys only; `set_signals` one `EVAL` (an `HSET` if
+//! the metadata exists), at most once per stream. `end_if_abandoned` checks the lease and
 //! writes the End entry after the top id in the same call, so no append can
 //! slip in between; like an ending append it sets `end`, shortens the TTLs,
 //! `SPUBLISH`es, and costs one more round trip when a key binding points at
@@ -112,7 +113,7 @@ use tokio::sync::{watch, OnceCell};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use reprise_core::{Epoch, Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Epoch, Outcome, Seq, StreamId};
 
 use crate::memory::validate_batch;
 
@@ -145,6 +146,11 @@ const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
 /// stream id whose claim is given back.
 const RELEASE_KEY: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Sets the metadata hash's (KEYS[1]) `signals` field to ARGV[1] only if the
+/// hash exists: a plain `HSET` on an expired stream would create a record
+/// without a TTL.
+const SET_SIGNALS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'signals', ARGV[1]) end return 0";
 
 /// How often the store looks for pooled clients whose connection task ended.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
@@ -842,6 +848,9 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
     };
     let cancel_requested = h.remove("cancel").is_some();
     let caller = h.remove("caller");
+    // A dialect this version does not know (written by a newer one) reads
+    // as the default rather than making the stream unreadable.
+    let signals = h.remove("signals").and_then(|d| d.parse::<Dialect>().ok());
     Ok(StreamMeta {
         id,
         epoch,
@@ -855,6 +864,7 @@ fn parse_meta(stream: StreamId, mut h: HashMap<String, String>) -> Result<Stream
         lease_until_ms,
         cancel_requested,
         caller,
+        signals,
     })
 }
 
@@ -1013,6 +1023,9 @@ impl Store for RedisStore {
         }
         if let Some(caller) = &meta.caller {
             fields.push(("caller", caller.clone()));
+        }
+        if let Some(signals) = meta.signals {
+            fields.push(("signals", signals.as_str().into()));
         }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
@@ -1324,6 +1337,27 @@ impl Store for RedisStore {
             }),
             None => Err(corrupt(format!("renew_lease answered {:?}", cancel.kind()))),
         }
+    }
+
+    async fn set_signals(&self, stream: StreamId, signals: Dialect) -> Result<(), StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        self.run(
+            &self.inner.write_opts,
+            &k.meta,
+            Cmd::new(
+                "EVAL",
+                vec![
+                    SET_SIGNALS.into(),
+                    1.into(),
+                    k.meta.as_str().into(),
+                    signals.as_str().into(),
+                ],
+            ),
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {

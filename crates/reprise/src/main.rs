@@ -176,6 +176,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         }];
     }
     config.validate()?;
