@@ -154,10 +154,11 @@ pub fn signal_frame(signal: Signal<'_>, stream: StreamId, id: &dyn fmt::Display)
 }
 
 /// The NDJSON form of a signal: one JSON line shaped like Ollama's errors,
-/// `{"error":"reprise: <message>","reprise":{"code":"<code>","stream_id":"<id>"}}`.
+/// `{"error":"reprise: <message> (<code>)","reprise":{"code":"<code>","stream_id":"<id>"}}`.
+/// Ollama's clients raise with the `error` text alone, hence the code in it.
 pub fn signal_line(signal: Signal<'_>, stream: StreamId) -> String {
     let body = serde_json::json!({
-        "error": format!("reprise: {}", signal.message),
+        "error": format!("reprise: {} ({})", signal.message, signal.code),
         "reprise": { "code": signal.code, "stream_id": stream.to_string() },
     });
     format!("{body}\n")
