@@ -32,7 +32,14 @@ use reprise_tests::{with_timeout, Reply, StreamControl, Upstream};
 use serde_json::{json, Value};
 
 /// The answer every mock upstream gives, in pieces.
-const WORDS: [&str; 6] = ["Reprise", " keeps", " every", " token", " of the", " answer ✓"];
+const WORDS: [&str; 6] = [
+    "Reprise",
+    " keeps",
+    " every",
+    " token",
+    " of the",
+    " answer ✓",
+];
 /// Pieces sent before the pause (or the cut).
 const HEAD: usize = 2;
 
@@ -292,7 +299,10 @@ async fn silence(relay: &TestRelay, id: &str, api: Api) {
         return;
     }
     let url = format!("{}/_reprise/streams/{id}", relay.url());
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
     let mut resp = with_timeout("a side reader", client.get(&url).send())
         .await
         .expect("side reader");
@@ -346,7 +356,11 @@ async fn reads_through_silence(api: Api, mut client: impl FnMut(&str) -> Client)
         json!({"kind": "done", "text": answer(), "finish": api.finish()}),
         "resumed with the SDK"
     );
-    assert_eq!(upstream.request_count(), 1, "resumes never reach the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "resumes never reach the upstream"
+    );
     relay.stop().await;
 }
 
@@ -424,7 +438,10 @@ async fn raises_like_a_broken_connection(
     let relay = TestRelay::start(heartbeat_config(&upstream, &Backend::Memory)).await;
     let through = cut_mid_answer(api, client(&api.base_url(&relay.url())), ctl).await;
     assert_eq!(through["kind"], "raised", "through Reprise: {through}");
-    assert_eq!(through["text"], direct["text"], "through Reprise: {through}");
+    assert_eq!(
+        through["text"], direct["text"],
+        "through Reprise: {through}"
+    );
     assert_eq!(through["type"], raised_as, "through Reprise: {through}");
     let message = through["message"].as_str().unwrap_or_default();
     assert!(message.contains("upstream_reset"), "{through}");
@@ -576,7 +593,10 @@ async fn ai_sdk_streams_end_with_an_unnamed_error_part() {
     let (reply, ctl) = Reply::controlled();
     upstream.respond_once(reply.header("x-vercel-ai-ui-message-stream", "v1"));
     let relay = TestRelay::start(heartbeat_config(&upstream, &Backend::Memory)).await;
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
     let resp = client
         .post(format!("{}/api/chat", relay.url()))
         .body("{}")
@@ -592,7 +612,10 @@ async fn ai_sdk_streams_end_with_an_unnamed_error_part() {
     let data: Value = serde_json::from_str(last[1].strip_prefix("data: ").expect("data line"))
         .expect("JSON data");
     assert_eq!(data["type"], "error");
-    assert!(data["errorText"].as_str().unwrap_or_default().starts_with("reprise: "));
+    assert!(data["errorText"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("reprise: "));
     assert_eq!(data["reprise"]["code"], "upstream_reset");
     relay.stop().await;
 }
@@ -607,7 +630,10 @@ async fn an_explicit_route_setting_wins() {
     let mut c = heartbeat_config(&upstream, &Backend::Memory);
     c.routes[0].signals = Signals::OpenAi;
     let relay = TestRelay::start(c).await;
-    let client = reqwest::Client::builder().no_proxy().build().expect("client");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
     let resp = client
         .post(format!("{}/v1/messages", relay.url()))
         .body("{}")

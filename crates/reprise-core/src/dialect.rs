@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(error["type"], "reprise_error");
         assert_eq!(error["code"], "upstream_reset");
         let message = error["message"].as_str().unwrap();
-        assert!(message.starts_with("reprise: line one\nline two"), "{message}");
+        assert!(
+            message.starts_with("reprise: line one\nline two"),
+            "{message}"
+        );
         assert!(message.ends_with("(upstream_reset)"), "{message}");
         assert_eq!(data["reprise"]["code"], "upstream_reset");
         assert_eq!(data["reprise"]["stream_id"], s.to_string());

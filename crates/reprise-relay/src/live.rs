@@ -750,8 +750,8 @@ mod tests {
         assert!(l.decide_signals(Dialect::Anthropic));
         l.push_event(b"event: message_start\ndata: {}\n");
         l.finish(Outcome::Cancelled);
-        let text = String::from_utf8(l.collect_after(Seq(1), 1 << 20).chunk.unwrap().to_vec())
-            .unwrap();
+        let text =
+            String::from_utf8(l.collect_after(Seq(1), 1 << 20).chunk.unwrap().to_vec()).unwrap();
         assert!(text.contains("\nevent: error\ndata: {"), "{text}");
         assert!(text.contains("\"type\":\"api_error\""), "{text}");
         assert!(text.contains("\"code\":\"cancelled\""), "{text}");
@@ -761,16 +761,16 @@ mod tests {
         l.finish(Outcome::Cancelled);
         assert!(!l.decide_signals(Dialect::OpenAi));
         assert_eq!(l.signals_decided(), Some(Dialect::Reprise));
-        let text = String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec())
-            .unwrap();
+        let text =
+            String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec()).unwrap();
         assert!(text.contains("event: reprise-error\n"), "{text}");
 
         // NDJSON: Ollama's error line whatever the dialect.
         let l = LiveStream::new(StreamId::random(), Epoch(7), vec![], Format::Ndjson);
         l.decide_signals(Dialect::OpenAi);
         l.finish(Outcome::Cancelled);
-        let text = String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec())
-            .unwrap();
+        let text =
+            String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec()).unwrap();
         assert!(text.starts_with("{\"error\":\"reprise: "), "{text}");
     }
 

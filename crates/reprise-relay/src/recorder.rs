@@ -568,7 +568,10 @@ async fn write(
         // that a loader reaching a signal finds it (see `hub`).
         if let Some(dialect) = live.signals_decided() {
             if dialect != signals_stored.unwrap_or(Dialect::Reprise) {
-                if retry(&stop, || store.set_signals(id, dialect)).await.is_err() {
+                if retry(&stop, || store.set_signals(id, dialect))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 signals_stored = Some(dialect);
