@@ -132,6 +132,21 @@ impl Api {
                     &json!({"type": "response.created", "sequence_number": 0,
                             "response": response_object("in_progress", "")}),
                 ));
+                // The item and part the deltas go to (the `.stream()` helper
+                // accumulates into them).
+                head.push(sse(
+                    Some("response.output_item.added"),
+                    &json!({"type": "response.output_item.added", "sequence_number": 0,
+                            "output_index": 0,
+                            "item": {"id": "msg_r1", "type": "message", "status": "in_progress",
+                                     "role": "assistant", "content": []}}),
+                ));
+                head.push(sse(
+                    Some("response.content_part.added"),
+                    &json!({"type": "response.content_part.added", "sequence_number": 0,
+                            "item_id": "msg_r1", "output_index": 0, "content_index": 0,
+                            "part": {"type": "output_text", "text": "", "annotations": []}}),
+                ));
                 for (i, w) in WORDS.iter().enumerate() {
                     let event = sse(
                         Some("response.output_text.delta"),
@@ -481,6 +496,25 @@ async fn openai_responses_iteration_raises_on_a_broken_answer() {
     )
     .await;
     assert_eq!(raised["code"], "upstream_reset", "{raised}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_stream_helper_raises_on_a_broken_answer() {
+    let raised = raises_like_a_broken_connection(
+        Api::OpenAiResponses,
+        |url| Client::py("openai-responses-helper", url),
+        "APIError",
+    )
+    .await;
+    assert_eq!(raised["code"], "upstream_reset", "{raised}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_stream_helper_reads_through_heartbeats_then_resumes() {
+    reads_through_silence(Api::OpenAiResponses, |url| {
+        Client::py("openai-responses-helper", url)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ Usage:
         openai-chat          chat.completions.create(stream=True), iterated
         openai-chat-helper   chat.completions.stream() helper, then get_final_completion()
         openai-responses     responses.create(stream=True), iterated
+        openai-responses-helper  responses.stream() helper, then get_final_response()
         anthropic-create     messages.create(stream=True), iterated
         anthropic-stream     messages.stream() helper: text_stream, then get_final_message()
         ollama-chat          ollama.Client.chat(stream=True), iterated
@@ -116,6 +117,19 @@ def openai_responses(base_url, r):
         elif event.type == "response.completed":
             finish = event.response.status
     r.done(finish)
+
+
+def openai_responses_helper(base_url, r):
+    client = openai_client(base_url)
+    with client.responses.stream(model="gpt-test", input="Tell me about resumable streams.") as stream:
+        # The helper keeps the HTTP response private.
+        headers = stream._response.headers
+        emit({"kind": "start", "stream_id": headers.get(REPRISE_STREAM_ID)})
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                r.piece(event.delta)
+        final = stream.get_final_response()
+    r.done(final.status)
 
 
 def anthropic_create(base_url, r):
@@ -247,6 +261,7 @@ MODES = {
     "openai-chat": openai_chat,
     "openai-chat-helper": openai_chat_helper,
     "openai-responses": openai_responses,
+    "openai-responses-helper": openai_responses_helper,
     "anthropic-create": anthropic_create,
     "anthropic-stream": anthropic_stream,
     "ollama-chat": ollama_chat,
