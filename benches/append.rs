@@ -48,6 +48,7 @@ fn meta(id: StreamId) -> StreamMeta {
         lease_until_ms: None,
         cancel_requested: false,
         caller: None,
+        signals: None,
     }
 }
 

@@ -197,6 +197,7 @@ async fn embedded_store_limits_and_route_overrides() {
         resume_auth: Default::default(),
         ca_file: None,
         limits,
+        signals: Default::default(),
     };
     c.routes
         .push(route("/plain", false, RouteLimits::default()));

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reprise_core::{Epoch, FailReason, Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Epoch, FailReason, Outcome, Seq, StreamId};
 use reprise_store::{
     Entry, EntryBody, KeyRef, MemoryLimits, MemoryStore, RedisOptions, RedisStore, Store,
     StoreError, StoreOptions, StreamMeta, Watcher,
@@ -164,6 +164,7 @@ fn sample_meta(id: StreamId) -> StreamMeta {
         lease_until_ms: None,
         cancel_requested: false,
         caller: Some("9f86d081884c7d659a2feaa0c55ad015".into()),
+        signals: None,
     }
 }
 
@@ -978,6 +979,41 @@ mod cases {
         assert_eq!(f.peer.meta(id).await.unwrap(), Some(fresh));
     }
 
+    /// The dialect of in-band signals: kept from creation, or set later by
+    /// the producer; never creates a record for an unknown stream. A record
+    /// without it (also one written before dialects existed) reads `None`.
+    pub async fn signals_set_at_creation_or_later(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        let meta = StreamMeta {
+            signals: Some(Dialect::AiSdk),
+            ..sample_meta(id)
+        };
+        f.store.create(&meta).await.unwrap();
+        assert_eq!(f.peer.meta(id).await.unwrap(), Some(meta));
+
+        let later = new_stream(&*f.store).await;
+        assert_eq!(f.peer.meta(later).await.unwrap().unwrap().signals, None);
+        f.store.append(later, &events(1..=2)).await.unwrap();
+        f.store
+            .set_signals(later, Dialect::Anthropic)
+            .await
+            .unwrap();
+        let got = f.peer.meta(later).await.unwrap().unwrap();
+        assert_eq!(got.signals, Some(Dialect::Anthropic));
+        f.store
+            .append(later, &[end(3, Outcome::Cancelled)])
+            .await
+            .unwrap();
+        let got = f.peer.meta(later).await.unwrap().unwrap();
+        assert_eq!(got.signals, Some(Dialect::Anthropic), "kept past the end");
+        assert_eq!(got.end, Some((Seq(3), Outcome::Cancelled)));
+
+        let ghost = StreamId::random();
+        f.store.set_signals(ghost, Dialect::OpenAi).await.unwrap();
+        assert_eq!(f.peer.meta(ghost).await.unwrap(), None);
+    }
+
     pub async fn lease_take_renew_conflict_and_takeover(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let s = new_stream(&*f.store).await;
@@ -1392,6 +1428,7 @@ conformance!(
     gap_then_end,
     lost_history_flag_in_meta,
     lease_fields_round_trip,
+    signals_set_at_creation_or_later,
     lease_take_renew_conflict_and_takeover,
     renewal_reports_a_cancel_request,
     request_cancel_of_unknown_or_ended_stream,
@@ -1455,6 +1492,13 @@ async fn every_key_has_a_ttl(backend: Backend) {
     f.store.append(done, &events(1..=1)).await.unwrap();
     f.store
         .append(done, &[end(2, Outcome::Cancelled)])
+        .await
+        .unwrap();
+    // A dialect set on a live stream, and on one that does not exist (which
+    // must not leave a record without expiry behind).
+    f.store.set_signals(live, Dialect::OpenAi).await.unwrap();
+    f.store
+        .set_signals(StreamId::random(), Dialect::OpenAi)
         .await
         .unwrap();
     // A claimed key, and a stream ended as abandoned before any entry.

@@ -35,6 +35,7 @@ pub fn config(upstream: &str, backend: &Backend) -> Config {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         }],
         ..Config::default()
     };
@@ -60,6 +61,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         },
         RouteConfig {
             path: "/plain".into(),
@@ -71,6 +73,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         },
         RouteConfig {
             path: "/".into(),
@@ -82,6 +85,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         },
     ];
     c

@@ -5,14 +5,17 @@
 //! - [`ndjson`]: the line splitter for newline-delimited JSON streams (Ollama).
 //! - [`format`]: which of the two framings a stream uses.
 //! - [`outcome`]: how a stream ended (completed, failed, cancelled) and the in-band signals readers get.
+//! - [`dialect`]: how those signals are spelled so that each client's SDK raises on them.
 #![forbid(unsafe_code)]
 
+pub mod dialect;
 pub mod format;
 pub mod ids;
 pub mod ndjson;
 pub mod outcome;
 pub mod sse;
 
+pub use dialect::Dialect;
 pub use format::Format;
 pub use ids::{Cursor, Epoch, EventId, IdError, IdPrefix, Seq, StreamId};
 pub use outcome::{FailReason, Outcome};

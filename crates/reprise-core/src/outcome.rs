@@ -6,7 +6,9 @@
 //! `data` is JSON shaped like the Vercel AI SDK's `error` UI-message part, so
 //! an AI SDK client shows it as an error, while an `EventSource` client only
 //! sees it when it listens for `reprise-error`: it never mixes with upstream
-//! `message` events.
+//! `message` events. That is the `reprise` dialect; a route's `signals`
+//! setting may pick the client API's own error shape instead (see
+//! [`crate::dialect`]).
 
 use std::fmt;
 
@@ -152,10 +154,11 @@ pub fn signal_frame(signal: Signal<'_>, stream: StreamId, id: &dyn fmt::Display)
 }
 
 /// The NDJSON form of a signal: one JSON line shaped like Ollama's errors,
-/// `{"error":"reprise: <message>","reprise":{"code":"<code>","stream_id":"<id>"}}`.
+/// `{"error":"reprise: <message> (<code>)","reprise":{"code":"<code>","stream_id":"<id>"}}`.
+/// Ollama's clients raise with the `error` text alone, hence the code in it.
 pub fn signal_line(signal: Signal<'_>, stream: StreamId) -> String {
     let body = serde_json::json!({
-        "error": format!("reprise: {}", signal.message),
+        "error": format!("reprise: {} ({})", signal.message, signal.code),
         "reprise": { "code": signal.code, "stream_id": stream.to_string() },
     });
     format!("{body}\n")

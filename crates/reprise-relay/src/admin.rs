@@ -115,7 +115,15 @@ async fn stream(
         }
         (None, None) => Position::Beginning,
     };
-    resume::resume(relay, stream, pos, Via::StreamsEndpoint, req.headers()).await
+    resume::resume(
+        relay,
+        stream,
+        pos,
+        Via::StreamsEndpoint,
+        req.headers(),
+        None,
+    )
+    .await
 }
 
 async fn ready(relay: &Arc<Relay>) -> Response<Body> {

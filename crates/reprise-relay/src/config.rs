@@ -354,6 +354,40 @@ pub enum ResumeAuth {
     SameCaller,
 }
 
+/// `routes[].signals`: how a failed stream's in-band signal is spelled on
+/// an SSE stream (NDJSON streams always get Ollama's `{"error": ...}` line).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Signals {
+    /// Picked per stream from what it shows: AI SDK headers, Anthropic or
+    /// OpenAI events; `reprise` otherwise.
+    #[default]
+    Auto,
+    /// `event: reprise-error`.
+    Reprise,
+    /// OpenAI's error object.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic's `event: error`.
+    Anthropic,
+    /// The AI SDK's `error` part.
+    AiSdk,
+}
+
+impl Signals {
+    /// The dialect this setting fixes, or `None` for `auto`.
+    pub fn fixed(&self) -> Option<reprise_core::Dialect> {
+        use reprise_core::Dialect;
+        match self {
+            Signals::Auto => None,
+            Signals::Reprise => Some(Dialect::Reprise),
+            Signals::OpenAi => Some(Dialect::OpenAi),
+            Signals::Anthropic => Some(Dialect::Anthropic),
+            Signals::AiSdk => Some(Dialect::AiSdk),
+        }
+    }
+}
+
 /// `routes[].limits`: a route's own rate limits per caller; a key left out
 /// takes the `[limits]` value.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -406,6 +440,9 @@ pub struct RouteConfig {
     /// Rate limits per caller overriding `[limits]` on this route.
     #[serde(default)]
     pub limits: RouteLimits,
+    /// The dialect of in-band signals on this route's SSE streams.
+    #[serde(default)]
+    pub signals: Signals,
 }
 
 impl RouteConfig {
@@ -667,6 +704,37 @@ mod tests {
     }
 
     #[test]
+    fn signals_parse_and_default_to_auto() {
+        let c = Config::from_toml(
+            r#"
+            [[routes]]
+            path = "/a"
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path = "/b"
+            upstream = "http://127.0.0.1:1"
+            signals = "ai-sdk"
+            [[routes]]
+            path = "/c"
+            upstream = "http://127.0.0.1:1"
+            signals = "openai"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes[0].signals, Signals::Auto);
+        assert_eq!(c.routes[0].signals.fixed(), None);
+        assert_eq!(
+            c.routes[1].signals.fixed(),
+            Some(reprise_core::Dialect::AiSdk)
+        );
+        assert_eq!(
+            c.routes[2].signals.fixed(),
+            Some(reprise_core::Dialect::OpenAi)
+        );
+    }
+
+    #[test]
     fn invalid_configs_are_rejected_with_a_reason() {
         for (text, needle) in [
             ("lissen = \"1\"", "unknown field"),
@@ -678,6 +746,7 @@ mod tests {
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { json = \"/id\" }\nresume = \"/a/stream\"", "{key}"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { cookie = \"c\" }", "unknown variant"),
             ("[[routes]]\npath = \"/_reprise/x\"\nupstream = \"http://x\"", "reserved"),
+            ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nsignals = \"gemini\"", "unknown variant"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\n[[routes]]\npath = \"/a/\"\nupstream = \"http://y\"", "twice"),
         ] {
             let err = Config::from_toml(text).and_then(|c| c.validate()).unwrap_err().to_string();

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reprise_core::{FailReason, Format, Outcome, StreamId};
-use reprise_store::{Store, StoreError, StreamMeta};
+use reprise_store::{Entry, EntryBody, Store, StoreError, StreamMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -93,6 +93,9 @@ impl Hub {
         }
         let format = meta.format.parse().unwrap_or(Format::Sse);
         let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone(), format);
+        if let Some(dialect) = meta.signals {
+            live.decide_signals(dialect);
+        }
         let _ = live.owner.set(crate::live::Owner {
             route: meta.route.clone(),
             caller: meta.caller.clone(),
@@ -170,6 +173,30 @@ pub struct LoaderCtx {
     pub lease: Duration,
 }
 
+/// Before a loaded log writes its first signal (a gap or a failed end, which
+/// fixes the dialect): if the dialect was still undecided when the loader
+/// read the metadata, read it again. The producer stores its decision
+/// before appending anything after the event that decided it, so this
+/// finds it if there is one.
+async fn learn_signals(live: &LiveStream, entries: &[Entry], store: &dyn Store) {
+    let signals_ahead = entries
+        .iter()
+        .any(|e| matches!(e.body, EntryBody::Gap { .. } | EntryBody::End(_)));
+    if live.format != Format::Sse || live.signals_decided().is_some() || !signals_ahead {
+        return;
+    }
+    match store.meta(live.id).await {
+        Ok(Some(meta)) => {
+            if let Some(dialect) = meta.signals {
+                live.decide_signals(dialect);
+            }
+        }
+        Ok(None) => {}
+        // Unreachable store: the signal goes out in `reprise`.
+        Err(e) => tracing::debug!(cause = %e, "metadata re-read for the signal dialect failed"),
+    }
+}
+
 /// Follows a stream in the store until its end; see the module docs.
 async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
     let mut watcher = match ctx.store.watch(live.id).await {
@@ -196,6 +223,7 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                 backoff.reset();
                 empty_polls = 0;
                 let full_page = entries.len() == STORE_PAGE;
+                learn_signals(&live, &entries, &*ctx.store).await;
                 if !live.append_loaded(&entries) {
                     // The store's entries do not continue what we hold: the
                     // stream was lost and re-created underneath us.

@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use reprise_core::outcome::{signal_frame, signal_line, Signal};
-use reprise_core::{Cursor, Epoch, EventId, Format, IdPrefix, Outcome, Seq, StreamId};
+use reprise_core::dialect::dialect_frame;
+use reprise_core::outcome::{signal_line, Signal};
+use reprise_core::{Cursor, Dialect, Epoch, EventId, Format, IdPrefix, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
 
@@ -134,6 +135,9 @@ pub struct LiveStream {
     pub local: bool,
     /// The route and caller that started the stream, once known.
     pub owner: std::sync::OnceLock<Owner>,
+    /// The dialect of this stream's SSE signals, once decided (see the
+    /// module docs); set at most once.
+    signals: std::sync::OnceLock<Dialect>,
 }
 
 /// Who started a stream: its route path and caller identity (see `auth`).
@@ -220,7 +224,25 @@ impl LiveStream {
             cancel: tokio_util::sync::CancellationToken::new(),
             local,
             owner: std::sync::OnceLock::new(),
+            signals: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Decides the dialect of this stream's signals, unless it already is
+    /// (decided, or fixed by a signal already written). Returns whether
+    /// this call decided it.
+    pub fn decide_signals(&self, dialect: Dialect) -> bool {
+        self.signals.set(dialect).is_ok()
+    }
+
+    /// The dialect of this stream's signals, if decided yet.
+    pub fn signals_decided(&self) -> Option<Dialect> {
+        self.signals.get().copied()
+    }
+
+    /// The dialect a signal written now would have (without fixing it).
+    pub fn signals(&self) -> Dialect {
+        self.signals_decided().unwrap_or(Dialect::Reprise)
     }
 
     fn lock(&self) -> MutexGuard<'_, LogState> {
@@ -352,9 +374,16 @@ impl LiveStream {
         }
     }
 
+    /// A signal's wire frame. On SSE, writing it fixes the dialect: a later
+    /// decision can no longer change what readers of this log see.
     fn signal_wire(&self, sig: Signal<'_>, id: &dyn std::fmt::Display) -> Bytes {
         match self.format {
-            Format::Sse => Bytes::from(signal_frame(sig, self.id, id)),
+            Format::Sse => {
+                let dialect = *self.signals.get_or_init(|| Dialect::Reprise);
+                Bytes::from(dialect_frame(dialect, sig, self.id, id))
+            }
+            // Ollama's clients raise on an `{"error": ...}` line whatever
+            // the route's setting; any other line would break them.
             Format::Ndjson => Bytes::from(signal_line(sig, self.id)),
         }
     }
@@ -713,6 +742,36 @@ mod tests {
         let c = ok.collect_after(Seq(0), 1 << 20);
         assert!(c.ended && c.chunk.is_none());
         assert!(ok.collect_after(Seq(1), 1).ended);
+    }
+
+    #[test]
+    fn signals_use_the_decided_dialect_and_the_first_signal_fixes_it() {
+        let l = live();
+        assert!(l.decide_signals(Dialect::Anthropic));
+        l.push_event(b"event: message_start\ndata: {}\n");
+        l.finish(Outcome::Cancelled);
+        let text =
+            String::from_utf8(l.collect_after(Seq(1), 1 << 20).chunk.unwrap().to_vec()).unwrap();
+        assert!(text.contains("\nevent: error\ndata: {"), "{text}");
+        assert!(text.contains("\"type\":\"api_error\""), "{text}");
+        assert!(text.contains("\"code\":\"cancelled\""), "{text}");
+
+        // Undecided when the signal is written: reprise, for good.
+        let l = live();
+        l.finish(Outcome::Cancelled);
+        assert!(!l.decide_signals(Dialect::OpenAi));
+        assert_eq!(l.signals_decided(), Some(Dialect::Reprise));
+        let text =
+            String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec()).unwrap();
+        assert!(text.contains("event: reprise-error\n"), "{text}");
+
+        // NDJSON: Ollama's error line whatever the dialect.
+        let l = LiveStream::new(StreamId::random(), Epoch(7), vec![], Format::Ndjson);
+        l.decide_signals(Dialect::OpenAi);
+        l.finish(Outcome::Cancelled);
+        let text =
+            String::from_utf8(l.collect_after(Seq(0), 1 << 20).chunk.unwrap().to_vec()).unwrap();
+        assert!(text.starts_with("{\"error\":\"reprise: "), "{text}");
     }
 
     #[test]

@@ -346,6 +346,13 @@ impl Store for InstrumentedStore {
             self.inner.renew_lease(stream, owner, now_ms, until_ms)
         )
     }
+    async fn set_signals(
+        &self,
+        stream: StreamId,
+        signals: reprise_core::Dialect,
+    ) -> Result<(), StoreError> {
+        timed!(self, "set_signals", self.inner.set_signals(stream, signals))
+    }
     async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
         timed!(self, "request_cancel", self.inner.request_cancel(stream))
     }

@@ -11,7 +11,7 @@ use http::{header, HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
-use reprise_core::{Cursor, Epoch, Format, StreamId};
+use reprise_core::{Cursor, Dialect, Epoch, Format, StreamId};
 use reprise_store::{KeyRef, StreamMeta};
 use tracing::Instrument;
 
@@ -95,6 +95,7 @@ async fn dispatch(
             Position::Cursor(cursor),
             Via::LastEventId,
             req.headers(),
+            route.signals.fixed(),
         )
         .await;
     }
@@ -156,7 +157,17 @@ async fn resume_by_key(
 ) -> Result<Response<Body>, RelayError> {
     let key = route_key(relay, route, headers, key);
     match relay.store.resolve_key(&key).await? {
-        Some(stream) => resume::resume(relay, stream, Position::Beginning, Via::Key, headers).await,
+        Some(stream) => {
+            resume::resume(
+                relay,
+                stream,
+                Position::Beginning,
+                Via::Key,
+                headers,
+                route.signals.fixed(),
+            )
+            .await
+        }
         None => {
             relay.metrics.resume("key", "no_content");
             let mut resp = Response::new(crate::body::empty());
@@ -225,6 +236,7 @@ async fn attach_idempotent(
                 Position::Beginning,
                 Via::Idempotent,
                 headers,
+                None,
             )
             .await?;
             resp.headers_mut().insert(
@@ -448,6 +460,16 @@ async fn forward(
 
     let epoch = Epoch::random();
     let headers = replay_headers(&resp_parts.headers);
+    // The dialect of the stream's signals, if the route fixes it or the
+    // headers show it; otherwise the producer decides it from the first
+    // events (`auto`). NDJSON streams have a single dialect.
+    let signals = match format {
+        Format::Sse => route
+            .signals
+            .fixed()
+            .or_else(|| Dialect::from_headers(&headers)),
+        Format::Ndjson => None,
+    };
     let meta = StreamMeta {
         id: stream,
         epoch,
@@ -461,9 +483,13 @@ async fn forward(
         lease_until_ms: Some(now_ms() + relay.config.streams.lease.as_millis() as u64),
         cancel_requested: false,
         caller: Some(caller.clone()),
+        signals,
     };
     let live =
         LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
+    if let Some(dialect) = signals {
+        live.decide_signals(dialect);
+    }
     let _ = live.owner.set(crate::live::Owner {
         route: route.path.clone(),
         caller: Some(caller.clone()),

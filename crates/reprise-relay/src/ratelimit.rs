@@ -237,6 +237,7 @@ mod tests {
             resume_auth: Default::default(),
             ca_file: None,
             limits,
+            signals: Default::default(),
         };
         let router = Router::new(&[c]).unwrap();
         router.match_path("/api").unwrap().clone()

@@ -3,6 +3,20 @@
 //!
 //! The original client of a stream and every resuming client are readers of
 //! the same kind; they differ only in their starting position.
+//!
+//! # Heartbeats
+//!
+//! After `streams.heartbeat` of silence an SSE reader gets one comment line,
+//! `: keep-alive\n`, with no blank line after it. Frames are whole events,
+//! so the comment always falls between two events, and a lone comment line
+//! dispatches nothing in any SSE parser. A blank line would: openai-python's
+//! decoder turns it into an empty event once it has seen an `id:` line
+//! (Reprise always sends them) and fails on `json.loads("")`.
+//!
+//! NDJSON readers (Ollama) get no heartbeat at all: every line of such a
+//! stream must be a JSON object (Ollama's clients fail on anything else), and
+//! there is no comment syntax. TCP keep-alive, not application bytes, keeps
+//! such a connection open through a long silence.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,7 +26,7 @@ use bytes::Bytes;
 use futures::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use reprise_core::Seq;
+use reprise_core::{Format, Seq};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -23,7 +37,8 @@ use crate::metrics::{GaugeGuard, Metrics};
 /// Most bytes joined into one write when a reader is catching up.
 const MAX_WRITE: usize = 64 * 1024;
 
-const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+/// A lone SSE comment line: dispatches no event (see the module docs).
+const HEARTBEAT: &[u8] = b": keep-alive\n";
 
 /// Who is reading: the client whose request started the stream, or a
 /// resuming client (counted as replay in the metrics).
@@ -43,7 +58,9 @@ struct ReaderState {
     catching_up: Option<Instant>,
     pos: Seq,
     rx: tokio::sync::watch::Receiver<u64>,
-    heartbeat: Duration,
+    /// Silence after which a heartbeat goes out; `None` for NDJSON streams,
+    /// which never get one.
+    heartbeat: Option<Duration>,
     /// Fires at or after the heartbeat is due; moved forward lazily (only
     /// when it fires early), so sending a frame costs no timer update.
     heartbeat_timer: Pin<Box<Sleep>>,
@@ -67,6 +84,7 @@ pub fn body(
     stop: CancellationToken,
 ) -> Body {
     let rx = live.subscribe();
+    let heartbeat = (live.format == Format::Sse).then_some(heartbeat);
     let state = ReaderState {
         live,
         _guard: guard,
@@ -77,7 +95,8 @@ pub fn body(
         pos: after,
         rx,
         heartbeat,
-        heartbeat_timer: Box::pin(tokio::time::sleep(heartbeat)),
+        // Never polled without a heartbeat (the `select!` branch is off).
+        heartbeat_timer: Box::pin(tokio::time::sleep(heartbeat.unwrap_or(Duration::MAX))),
         last_sent: tokio::time::Instant::now(),
         stopped: Box::pin(stop.child_token().cancelled_owned()),
         done: false,
@@ -122,12 +141,13 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
                     return None;
                 }
             }
-            _ = st.heartbeat_timer.as_mut() => {
+            _ = st.heartbeat_timer.as_mut(), if st.heartbeat.is_some() => {
+                let Some(every) = st.heartbeat else { continue };
                 let now = tokio::time::Instant::now();
-                let due = st.last_sent + st.heartbeat;
+                let due = st.last_sent + every;
                 if now >= due {
                     st.last_sent = now;
-                    st.heartbeat_timer.as_mut().reset(now + st.heartbeat);
+                    st.heartbeat_timer.as_mut().reset(now + every);
                     return Some(Bytes::from_static(HEARTBEAT));
                 }
                 // Something was sent since the timer was set: wait for the rest.

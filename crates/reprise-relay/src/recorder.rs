@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use reprise_core::ndjson::LineSplitter;
 use reprise_core::sse::{encode_fields, Limits, Parser};
-use reprise_core::{FailReason, Format, Outcome, Seq, StreamId};
+use reprise_core::{Dialect, FailReason, Format, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -217,6 +217,14 @@ impl Batch {
         Ok(Some(len))
     }
 
+    /// The stored fields of the last encoded event.
+    fn last_fields(&self) -> &[u8] {
+        match self.spans.last() {
+            Some(span) => &self.buf[span.fields.clone()],
+            None => &[],
+        }
+    }
+
     /// Forgets the last encoded event (it broke a limit).
     fn drop_last(&mut self) {
         if let Some(span) = self.spans.pop() {
@@ -306,6 +314,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
 
     let mut framer = Framer::new(live.format, limits);
     let mut batch = Batch::new(&live);
+    // `signals = "auto"` with nothing shown by the headers: the first events
+    // decide the dialect (see `reprise_core::dialect`).
+    let mut detect = DialectDetector::new(&live);
     let mut events: u64 = 0;
     let mut recorded: usize = 0;
     // After a batch: give up on the oldest unstored part if the store has
@@ -393,6 +404,9 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
         loop {
             match batch.encode_next(&mut framer) {
                 Ok(Some(len)) => {
+                    // Before the event enters the log, so that the writer
+                    // stores the dialect before the event (see `write`).
+                    detect.inspect(&live, batch.last_fields());
                     events += 1;
                     recorded += len;
                     if events > max_events || recorded > max_bytes {
@@ -438,6 +452,41 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
     live.finish(outcome);
 }
 
+/// Events looked at for a dialect before settling for `reprise`: an
+/// upstream may open with events that show nothing (Azure OpenAI's content
+/// filter results, say).
+const DIALECT_EVENTS: u32 = 8;
+
+/// Decides the dialect of an `auto` SSE stream from its first events.
+struct DialectDetector {
+    /// Events still to look at; 0 once decided (or not ours to decide).
+    left: u32,
+}
+
+impl DialectDetector {
+    fn new(live: &LiveStream) -> Self {
+        let undecided = live.format == Format::Sse && live.signals_decided().is_none();
+        DialectDetector {
+            left: if undecided { DIALECT_EVENTS } else { 0 },
+        }
+    }
+
+    fn inspect(&mut self, live: &LiveStream, fields: &[u8]) {
+        if self.left == 0 {
+            return;
+        }
+        self.left -= 1;
+        let found = Dialect::from_event(fields);
+        if let Some(dialect) = found.or((self.left == 0).then_some(Dialect::Reprise)) {
+            self.left = 0;
+            // False if a signal (a gap) already fixed it.
+            if live.decide_signals(dialect) {
+                tracing::debug!(signals = %dialect, "signal dialect decided");
+            }
+        }
+    }
+}
+
 fn failed(reason: FailReason, message: String) -> Outcome {
     Outcome::Failed { reason, message }
 }
@@ -465,14 +514,17 @@ async fn write(
     let lease = relay.config.streams.lease;
     let fresh = |m: &StreamMeta| StreamMeta {
         lease_until_ms: Some(crate::proxy::now_ms() + lease.as_millis() as u64),
+        signals: live.signals_decided().or(m.signals),
         ..m.clone()
     };
-    if !registered.meta_stored
-        && retry(&stop, || async { store.create(&fresh(&meta)).await })
-            .await
-            .is_err()
-    {
-        return;
+    // The dialect the stored metadata holds (`None` reads as `reprise`).
+    let mut signals_stored = meta.signals;
+    if !registered.meta_stored {
+        let late = fresh(&meta);
+        if retry(&stop, || store.create(&late)).await.is_err() {
+            return;
+        }
+        signals_stored = late.signals;
     }
     if let (Some(key), false) = (&key, registered.key_bound) {
         if retry(&stop, || store.bind_key(key, id)).await.is_err() {
@@ -511,6 +563,20 @@ async fn write(
             let (last_seq, ended) = batch_end(last);
             (batch, last_seq, ended)
         };
+        // A dialect decided since the metadata was written goes into the
+        // store before the entries after the event that decided it, so
+        // that a loader reaching a signal finds it (see `hub`).
+        if let Some(dialect) = live.signals_decided() {
+            if dialect != signals_stored.unwrap_or(Dialect::Reprise) {
+                if retry(&stop, || store.set_signals(id, dialect))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                signals_stored = Some(dialect);
+            }
+        }
         match retry_append(&stop, &*store, id, &batch).await {
             Appended::Ok => {
                 persisted = last_seq;
@@ -518,12 +584,14 @@ async fn write(
             }
             Appended::Stop => return,
             Appended::Conflict => {
-                match recover(&stop, &*store, &fresh(&meta), key.as_ref()).await {
+                let again = fresh(&meta);
+                match recover(&stop, &*store, &again, key.as_ref()).await {
                     // The store lost the stream (a Redis restart without
                     // persistence, a flush): it was re-created; rewrite it all
                     // from the log, which still holds every entry.
                     Some(Recovered::Recreated) => {
                         tracing::warn!("the store lost this stream; rewriting it from memory");
+                        signals_stored = again.signals;
                         persisted = Seq::ZERO;
                         continue;
                     }

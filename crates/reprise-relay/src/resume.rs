@@ -7,14 +7,18 @@
 //! | `<stream>.end` cursor                            | `204` |
 //! | key resume of a finished stream or unbound key    | `204` |
 //! | unknown stream on `/_reprise/streams/{id}`        | `404` |
-//! | unknown stream or other epoch via `Last-Event-ID` | `200` + `reprise-error` `history_lost` |
+//! | unknown stream or other epoch via `Last-Event-ID` | `200` + `history_lost` signal |
 //! | otherwise                                         | `200`, replay after the position, then live |
+//!
+//! A `history_lost` signal is written in the stream's dialect, or for an
+//! unknown stream in the route's explicit `signals` setting (else `reprise`).
 
 use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use reprise_core::outcome::{signal_frame, Signal};
-use reprise_core::{Cursor, Epoch, Outcome, Seq, StreamId};
+use reprise_core::dialect::dialect_frame;
+use reprise_core::outcome::Signal;
+use reprise_core::{Cursor, Dialect, Epoch, Outcome, Seq, StreamId};
 
 use crate::auth::is_owner;
 use crate::body::{empty, full, Body};
@@ -60,20 +64,25 @@ struct Known {
     /// Set when this instance already holds the stream.
     held: Option<(Arc<LiveStream>, ReaderGuard)>,
     meta: Option<reprise_store::StreamMeta>,
+    /// The dialect of the stream's signals as known now.
+    signals: Dialect,
 }
 
 /// Answers a resume of `stream` from `pos`.
 ///
 /// `headers` are the resuming request's, for routes with
-/// `resume_auth = "same-caller"`.
+/// `resume_auth = "same-caller"`. `signals` is the route's explicit dialect,
+/// if any: the `history_lost` answer for an unknown stream uses it.
 pub async fn resume(
     relay: &Arc<Relay>,
     stream: StreamId,
     pos: Position,
     via: Via,
     headers: &HeaderMap,
+    signals: Option<Dialect>,
 ) -> Result<Response<Body>, RelayError> {
-    let result = answer(relay, stream, pos, via, headers).await;
+    let unknown_signals = signals.unwrap_or(Dialect::Reprise);
+    let result = answer(relay, stream, pos, via, headers, unknown_signals).await;
     let outcome = match &result {
         Ok((_, outcome)) => *outcome,
         Err(RelayError::NotFound { .. }) => "not_found",
@@ -96,6 +105,7 @@ async fn answer(
     pos: Position,
     via: Via,
     headers: &HeaderMap,
+    unknown_signals: Dialect,
 ) -> Result<(Response<Body>, &'static str), RelayError> {
     if let Position::Cursor(Cursor::End(_)) = pos {
         return Ok((no_content(stream), NO_CONTENT));
@@ -105,6 +115,7 @@ async fn answer(
             owner: live.owner.get().cloned(),
             epoch: live.epoch,
             end: live.end(),
+            signals: live.signals(),
             held: Some((live, guard)),
             meta: None,
         },
@@ -117,10 +128,11 @@ async fn answer(
                 }),
                 epoch: meta.epoch,
                 end: meta.end.clone(),
+                signals: meta.signals.unwrap_or(Dialect::Reprise),
                 held: None,
                 meta: Some(meta),
             },
-            None => return unknown(stream, via),
+            None => return unknown(stream, via, unknown_signals),
         },
     };
     // Routes with `resume_auth = "same-caller"`: another caller is told
@@ -131,13 +143,13 @@ async fn answer(
             .by_path(&owner.route)
             .is_some_and(|r| r.resume_auth == ResumeAuth::SameCaller);
         if same_caller_only && !is_owner(relay, owner, headers) {
-            return unknown(stream, via);
+            return unknown(stream, via, unknown_signals);
         }
     }
     let after = match pos {
         Position::Cursor(Cursor::At(id)) => {
             if id.epoch != known.epoch {
-                return Ok((history_lost(stream), HISTORY_LOST));
+                return Ok((history_lost(stream, known.signals), HISTORY_LOST));
             }
             id.seq
         }
@@ -191,9 +203,13 @@ async fn answer(
 }
 
 /// The answer for a stream that does not exist (or is not the caller's).
-fn unknown(stream: StreamId, via: Via) -> Result<(Response<Body>, &'static str), RelayError> {
+fn unknown(
+    stream: StreamId,
+    via: Via,
+    signals: Dialect,
+) -> Result<(Response<Body>, &'static str), RelayError> {
     match via {
-        Via::LastEventId => Ok((history_lost(stream), HISTORY_LOST)),
+        Via::LastEventId => Ok((history_lost(stream, signals), HISTORY_LOST)),
         Via::StreamsEndpoint => Err(RelayError::NotFound {
             code: "stream_not_found",
             message: "no such stream (unknown, or expired after its retention)".into(),
@@ -243,10 +259,11 @@ fn no_content(stream: StreamId) -> Response<Body> {
     resp
 }
 
-/// `200` with one `reprise-error` event (code `history_lost`) whose id is
-/// `<stream>.end`, so that a reconnecting EventSource then gets `204`.
-fn history_lost(stream: StreamId) -> Response<Body> {
-    let frame = signal_frame(Signal::HISTORY_LOST, stream, &Cursor::End(stream));
+/// `200` with one signal event (code `history_lost`, in `signals`' dialect)
+/// whose id is `<stream>.end`, so that a reconnecting EventSource then gets
+/// `204`.
+fn history_lost(stream: StreamId, signals: Dialect) -> Response<Body> {
+    let frame = dialect_frame(signals, Signal::HISTORY_LOST, stream, &Cursor::End(stream));
     let mut resp = Response::new(full(frame));
     let h = resp.headers_mut();
     h.insert(

@@ -12,7 +12,7 @@ use http::Uri;
 use percent_encoding::percent_decode_str;
 
 use crate::config::{
-    normalize_prefix, CallerConfig, KeySource, ResumeAuth, RouteConfig, RouteLimits,
+    normalize_prefix, CallerConfig, KeySource, ResumeAuth, RouteConfig, RouteLimits, Signals,
 };
 
 /// A configured route, ready for matching.
@@ -31,6 +31,8 @@ pub struct Route {
     pub resume_auth: ResumeAuth,
     /// Rate limits overriding `[limits]` (see `ratelimit::limits_for`).
     pub limits: RouteLimits,
+    /// The dialect of in-band signals (see `reprise_core::dialect`).
+    pub signals: Signals,
 }
 
 /// `prefix{key}suffix`.
@@ -117,6 +119,7 @@ impl Router {
                 caller: c.caller.clone(),
                 resume_auth: c.resume_auth,
                 limits: c.limits,
+                signals: c.signals,
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
@@ -211,6 +214,7 @@ mod tests {
             resume_auth: Default::default(),
             ca_file: None,
             limits: Default::default(),
+            signals: Default::default(),
         }
     }
 

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use reprise_core::{Epoch, Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Epoch, Outcome, Seq, StreamId};
 
 pub mod limits;
 pub mod memory;
@@ -103,6 +103,13 @@ pub struct StreamMeta {
     /// the route checks callers; never the credential itself.
     #[serde(default)]
     pub caller: Option<String>,
+    /// The dialect of the stream's in-band signals, once its producer has
+    /// decided it (at creation, or with [`Store::set_signals`] after its
+    /// first events). `None` (also for records written before dialects
+    /// existed) means `reprise`. Every instance renders a failure, a gap or
+    /// `history_lost` of the stream in this dialect.
+    #[serde(default)]
+    pub signals: Option<Dialect>,
 }
 
 /// What a successful [`Store::renew_lease`] tells the producer.
@@ -266,6 +273,13 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         until_ms: u64,
     ) -> Result<LeaseRenewal, StoreError>;
+
+    /// Record the dialect of the stream's in-band signals in its metadata
+    /// ([`StreamMeta::signals`]). Does nothing if the stream is unknown or
+    /// expired (it never creates a record). The producer calls it before
+    /// appending anything after the event that decided the dialect, so a
+    /// reader that got such an entry finds the dialect in the metadata.
+    async fn set_signals(&self, stream: StreamId, signals: Dialect) -> Result<(), StoreError>;
 
     /// Ask the stream's producer to stop (it learns it at its next
     /// [`Store::renew_lease`]). Returns `false` if the stream is unknown or

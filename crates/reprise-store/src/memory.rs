@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
-use reprise_core::{Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Outcome, Seq, StreamId};
 
 use crate::{
     Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
@@ -623,6 +623,16 @@ impl Store for MemoryStore {
         Ok(LeaseRenewal {
             cancel_requested: st.meta.cancel_requested,
         })
+    }
+
+    async fn set_signals(&self, stream: StreamId, signals: Dialect) -> Result<(), StoreError> {
+        if let Some(handle) = self.shared.alive(stream) {
+            let mut st = lock(&handle);
+            if st.alive(Instant::now()) {
+                st.meta.signals = Some(signals);
+            }
+        }
+        Ok(())
     }
 
     async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {

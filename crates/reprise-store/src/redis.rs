@@ -12,7 +12,7 @@
 //!
 //! | key | type | content |
 //! |-----|------|---------|
-//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested) |
+//! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested), `signals` (the dialect of in-band signals, once decided; absent means `reprise`) |
 //! | `P{<sid>}:e` | stream | Redis stream entries with explicit ids `<seq>-0`, the last seq each covers, and one field: `p` = a **pack** of consecutive events (see below), `e` = one event's bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
@@ -53,7 +53,8 @@
 //! fred pipelines `FCALL`s of concurrent appends on its pooled connections.
 //!
 //! `renew_lease`, `request_cancel` and `end_if_abandoned` are one `FCALL`
-//! each, on the stream's keys only. `end_if_abandoned` checks the lease and
+//! each, on the stream's keys only; `set_signals` one `EVAL` (an `HSET` if
+//! the metadata exists), at most once per stream. `end_if_abandoned` checks the lease and
 //! writes the End entry after the top id in the same call, so no append can
 //! slip in between; like an ending append it sets `end`, shortens the TTLs,
 //! `SPUBLISH`es, and costs one more round trip when a key binding points at

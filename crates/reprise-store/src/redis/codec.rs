@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use fred::prelude::*;
-use reprise_core::{Epoch, Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Epoch, Outcome, Seq, StreamId};
 
 use super::error::corrupt;
 use crate::{Entry, EntryBody, StoreError, StreamMeta};
@@ -74,6 +74,9 @@ pub(super) fn parse_meta(
     };
     let cancel_requested = h.remove("cancel").is_some();
     let caller = h.remove("caller");
+    // A dialect this version does not know (written by a newer one) reads
+    // as the default rather than making the stream unreadable.
+    let signals = h.remove("signals").and_then(|d| d.parse::<Dialect>().ok());
     Ok(StreamMeta {
         id,
         epoch,
@@ -87,6 +90,7 @@ pub(super) fn parse_meta(
         lease_until_ms,
         cancel_requested,
         caller,
+        signals,
     })
 }
 

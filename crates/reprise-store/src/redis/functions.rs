@@ -23,6 +23,11 @@ pub(super) const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
 pub(super) const RELEASE_KEY: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// Sets the metadata hash's (KEYS[1]) `signals` field to ARGV[1] only if the
+/// hash exists: a plain `HSET` on an expired stream would create a record
+/// without a TTL.
+pub(super) const SET_SIGNALS: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], 'signals', ARGV[1]) end return 0";
+
 /// Error prefix the library uses for batches that do not follow the stream.
 pub(super) const CONFLICT_MARK: &str = "REPRISE_CONFLICT";
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use fred::error::{Error as FredError, ErrorKind};
 use fred::prelude::*;
-use reprise_core::{Outcome, Seq, StreamId};
+use reprise_core::{Dialect, Outcome, Seq, StreamId};
 
 use super::codec::*;
 use super::connection::RedisStore;
@@ -156,6 +156,9 @@ impl Store for RedisStore {
         }
         if let Some(caller) = &meta.caller {
             fields.push(("caller", caller.clone()));
+        }
+        if let Some(signals) = meta.signals {
+            fields.push(("signals", signals.as_str().into()));
         }
         // Creating an id that exists replaces the stream, entries included,
         // so a re-created stream never inherits an old `end` or old entries.
@@ -467,6 +470,27 @@ impl Store for RedisStore {
             }),
             None => Err(corrupt(format!("renew_lease answered {:?}", cancel.kind()))),
         }
+    }
+
+    async fn set_signals(&self, stream: StreamId, signals: Dialect) -> Result<(), StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        self.run(
+            &self.inner.write_opts,
+            &k.meta,
+            Cmd::new(
+                "EVAL",
+                vec![
+                    SET_SIGNALS.into(),
+                    1.into(),
+                    k.meta.as_str().into(),
+                    signals.as_str().into(),
+                ],
+            ),
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
