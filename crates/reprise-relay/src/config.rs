@@ -64,6 +64,9 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the relay listens on.
     pub listen: SocketAddr,
+    /// A second, plain-HTTP listener for `/_reprise/metrics`, `healthz` and
+    /// `readyz`; when set they are served only there (`404` on `listen`).
+    pub admin_listen: Option<SocketAddr>,
     /// `[tls]`: serve HTTPS on `listen` with this certificate.
     pub tls: Option<ListenerTls>,
     pub store: StoreConfig,
@@ -82,6 +85,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: None,
             tls: None,
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),

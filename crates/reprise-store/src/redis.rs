@@ -1399,6 +1399,15 @@ impl Store for RedisStore {
         let () = self.inner.pool.ping(None).await.map_err(map_err)?;
         Ok(start.elapsed())
     }
+
+    fn connected(&self) -> Option<bool> {
+        // fred flips a client's state as soon as its socket closes; one
+        // pooled connection up is enough to serve (`prefer_connected`).
+        Some(
+            self.inner.ready.load(Ordering::Acquire)
+                && self.inner.pool.clients().iter().any(|c| c.is_connected()),
+        )
+    }
 }
 
 /// The store's one subscriber connection and the watchers it wakes.
