@@ -202,6 +202,148 @@ fn went_down(health: &StoreHealth, error: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use reprise_core::{Outcome, Seq, StreamId};
+    use reprise_store::{Entry, KeyRef, LeaseRenewal, StoreError, StreamMeta, Watcher};
+
+    /// What the fake store's `PING` does.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Ping {
+        Answer,
+        /// A stalled server: never answers.
+        Hang,
+    }
+
+    /// A store whose `ping` and `connected` the test sets; nothing else is
+    /// called by the probe.
+    struct Fake {
+        ping: Mutex<Ping>,
+        connected: Mutex<Option<bool>>,
+    }
+
+    impl Fake {
+        fn set(&self, ping: Ping, connected: Option<bool>) {
+            *self.ping.lock().unwrap() = ping;
+            *self.connected.lock().unwrap() = connected;
+        }
+    }
+
+    fn unused() -> StoreError {
+        StoreError::Unavailable("not used by the probe".into())
+    }
+
+    #[async_trait]
+    impl Store for Fake {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        async fn create(&self, _: &StreamMeta) -> Result<(), StoreError> {
+            Err(unused())
+        }
+        async fn append(&self, _: StreamId, _: &[Entry]) -> Result<(), StoreError> {
+            Err(unused())
+        }
+        async fn meta(&self, _: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+            Err(unused())
+        }
+        async fn read(&self, _: StreamId, _: Seq, _: usize) -> Result<Vec<Entry>, StoreError> {
+            Err(unused())
+        }
+        async fn bind_key(&self, _: &KeyRef, _: StreamId) -> Result<(), StoreError> {
+            Err(unused())
+        }
+        async fn claim_key(&self, _: &KeyRef, _: StreamId) -> Result<Option<StreamId>, StoreError> {
+            Err(unused())
+        }
+        async fn release_key(&self, _: &KeyRef, _: StreamId) -> Result<(), StoreError> {
+            Err(unused())
+        }
+        async fn resolve_key(&self, _: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+            Err(unused())
+        }
+        async fn renew_lease(
+            &self,
+            _: StreamId,
+            _: &str,
+            _: u64,
+            _: u64,
+        ) -> Result<LeaseRenewal, StoreError> {
+            Err(unused())
+        }
+        async fn request_cancel(&self, _: StreamId) -> Result<bool, StoreError> {
+            Err(unused())
+        }
+        async fn end_if_abandoned(
+            &self,
+            _: StreamId,
+            _: u64,
+            _: &Outcome,
+        ) -> Result<Option<Seq>, StoreError> {
+            Err(unused())
+        }
+        async fn watch(&self, _: StreamId) -> Result<Watcher, StoreError> {
+            Err(unused())
+        }
+        async fn ping(&self) -> Result<Duration, StoreError> {
+            let mode = *self.ping.lock().unwrap();
+            match mode {
+                Ping::Answer => Ok(Duration::from_micros(300)),
+                Ping::Hang => std::future::pending().await,
+            }
+        }
+        fn connected(&self) -> Option<bool> {
+            *self.connected.lock().unwrap()
+        }
+    }
+
+    /// The bounds, on tokio's paused clock: down within 2 s of the
+    /// store stalling (its PING hangs for ever), at once when the client
+    /// reports its connections lost, and up within 2 s of its return.
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_follows_the_store_within_two_seconds() {
+        let fake = Arc::new(Fake {
+            ping: Mutex::new(Ping::Answer),
+            connected: Mutex::new(Some(true)),
+        });
+        let health = Arc::new(StoreHealth::new(Gauge::default()));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let stop = CancellationToken::new();
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+        spawn_probe(fake.clone(), health.clone(), &tasks, stop.clone(), move || {
+            let _ = up_tx.send(());
+        });
+        let bound = Duration::from_secs(2);
+        tokio::time::sleep(bound).await;
+        assert!(health.is_up());
+        up_rx.await.expect("on_up called");
+
+        // Stalled: connected, but PINGs never answer.
+        fake.set(Ping::Hang, Some(true));
+        tokio::time::sleep(bound).await;
+        assert!(health.is_known_down(), "down within 2 s of a stall");
+        assert!(health.snapshot().error.is_some_and(|e| e.contains("PING")));
+
+        fake.set(Ping::Answer, Some(true));
+        tokio::time::sleep(bound).await;
+        assert!(health.is_up(), "up within 2 s of the store's return");
+
+        // Connections dropped: noticed by the watch, not by a PING.
+        fake.set(Ping::Hang, Some(false));
+        tokio::time::sleep(WATCH_INTERVAL * 2).await;
+        assert!(health.is_known_down(), "down at once when disconnected");
+        // A PING answered while the client says it is disconnected does not
+        // count; the reconnection does.
+        fake.set(Ping::Answer, Some(false));
+        tokio::time::sleep(bound).await;
+        assert!(health.is_known_down());
+        fake.set(Ping::Answer, Some(true));
+        tokio::time::sleep(bound).await;
+        assert!(health.is_up());
+
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
 
     #[test]
     fn states_and_gauge() {
