@@ -73,8 +73,18 @@ async fn wrong_methods_get_405_with_allow() {
     let admin_relay = TestRelay::start_with_admin(config(&upstream.url(), &Backend::Memory)).await;
     let http = SseClient::new().http().clone();
     let cases = [
-        (http::Method::POST, relay.url(), "/_reprise/readyz", "GET, HEAD"),
-        (http::Method::PUT, relay.url(), "/_reprise/metrics", "GET, HEAD"),
+        (
+            http::Method::POST,
+            relay.url(),
+            "/_reprise/readyz",
+            "GET, HEAD",
+        ),
+        (
+            http::Method::PUT,
+            relay.url(),
+            "/_reprise/metrics",
+            "GET, HEAD",
+        ),
         (
             http::Method::DELETE,
             relay.url(),
@@ -95,9 +105,12 @@ async fn wrong_methods_get_405_with_allow() {
         ),
     ];
     for (method, base, path, allow) in cases {
-        let r = with_timeout("a 405", http.request(method.clone(), format!("{base}{path}")).send())
-            .await
-            .expect("request");
+        let r = with_timeout(
+            "a 405",
+            http.request(method.clone(), format!("{base}{path}")).send(),
+        )
+        .await
+        .expect("request");
         assert_eq!(r.status(), 405, "{method} {path}");
         assert_eq!(r.headers()["allow"], allow, "{method} {path}");
         let body: serde_json::Value =

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use reprise_tests::redis::RedisServer;
 use reprise_relay::config::Config;
+use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
 use reprise_tests::{data, numbered};

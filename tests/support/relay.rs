@@ -167,7 +167,10 @@ impl TestRelay {
 
     /// `http://ADDR` of the admin listener.
     pub fn admin_url(&self) -> String {
-        format!("http://{}", self.admin.expect("started with an admin listener"))
+        format!(
+            "http://{}",
+            self.admin.expect("started with an admin listener")
+        )
     }
 
     pub fn url(&self) -> String {

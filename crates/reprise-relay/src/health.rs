@@ -89,8 +89,7 @@ impl StoreHealth {
         let reachable = self.is_up();
         HealthSnapshot {
             reachable,
-            latency_ms: reachable
-                .then(|| self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            latency_ms: reachable.then(|| self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
             error: if reachable {
                 None
             } else {
@@ -309,9 +308,15 @@ mod tests {
         let tasks = tokio_util::task::TaskTracker::new();
         let stop = CancellationToken::new();
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
-        spawn_probe(fake.clone(), health.clone(), &tasks, stop.clone(), move || {
-            let _ = up_tx.send(());
-        });
+        spawn_probe(
+            fake.clone(),
+            health.clone(),
+            &tasks,
+            stop.clone(),
+            move || {
+                let _ = up_tx.send(());
+            },
+        );
         let bound = Duration::from_secs(2);
         tokio::time::sleep(bound).await;
         assert!(health.is_up());

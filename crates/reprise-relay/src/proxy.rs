@@ -208,7 +208,9 @@ async fn attach_idempotent(
     if relay.store_health.is_known_down() {
         // As when the claim fails, but without waiting for it to.
         relay.metrics.skipped("claim_key");
-        tracing::debug!("store known unreachable; calling the upstream without checking the Idempotency-Key");
+        tracing::debug!(
+            "store known unreachable; calling the upstream without checking the Idempotency-Key"
+        );
         return Ok(None);
     }
     let mut existing = match relay.store.claim_key(key, stream).await {

@@ -318,9 +318,9 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
     if let Some(admin) = admin {
         relay.admin_listener.store(true, Ordering::SeqCst);
         let r = relay.clone();
-        relay.tasks.spawn(
-            crate::admin::serve_listener(r, admin).instrument(tracing::info_span!("admin")),
-        );
+        relay
+            .tasks
+            .spawn(crate::admin::serve_listener(r, admin).instrument(tracing::info_span!("admin")));
     }
     let limits = &relay.config.limits;
     // Request heads over `limits.max_request_headers` (bytes) or

@@ -161,9 +161,9 @@ pub fn upstream_request_headers(
     strip_hop_by_hop(&mut h);
     // HTTP/2 (and HTTP/3) clients name the host in `:authority`, which
     // hyper puts in the request URI, and usually send no `Host` at all.
-    let original_host = h.remove(header::HOST).or_else(|| {
-        request_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = h
+        .remove(header::HOST)
+        .or_else(|| request_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if let Ok(v) = HeaderValue::from_str(upstream_authority) {
         h.insert(header::HOST, v);
     }

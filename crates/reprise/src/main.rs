@@ -224,7 +224,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let admin = match config.admin_listen {
         Some(addr) => Some(
-            listen(addr).map_err(|e| anyhow::anyhow!("cannot listen on admin_listen {addr}: {e}"))?,
+            listen(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on admin_listen {addr}: {e}"))?,
         ),
         None => None,
     };
