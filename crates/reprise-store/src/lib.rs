@@ -303,7 +303,8 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the backend's connections are up right now, as its client
     /// library sees them, without a round trip: `Some(false)` as soon as
     /// every connection dropped (a server killed or restarted), `None` if
-    /// the backend cannot tell (embedded). A stalled server still counts as
+    /// the backend cannot tell (embedded; a Redis Cluster, whose client
+    /// reports its least healthy node). A stalled server still counts as
     /// connected: only [`Store::ping`] with a deadline finds that out. A
     /// wrapper around a store must pass this through.
     fn connected(&self) -> Option<bool> {

@@ -1401,12 +1401,15 @@ impl Store for RedisStore {
     }
 
     fn connected(&self) -> Option<bool> {
+        let clients = self.inner.pool.clients();
+        // A cluster client reports its least healthy node: one node down
+        // (or failing over) is not the whole store, so only PING decides.
+        if clients.iter().any(|c| c.is_clustered()) {
+            return None;
+        }
         // fred flips a client's state as soon as its socket closes; one
         // pooled connection up is enough to serve (`prefer_connected`).
-        Some(
-            self.inner.ready.load(Ordering::Acquire)
-                && self.inner.pool.clients().iter().any(|c| c.is_connected()),
-        )
+        Some(self.inner.ready.load(Ordering::Acquire) && clients.iter().any(|c| c.is_connected()))
     }
 }
 
