@@ -283,24 +283,37 @@ async fn readiness_answers_at_once_whatever_redis_does() {
     assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
 
     // Stalled: the probe's PING times out, readiness does not wait for it.
+    let t = Instant::now();
     redis.pause();
     let ready = until_ready_is(&base, 503).await;
+    eprintln!("stalled -> 503 after {:?}", t.elapsed());
     assert_eq!(ready["store"]["reachable"], false, "{ready}");
     assert_eq!(metric(&base, "reprise_store_up ").await, Some(0.0));
-    for _ in 0..3 {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let asked = Instant::now();
         let (status, ready) = readyz(&base).await;
+        slowest = slowest.max(asked.elapsed());
         assert_eq!(status, 503, "{ready}");
     }
+    // The target is 100 ms; a figure for the log, not an assertion.
+    eprintln!("slowest of 10 readiness answers while Redis is stalled: {slowest:?}");
+    let t = Instant::now();
     redis.resume();
     until_ready_is(&base, 200).await;
+    eprintln!("resumed -> 200 after {:?}", t.elapsed());
     assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
 
     // Dead, then restarted.
+    let t = Instant::now();
     redis.kill();
     until_ready_is(&base, 503).await;
+    eprintln!("killed -> 503 after {:?}", t.elapsed());
     assert_eq!(metric(&base, "reprise_store_up ").await, Some(0.0));
     redis.restart().await.expect("restart redis-server");
+    let t = Instant::now();
     let ready = until_ready_is(&base, 200).await;
+    eprintln!("restarted (answering PING) -> 200 after {:?}", t.elapsed());
     assert_eq!(ready["store"]["reachable"], true, "{ready}");
     assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
     relay.stop().await;
