@@ -387,6 +387,13 @@ impl Config {
     /// Checks what serde cannot: consistent routes and sane bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        // Port 0 twice is fine: each listener gets its own free port.
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return bad(format!(
+                "admin_listen {} must differ from listen",
+                self.listen
+            ));
+        }
         if self.routes.is_empty() {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
         }
@@ -585,6 +592,8 @@ mod tests {
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { json = \"/id\" }\nresume = \"/a/stream\"", "{key}"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { cookie = \"c\" }", "unknown variant"),
             ("[[routes]]\npath = \"/_reprise/x\"\nupstream = \"http://x\"", "reserved"),
+            ("admin_listen = \"localhost:9090\"", "admin_listen"),
+            ("listen = \"127.0.0.1:9090\"\nadmin_listen = \"127.0.0.1:9090\"\n[[routes]]\npath = \"/a\"\nupstream = \"http://x\"", "must differ from listen"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\n[[routes]]\npath = \"/a/\"\nupstream = \"http://y\"", "twice"),
         ] {
             let err = Config::from_toml(text).and_then(|c| c.validate()).unwrap_err().to_string();
