@@ -29,6 +29,7 @@ fn reprise(args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("REDIS_URL")
         .env_remove("REPRISE_REDIS_URL")
+        .env_remove("REPRISE_ADMIN_LISTEN")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
@@ -671,4 +672,68 @@ fn parse_log_line(line: &str) -> Value {
         assert!(value.get(key).is_some(), "no {key:?} in {line}");
     }
     value
+}
+
+/// `--admin-listen` (and `REPRISE_ADMIN_LISTEN`, below the flag) moves the
+/// operational endpoints of the real binary to their own listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listen_from_the_flag_or_the_env_serves_the_ops_endpoints() {
+    // The flag wins over the env var, which wins over the file.
+    let mut both = reprise(&[
+        "--check-config",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--admin-listen",
+        "127.0.0.1:9101",
+    ]);
+    both.env("REPRISE_ADMIN_LISTEN", "127.0.0.1:9102");
+    let mut env_only = reprise(&["--check-config", "--upstream", "http://127.0.0.1:9"]);
+    env_only.env("REPRISE_ADMIN_LISTEN", "127.0.0.1:9102");
+    for (mut cmd, want) in [(both, "9101"), (env_only, "9102")] {
+        let out = output(&mut cmd).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(
+            stdout.contains(&format!("admin_listen = 127.0.0.1:{want}")),
+            "{stdout}"
+        );
+    }
+
+    let upstream = Upstream::start().await;
+    upstream.respond(|_| Reply::sse([numbered_event(1)]));
+    let (port, admin_port) = (
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    );
+    let mut cmd = reprise(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        &upstream.url(),
+    ]);
+    cmd.env("REPRISE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"));
+    let mut child = spawn(cmd);
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_ready(&mut child, admin).await;
+    let client = SseClient::new();
+    let r = client
+        .http()
+        .get(format!("http://127.0.0.1:{port}/_reprise/metrics"))
+        .send()
+        .await
+        .expect("public metrics");
+    assert_eq!(r.status(), 404);
+    let r = client
+        .http()
+        .get(format!("http://{admin}/_reprise/metrics"))
+        .send()
+        .await
+        .expect("admin metrics");
+    assert_eq!(r.status(), 200);
+    let mut s = client
+        .open_get(&format!("http://127.0.0.1:{port}/gen"))
+        .await;
+    assert_eq!(s.collect_until_end().await.len(), 1);
+    terminate(&child);
+    assert_eq!(exit_code(&mut child).await, Some(0));
 }

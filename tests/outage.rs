@@ -1,13 +1,65 @@
 //! Redis going away: killed and restarted (empty, as a Redis without
-//! persistence comes back) while streams are recorded and read.
+//! persistence comes back) or stalled (SIGSTOP) while streams are recorded
+//! and read; readiness follows it without waiting on it, and an outage
+//! known to the store probe costs new streams nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use reprise_relay::config::Config;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
 use reprise_tests::{data, numbered};
-use reprise_tests::{read_raw, with_timeout, SseClient, Upstream};
+use reprise_tests::{open_sse, read_raw, with_timeout, Reply, SseClient, Upstream};
+
+/// Longest a readiness request may take in these tests: generous for a
+/// noisy machine, far below the wait of a PING to a stalled Redis (which
+/// never answers) or of the store's command timeout (5 s).
+const READYZ_CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET {base}/_reprise/readyz`, which must answer within
+/// [`READYZ_CLIENT_TIMEOUT`] whatever the store does.
+async fn readyz(base: &str) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(READYZ_CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
+    let r = client
+        .get(format!("{base}/_reprise/readyz"))
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("readyz did not answer within {READYZ_CLIENT_TIMEOUT:?} (does it wait on the store?): {e}")
+        });
+    let status = r.status().as_u16();
+    let body = r.bytes().await.expect("readyz body");
+    let json = serde_json::from_slice(&body).expect("readyz JSON");
+    (status, json)
+}
+
+/// Polls readiness (every answer bounded as in [`readyz`]) until it answers
+/// `status`, within the test bound; returns that answer's body.
+async fn until_ready_is(base: &str, status: u16) -> serde_json::Value {
+    with_timeout(format!("readyz to answer {status}"), async {
+        loop {
+            let (s, body) = readyz(base).await;
+            if s == status {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// The value of a metric line (`name{labels} value`) in `/_reprise/metrics`.
+async fn metric(base: &str, line_start: &str) -> Option<f64> {
+    let (_, _, body) = read_raw(SseClient::new().get(&format!("{base}/_reprise/metrics"))).await;
+    body.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+}
 
 /// Connected clients keep receiving live events while Redis is down; once it
 /// is back (empty), everything recorded is written again, in order, and a
@@ -52,16 +104,10 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     .await;
     assert_eq!(status, 503);
     assert!(headers.contains_key("retry-after"));
-    // Readiness says the store is unreachable.
-    let (status, _, body) = read_raw(client.get(&format!("{}/_reprise/readyz", relay.url()))).await;
-    assert_eq!(status, 503);
-    assert!(
-        body.text().contains("\"reachable\":false"),
-        "{}",
-        body.text()
-    );
+    // Readiness says the store is unreachable (once the probe noticed).
+    let ready = until_ready_is(&relay.url(), 503).await;
+    assert_eq!(ready["store"]["reachable"], false, "{ready}");
     // ... and how much waits in memory (events 6-10 at least).
-    let ready: serde_json::Value = serde_json::from_slice(&body.bytes).expect("readyz JSON");
     assert!(
         ready["buffered_entries"].as_u64().is_some_and(|n| n >= 5),
         "{ready}"
@@ -219,4 +265,185 @@ async fn an_outage_past_the_memory_budget_marks_lost_history() {
     assert_eq!(data(&after.collect_until_end().await), numbered(301..=310));
     relay.stop().await;
     other.stop().await;
+}
+
+/// `/_reprise/readyz` answers from the store probe's state, never from a
+/// store call: while Redis is stalled (SIGSTOP: a PING would hang for ever)
+/// and while it is dead, every readiness request answers before the client
+/// gives up, turns 503, and turns 200 again once Redis is back; the
+/// `reprise_store_up` gauge follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_at_once_whatever_redis_does() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let relay = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let base = relay.url();
+    let (status, ready) = readyz(&base).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
+
+    // Stalled: the probe's PING times out, readiness does not wait for it.
+    let t = Instant::now();
+    redis.pause();
+    let ready = until_ready_is(&base, 503).await;
+    eprintln!("stalled -> 503 after {:?}", t.elapsed());
+    assert_eq!(ready["store"]["reachable"], false, "{ready}");
+    assert_eq!(metric(&base, "reprise_store_up ").await, Some(0.0));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let asked = Instant::now();
+        let (status, ready) = readyz(&base).await;
+        slowest = slowest.max(asked.elapsed());
+        assert_eq!(status, 503, "{ready}");
+    }
+    // The target is 100 ms; a figure for the log, not an assertion.
+    eprintln!("slowest of 10 readiness answers while Redis is stalled: {slowest:?}");
+    let t = Instant::now();
+    redis.resume();
+    until_ready_is(&base, 200).await;
+    eprintln!("resumed -> 200 after {:?}", t.elapsed());
+    assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
+
+    // Dead, then restarted.
+    let t = Instant::now();
+    redis.kill();
+    until_ready_is(&base, 503).await;
+    eprintln!("killed -> 503 after {:?}", t.elapsed());
+    assert_eq!(metric(&base, "reprise_store_up ").await, Some(0.0));
+    redis.restart().await.expect("restart redis-server");
+    let t = Instant::now();
+    let ready = until_ready_is(&base, 200).await;
+    eprintln!("restarted (answering PING) -> 200 after {:?}", t.elapsed());
+    assert_eq!(ready["store"]["reachable"], true, "{ready}");
+    assert_eq!(metric(&base, "reprise_store_up ").await, Some(1.0));
+    relay.stop().await;
+}
+
+/// With the probe knowing Redis is stalled (every store call would hang),
+/// a new stream does not wait for the store: its rate-limit check,
+/// Idempotency-Key claim and registration are skipped (counted), its first
+/// event arrives, and once Redis answers again the writer stores the whole
+/// stream, which another instance then replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_started_while_redis_is_stalled_does_not_wait_for_it() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let mut c = config(&upstream.url(), &Backend::Redis(redis.url()));
+    c.limits.max_streams_per_caller = 10;
+    c.limits.max_starts_per_caller_per_minute = 100;
+    let relay = TestRelay::start(c).await;
+    let base = relay.url();
+    let client = SseClient::new();
+
+    // A figure to compare with (printed, not asserted: the machine is shared).
+    upstream.respond_once(Reply::sse([numbered_event(1)]));
+    let started = Instant::now();
+    let mut up = client.open_get(&format!("{base}/gen")).await;
+    up.next_event().await;
+    let with_redis_up = started.elapsed();
+    up.collect_until_end().await;
+
+    redis.pause();
+    until_ready_is(&base, 503).await;
+    let ctl = upstream.controlled_stream();
+    let started = Instant::now();
+    let mut live = open_sse(
+        client
+            .get(&format!("{base}/gen"))
+            .header("idempotency-key", "during-the-stall"),
+    )
+    .await;
+    assert_eq!(live.status(), 200);
+    let stream_id = live
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
+    ctl.send(numbered_event(1)).await;
+    assert_eq!(live.next_event().await.data, numbered_event_data(1));
+    let stalled = started.elapsed();
+    eprintln!(
+        "first event with Redis up: {with_redis_up:?}; with Redis stalled (known down): {stalled:?}"
+    );
+    // The request path made no store call it would have waited for.
+    for op in ["rate_limit", "claim_key", "register"] {
+        let skipped = metric(
+            &base,
+            &format!("reprise_store_calls_skipped_total{{op=\"{op}\"}} "),
+        )
+        .await;
+        assert_eq!(skipped, Some(1.0), "{op} skipped once");
+    }
+    assert!(
+        metric(&base, "reprise_rate_limit_errors_total ")
+            .await
+            .is_some_and(|n| n >= 1.0),
+        "the skipped check counts as a rate-limit error"
+    );
+
+    redis.resume();
+    until_ready_is(&base, 200).await;
+    for i in 2..=3 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&live.collect_until_end().await), numbered(2..=3));
+    // Everything reached the store once it answered again.
+    let other = TestRelay::start(config(&upstream.url(), &Backend::Redis(redis.url()))).await;
+    let url = format!("{}/_reprise/streams/{stream_id}", other.url());
+    let replayed = with_timeout("the stream to be stored", async {
+        loop {
+            let mut r = client.open_get(&url).await;
+            if r.status() == 200 {
+                return r.collect_until_end().await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(data(&replayed), numbered(1..=3));
+    relay.stop().await;
+    other.stop().await;
+}
+
+/// Rate limits fail open while Redis is known to be dead, and hold again
+/// once it is back (restarted empty: the starts of the outage went
+/// uncounted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_again_once_redis_is_back() {
+    let mut redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    upstream.respond(|_| Reply::sse([numbered_event(1)]));
+    let mut c: Config = config(&upstream.url(), &Backend::Redis(redis.url()));
+    c.limits.max_starts_per_caller_per_minute = 2;
+    let relay = TestRelay::start(c).await;
+    let base = relay.url();
+    let client = SseClient::new();
+    let start = || {
+        let client = client.clone();
+        let url = format!("{base}/gen");
+        async move {
+            let mut r = open_sse(client.get(&url).header("authorization", "Bearer gina")).await;
+            let status = r.status().as_u16();
+            if status == 200 {
+                r.collect_until_end().await;
+            }
+            status
+        }
+    };
+    assert_eq!(start().await, 200);
+    assert_eq!(start().await, 200);
+    assert_eq!(start().await, 429);
+
+    redis.kill();
+    until_ready_is(&base, 503).await;
+    for _ in 0..3 {
+        assert_eq!(start().await, 200, "fail open during the outage");
+    }
+
+    redis.restart().await.expect("restart redis-server");
+    until_ready_is(&base, 200).await;
+    assert_eq!(start().await, 200);
+    assert_eq!(start().await, 200);
+    assert_eq!(start().await, 429, "the limit holds again");
+    relay.stop().await;
 }

@@ -296,6 +296,32 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server with SIGSTOP: its connections stay open but
+    /// nothing is answered (a stalled Redis: every command hangs) until
+    /// [`resume`](Self::resume). Dropping or killing it still works.
+    pub fn pause(&mut self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&mut self, name: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("redis-server is running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
     /// Stops the server cleanly (`SHUTDOWN NOSAVE`), killing it if it does
     /// not exit within a few seconds.
     pub async fn stop(&mut self) {

@@ -104,26 +104,59 @@ pub fn set_backend(c: &mut Config, backend: &Backend) {
 /// Reprise running inside the test process.
 pub struct TestRelay {
     addr: SocketAddr,
+    /// The admin listener, if started with one.
+    admin: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestRelay {
     pub async fn start(config: Config) -> TestRelay {
+        Self::start_inner(config, false).await
+    }
+
+    /// Like [`start`](Self::start), with an admin listener (`admin_listen`)
+    /// on another free port: see [`admin_url`](Self::admin_url).
+    pub async fn start_with_admin(config: Config) -> TestRelay {
+        Self::start_inner(config, true).await
+    }
+
+    async fn start_inner(config: Config, with_admin: bool) -> TestRelay {
         crate::init_tracing();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind relay listener");
         let addr = listener.local_addr().expect("relay addr");
+        let admin = if with_admin {
+            Some(
+                TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind admin listener"),
+            )
+        } else {
+            None
+        };
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().expect("admin addr"));
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = reprise_relay::run(config, listener, token).await {
+            let listeners = reprise_relay::Listeners {
+                public: listener,
+                admin,
+            };
+            let started = match config.validate() {
+                Ok(loaded) => {
+                    reprise_relay::run_listeners(config, &loaded, listeners, token, || {}).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = started {
                 panic!("relay failed to start: {e}");
             }
         });
         let relay = TestRelay {
             addr,
+            admin: admin_addr,
             shutdown,
             task: Some(task),
         };
@@ -131,9 +164,23 @@ impl TestRelay {
         relay
     }
 
-    /// Waits until `/_reprise/readyz` answers 200 (the store is reachable).
+    /// Waits until `/_reprise/readyz` answers 200 (the store is reachable),
+    /// on the admin listener if there is one.
     pub async fn wait_ready(&self) {
-        wait_ready(self.addr, "the relay to become ready", || {}).await
+        wait_ready(
+            self.admin.unwrap_or(self.addr),
+            "the relay to become ready",
+            || {},
+        )
+        .await
+    }
+
+    /// `http://ADDR` of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.admin.expect("started with an admin listener")
+        )
     }
 
     pub fn url(&self) -> String {
@@ -212,6 +259,7 @@ impl RelayProcess {
             .args(args)
             .env_remove("REDIS_URL")
             .env_remove("REPRISE_REDIS_URL")
+            .env_remove("REPRISE_ADMIN_LISTEN")
             .env(
                 "REPRISE_LOG",
                 level.map(String::from).unwrap_or_else(|| {

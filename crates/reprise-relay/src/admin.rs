@@ -4,16 +4,32 @@
 //!   `last_event_id` or `start_index=N`);
 //! - `DELETE /_reprise/streams/{id}`: cancel a stream (see `cancel`);
 //! - `GET /_reprise/healthz`: the process is alive;
-//! - `GET /_reprise/readyz`: the store answers (JSON, `503` when not ready);
+//! - `GET /_reprise/readyz`: the store answers (JSON, `503` when not ready),
+//!   from the state the store probe keeps (see `health`): never a store call;
 //! - `GET /_reprise/metrics`: Prometheus metrics.
+//!
+//! Streams are always served on the public listener (via `proxy`). The
+//! last three, the operational endpoints, are served there too unless an
+//! admin listener is configured (`admin_listen`, [`serve_listener`]): then
+//! only there, and the public listener answers them `404`. Raw store error
+//! text is only ever shown on the admin listener. A method an endpoint does
+//! not take is answered `405` with `Allow`.
 
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use reprise_core::ids::parse_start_index;
 use reprise_core::{Cursor, StreamId};
 use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use crate::body::{full, Body};
 use crate::error::RelayError;
@@ -21,6 +37,21 @@ use crate::proxy::query_param;
 use crate::resume::{self, Position, Via};
 use crate::server::Relay;
 
+/// Methods of `/_reprise/streams/{id}`.
+const STREAM_METHODS: &str = "GET, DELETE";
+/// Methods of the operational endpoints.
+const OPS_METHODS: &str = "GET, HEAD";
+/// How long admin connections get to close once the relay stops.
+const ADMIN_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who asks: the operational endpoints show more to the admin listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Audience {
+    Public,
+    Admin,
+}
+
+/// `/_reprise/...` on the public listener.
 pub async fn handle(
     relay: &Arc<Relay>,
     req: Request<Incoming>,
@@ -35,14 +66,39 @@ pub async fn handle(
             return crate::cancel::cancel(relay, stream, req.headers()).await;
         }
         if req.method() != Method::GET {
-            return Err(method_not_allowed());
+            return Err(RelayError::MethodNotAllowed {
+                allow: STREAM_METHODS,
+            });
         }
         return stream(relay, id, &req).await;
     }
+    if relay.admin_listener.load(Ordering::Relaxed) {
+        // Served on the admin listener only.
+        return Err(not_found());
+    }
+    ops(relay, &req, Audience::Public)
+}
+
+/// The operational endpoints, for either listener.
+fn ops(
+    relay: &Arc<Relay>,
+    req: &Request<Incoming>,
+    audience: Audience,
+) -> Result<Response<Body>, RelayError> {
+    let path = req.uri().path();
+    if !matches!(
+        path,
+        "/_reprise/healthz" | "/_reprise/readyz" | "/_reprise/metrics"
+    ) {
+        return Err(not_found());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(RelayError::MethodNotAllowed { allow: OPS_METHODS });
+    }
     match path {
         "/_reprise/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
-        "/_reprise/readyz" => Ok(ready(relay).await),
-        "/_reprise/metrics" => {
+        "/_reprise/readyz" => Ok(ready(relay, audience)),
+        _ => {
             // Sampled at scrape time: entries recorded here, not yet stored.
             relay
                 .metrics
@@ -57,18 +113,64 @@ pub async fn handle(
             );
             Ok(resp)
         }
-        _ => Err(RelayError::NotFound {
-            code: "not_found",
-            message: "no such Reprise endpoint".into(),
-        }),
     }
 }
 
-fn method_not_allowed() -> RelayError {
-    RelayError::BadRequest {
-        code: "method_not_allowed",
-        message: "only GET (and DELETE on streams) is supported here".into(),
+fn not_found() -> RelayError {
+    RelayError::NotFound {
+        code: "not_found",
+        message: "no such Reprise endpoint".into(),
     }
+}
+
+/// A request on the admin listener: the operational endpoints, nothing else.
+async fn handle_admin(relay: Arc<Relay>, req: Request<Incoming>) -> Response<Body> {
+    ops(&relay, &req, Audience::Admin).unwrap_or_else(RelayError::into_response)
+}
+
+/// Serves the admin listener (plain HTTP/1.1 and HTTP/2) until the end of
+/// the shutdown (`hard_stop`), so that metrics and a `503` readiness stay
+/// visible while in-flight streams drain.
+pub async fn serve_listener(relay: Arc<Relay>, listener: TcpListener) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin listener: metrics, healthz and readyz");
+    }
+    loop {
+        let (io, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = relay.hard_stop.cancelled() => break,
+        };
+        let svc_relay = relay.clone();
+        let svc = service_fn(move |req| {
+            let relay = svc_relay.clone();
+            async move { Ok::<_, Infallible>(handle_admin(relay, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+        let conn = graceful.watch(conn);
+        relay.tasks.spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(cause = %e, "admin connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("admin_conn", client.addr = %addr)),
+        );
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(ADMIN_CLOSE_TIMEOUT, graceful.shutdown()).await;
 }
 
 async fn stream(
@@ -126,32 +228,37 @@ async fn stream(
     .await
 }
 
-async fn ready(relay: &Arc<Relay>) -> Response<Body> {
+/// Readiness from the probe's last verdict: answers at once whatever the
+/// store does. Ready means the store answered its last probe and the relay
+/// is not draining.
+fn ready(relay: &Arc<Relay>, audience: Audience) -> Response<Body> {
     let draining = relay.shutdown.is_cancelled();
-    let (reachable, latency_ms, error) = match relay.store.ping().await {
-        Ok(d) => (true, Some(d.as_secs_f64() * 1000.0), None),
-        Err(e) => (false, None, Some(e.to_string())),
-    };
-    let ready = reachable && !draining;
+    let health = relay.store_health.snapshot();
+    let ready = health.reachable && !draining;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let mut store = json!({
+        "kind": relay.store.kind(),
+        "reachable": health.reachable,
+        "latency_ms": health.latency_ms,
+    });
+    // The store's own error text can name hosts and internals: only for
+    // the admin listener (and the logs).
+    if audience == Audience::Admin {
+        store["error"] = json!(health.error);
+    }
     json_response(
         status,
         json!({
             "ready": ready,
             "draining": draining,
-            "store": {
-                "kind": relay.store.kind(),
-                "reachable": reachable,
-                "latency_ms": latency_ms,
-                "error": error,
-            },
+            "store": store,
             "streams_in_memory": relay.hub.len(),
             "buffered_entries": relay.hub.unstored_entries(),
-            "unstored_bytes": relay.unstored_total.load(std::sync::atomic::Ordering::Relaxed),
+            "unstored_bytes": relay.unstored_total.load(Ordering::Relaxed),
         }),
     )
 }

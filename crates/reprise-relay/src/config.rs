@@ -83,6 +83,8 @@ pub struct Overrides {
     pub file: Option<PathBuf>,
     /// `--listen ADDR`.
     pub listen: Option<SocketAddr>,
+    /// `--admin-listen ADDR` (over `$REPRISE_ADMIN_LISTEN`, over the file).
+    pub admin_listen: Option<SocketAddr>,
     /// `--redis URL`.
     pub redis: Option<String>,
     /// `--upstream URL`: one route `/` replacing the file's routes.
@@ -109,6 +111,9 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the relay listens on.
     pub listen: SocketAddr,
+    /// A second, plain-HTTP listener for `/_reprise/metrics`, `healthz` and
+    /// `readyz`; when set they are served only there (`404` on `listen`).
+    pub admin_listen: Option<SocketAddr>,
     /// `[tls]`: serve HTTPS on `listen` with this certificate.
     pub tls: Option<ListenerTls>,
     pub store: StoreConfig,
@@ -127,6 +132,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: None,
             tls: None,
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
@@ -490,6 +496,15 @@ impl Config {
         if let Some(listen) = over.listen {
             config.listen = listen;
         }
+        if let Some(admin) = over.admin_listen {
+            config.admin_listen = Some(admin);
+        } else if let Some(v) = env("REPRISE_ADMIN_LISTEN") {
+            let addr = v
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("REPRISE_ADMIN_LISTEN {v:?}: {e}")))?;
+            config.admin_listen = Some(addr);
+        }
         config.store.redis_url = over
             .redis
             .clone()
@@ -511,6 +526,13 @@ impl Config {
     /// that starting the relay reads no file twice.
     pub fn validate(&self) -> Result<LoadedTls, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        // Port 0 twice is fine: each listener gets its own free port.
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return bad(format!(
+                "admin_listen {} must differ from listen",
+                self.listen
+            ));
+        }
         if self.routes.is_empty() {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
         }
@@ -747,6 +769,8 @@ mod tests {
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nkey = { cookie = \"c\" }", "unknown variant"),
             ("[[routes]]\npath = \"/_reprise/x\"\nupstream = \"http://x\"", "reserved"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\nsignals = \"gemini\"", "unknown variant"),
+            ("admin_listen = \"localhost:9090\"", "admin_listen"),
+            ("listen = \"127.0.0.1:9090\"\nadmin_listen = \"127.0.0.1:9090\"\n[[routes]]\npath = \"/a\"\nupstream = \"http://x\"", "must differ from listen"),
             ("[[routes]]\npath = \"/a\"\nupstream = \"http://x\"\n[[routes]]\npath = \"/a/\"\nupstream = \"http://y\"", "twice"),
         ] {
             let err = Config::from_toml(text).and_then(|c| c.validate()).unwrap_err().to_string();

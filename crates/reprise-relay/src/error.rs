@@ -26,6 +26,10 @@ pub enum RelayError {
     /// No route matches the path.
     #[error("no route for this path")]
     NoRoute,
+    /// A `/_reprise/...` endpoint called with a method it does not take;
+    /// `allow` lists those it does (the `Allow` header).
+    #[error("method not allowed here; allowed: {allow}")]
+    MethodNotAllowed { allow: &'static str },
     /// The upstream could not be reached or broke before answering.
     #[error("upstream unavailable: {0}")]
     Upstream(String),
@@ -69,6 +73,7 @@ impl RelayError {
         match self {
             RelayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             RelayError::NotFound { .. } | RelayError::NoRoute => StatusCode::NOT_FOUND,
+            RelayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -87,6 +92,7 @@ impl RelayError {
             RelayError::PayloadTooLarge { .. } => "payload_too_large",
             RelayError::RateLimited { .. } => "rate_limited",
             RelayError::NoRoute => "no_route",
+            RelayError::MethodNotAllowed { .. } => "method_not_allowed",
             RelayError::Upstream(_) => "upstream_unavailable",
             RelayError::UpstreamTimeout(_) => "upstream_timeout",
             RelayError::StoreUnavailable(_) => "store_unavailable",
@@ -120,6 +126,10 @@ impl RelayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let RelayError::MethodNotAllowed { allow } = &self {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             retry_after = Some(RETRY_AFTER_SECS);
         }

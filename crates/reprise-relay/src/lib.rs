@@ -12,7 +12,8 @@
 //! - [`hub`]: this instance's logs, and loaders that follow the store;
 //! - [`reader`]: the response body that sends a client a stream;
 //! - [`resume`]: what a reconnecting client gets (200, 204, 404, history lost);
-//! - [`admin`]: `/_reprise/...` endpoints;
+//! - [`admin`]: `/_reprise/...` endpoints, and the admin listener;
+//! - [`health`]: the store probe; readiness and outage shortcuts read it;
 //! - [`auth`]: caller identities for key resumes, cancels and `same-caller`;
 //! - [`forwarded`]: trusted proxies, the client's address, `X-Forwarded-*`;
 //! - [`ratelimit`]: streams and starts per caller (`429`);
@@ -27,6 +28,7 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod forwarded;
+pub mod health;
 pub mod hub;
 pub mod live;
 pub mod metrics;
@@ -42,4 +44,6 @@ pub mod tls;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{open_store, run, serve, Relay, StartError};
+pub use server::{
+    open_store, run, run_listeners, serve, serve_listeners, Listeners, Relay, StartError,
+};

@@ -94,6 +94,10 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub rate_limit_errors: Counter,
+    /// 1 while the store answers the health probe, else 0 (see `health`).
+    pub store_up: Gauge,
+    /// Store calls not made because the store was known to be down.
+    pub store_skipped: Family<OpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -125,6 +129,8 @@ impl Metrics {
             upstream_errors: Family::default(),
             rate_limited: Family::default(),
             rate_limit_errors: Counter::default(),
+            store_up: Gauge::default(),
+            store_skipped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +228,16 @@ impl Metrics {
             "Rate-limit checks the store could not answer (the request was served unchecked)",
             m.rate_limit_errors.clone(),
         );
+        registry.register(
+            "store_up",
+            "1 while the store answers the health probe, 0 while it is unreachable",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "store_calls_skipped",
+            "Store calls on the request path not made because the store was known to be unreachable, by operation",
+            m.store_skipped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -232,6 +248,13 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Counts a store call skipped because the store is known to be down.
+    pub fn skipped(&self, op: &str) {
+        self.store_skipped
+            .get_or_create(&OpLabels { op: op.to_string() })
+            .inc();
     }
 
     pub fn resume(&self, kind: &str, outcome: &str) {
@@ -373,6 +396,9 @@ impl Store for InstrumentedStore {
     }
     async fn ping(&self) -> Result<Duration, StoreError> {
         timed!(self, "ping", self.inner.ping())
+    }
+    fn connected(&self) -> Option<bool> {
+        self.inner.connected()
     }
 }
 

@@ -216,6 +216,14 @@ async fn attach_idempotent(
     stream: StreamId,
     headers: &HeaderMap,
 ) -> Result<Option<Response<Body>>, RelayError> {
+    if relay.store_health.is_known_down() {
+        // As when the claim fails, but without waiting for it to.
+        relay.metrics.skipped("claim_key");
+        tracing::debug!(
+            "store known unreachable; calling the upstream without checking the Idempotency-Key"
+        );
+        return Ok(None);
+    }
     let mut existing = match relay.store.claim_key(key, stream).await {
         Ok(None) => return Ok(None),
         Ok(Some(existing)) => existing,
@@ -385,6 +393,7 @@ async fn forward(
 
     let headers = crate::upstream::upstream_request_headers(
         &parts.headers,
+        parts.uri.authority(),
         &fwd,
         relay.tls.is_some(),
         route.authority.as_str(),

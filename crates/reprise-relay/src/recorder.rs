@@ -37,8 +37,18 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Stores the stream's metadata and key binding before the response starts,
 /// so that a client resuming on another instance right after its first event
 /// finds the stream. One attempt: if the store is unavailable the stream
-/// still starts, and the writer retries in the background.
+/// still starts, and the writer retries in the background. While the store
+/// is known to be down (see `health`) there is no attempt at all: the
+/// response starts at once and the writer stores everything once it is back.
 pub async fn register(relay: &Relay, meta: &StreamMeta, key: Option<&KeyRef>) -> Registered {
+    if relay.store_health.is_known_down() {
+        relay.metrics.skipped("register");
+        tracing::debug!(stream.id = %meta.id, "store known unreachable; registering the stream later");
+        return Registered {
+            meta_stored: false,
+            key_bound: key.is_none(),
+        };
+    }
     let meta_stored = match tokio::time::timeout(REGISTER_TIMEOUT, relay.store.create(meta)).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {

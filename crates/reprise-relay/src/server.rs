@@ -10,7 +10,7 @@
 //!    fires: readers close (clients resume elsewhere), loaders stop.
 
 use std::convert::Infallible;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::{redact_url, Config, ConfigError, LoadedTls};
 use crate::error::RelayError;
+use crate::health::StoreHealth;
 use crate::hub::{Hub, LoaderCtx};
 use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
 use crate::proxy;
@@ -38,6 +39,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after `hard_stop`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest pause between two attempts to reconnect to Redis: short, so
+/// that an instance is ready again soon after Redis is (an attempt against
+/// a server that is down costs one refused connection).
+const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Errors that stop the relay from starting.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,11 @@ pub enum StartError {
     Route(#[from] RouteError),
     #[error("cannot open the store: {0}")]
     Store(#[from] reprise_store::StoreError),
+    #[error("cannot listen on admin_listen {addr}: {source}")]
+    AdminListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything a request handler or a stream task needs.
@@ -85,6 +95,12 @@ pub struct Relay {
     pub limiter: crate::ratelimit::RateLimiter,
     /// Peers whose forwarding headers are believed (`trusted_proxies`).
     pub trusted_proxies: crate::forwarded::TrustedProxies,
+    /// The store's health, kept by the probe ([`crate::health`]): readiness
+    /// answers from it, and the request path skips a store known down.
+    pub store_health: Arc<StoreHealth>,
+    /// Set while an admin listener serves the operational endpoints
+    /// (`admin_listen`): the public listener then answers them `404`.
+    pub admin_listener: AtomicBool,
 }
 
 impl Relay {
@@ -113,15 +129,19 @@ impl Relay {
         let metrics = Arc::new(Metrics::new());
         let tasks = TaskTracker::new();
         let hard_stop = CancellationToken::new();
+        let store_health = Arc::new(StoreHealth::new(metrics.store_up.clone()));
         let limiter = crate::ratelimit::RateLimiter::new(
             store.as_ref(),
             config.streams.lease,
             metrics.clone(),
+            store_health.clone(),
             tasks.clone(),
             hard_stop.clone(),
         );
         Ok(Arc::new(Relay {
             limiter,
+            store_health,
+            admin_listener: AtomicBool::new(false),
             trusted_proxies: crate::forwarded::TrustedProxies::new(&config.trusted_proxies),
             router,
             store: InstrumentedStore::wrap(store, metrics.clone()),
@@ -174,6 +194,9 @@ pub async fn open_store(config: &Config, loaded: &LoadedTls) -> Result<Arc<dyn S
             // keep trying in the background (only an invalid URL fails).
             let ropts = reprise_store::RedisOptions {
                 tls: loaded.redis.clone(),
+                // Readiness (and the store) come back within about this
+                // after Redis returns, however long it was away.
+                reconnect_max_delay: REDIS_RECONNECT_MAX_DELAY,
                 ..Default::default()
             };
             let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone())
@@ -203,8 +226,27 @@ pub async fn open_store(config: &Config, loaded: &LoadedTls) -> Result<Arc<dyn S
     }
 }
 
+/// The sockets the relay serves.
+pub struct Listeners {
+    /// Streams, resumes and cancels; also the operational endpoints
+    /// (metrics, healthz, readyz) unless `admin` is set.
+    pub public: TcpListener,
+    /// `admin_listen`: when set, the operational endpoints are served here
+    /// only (plain HTTP) and answered `404` on `public`.
+    pub admin: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(public: TcpListener) -> Self {
+        Listeners {
+            public,
+            admin: None,
+        }
+    }
+}
+
 /// Runs the relay on `listener` until `shutdown` fires, then shuts down as
-/// described in the module docs.
+/// described in the module docs. With `admin_listen` set, binds it too.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -227,38 +269,58 @@ pub async fn run_with(
     shutdown: CancellationToken,
     on_ready: impl FnOnce() + Send + 'static,
 ) -> Result<(), StartError> {
+    run_listeners(config, loaded, listener.into(), shutdown, on_ready).await
+}
+
+/// [`run_with`] on explicit [`Listeners`] (`config` validated by the
+/// caller, `loaded` what its validation returned). Without
+/// `listeners.admin`, a configured `admin_listen` is bound here.
+pub async fn run_listeners(
+    config: Config,
+    loaded: &LoadedTls,
+    mut listeners: Listeners,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce() + Send + 'static,
+) -> Result<(), StartError> {
+    if let (None, Some(addr)) = (&listeners.admin, config.admin_listen) {
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::AdminListen { addr, source })?;
+        listeners.admin = Some(admin);
+    }
     let store = open_store(&config, loaded).await?;
     let relay = Relay::with_loaded(config, loaded, store, shutdown)?;
-    let probe = relay.clone();
-    relay.tasks.spawn(async move {
-        let mut warned = false;
-        loop {
-            match probe.store.ping().await {
-                Ok(_) => {
-                    if warned {
-                        tracing::info!("store reachable");
-                    }
-                    on_ready();
-                    return;
-                }
-                Err(e) if !warned => {
-                    tracing::warn!(cause = %e, "store unreachable; serving and recording in memory, retrying in the background");
-                    warned = true;
-                }
-                Err(_) => {}
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = probe.shutdown.cancelled() => return,
-            }
-        }
-    });
-    serve(relay, listener).await;
+    // One probe per relay keeps the store's health (see `health`); it
+    // calls `on_ready` the first time the store answers.
+    crate::health::spawn_probe(
+        relay.store.clone(),
+        relay.store_health.clone(),
+        &relay.tasks,
+        relay.hard_stop.clone(),
+        on_ready,
+    );
+    serve_listeners(relay, listeners).await;
     Ok(())
 }
 
 /// The accept loop and shutdown sequence for an already built [`Relay`].
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+    serve_listeners(relay, listener.into()).await
+}
+
+/// [`serve`] on explicit [`Listeners`].
+pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
+    let Listeners {
+        public: listener,
+        admin,
+    } = listeners;
+    if let Some(admin) = admin {
+        relay.admin_listener.store(true, Ordering::SeqCst);
+        let r = relay.clone();
+        relay
+            .tasks
+            .spawn(crate::admin::serve_listener(r, admin).instrument(tracing::info_span!("admin")));
+    }
     let limits = &relay.config.limits;
     // Request heads over `limits.max_request_headers` (bytes) or
     // `max_request_header_count` (fields, HTTP/1 only) are answered 431 by

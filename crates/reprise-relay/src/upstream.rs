@@ -147,16 +147,22 @@ const FORWARDING: [&str; 5] = [
 /// `-Host` are kept (or set, if absent). From anyone else, all of them
 /// (and `X-Real-IP`) are dropped and replaced: `X-Forwarded-For` is the
 /// peer, `-Proto` how it reached Reprise (`https` with `[tls]`), `-Host`
-/// the `Host` it asked for.
+/// the `Host` it asked for, or on HTTP/2 the request's `:authority`
+/// (`request_authority`).
 pub fn upstream_request_headers(
     client_headers: &HeaderMap,
+    request_authority: Option<&http::uri::Authority>,
     fwd: &Forwarding,
     https: bool,
     upstream_authority: &str,
 ) -> HeaderMap {
     let mut h = client_headers.clone();
     strip_hop_by_hop(&mut h);
-    let original_host = h.remove(header::HOST);
+    // HTTP/2 (and HTTP/3) clients name the host in `:authority`, which
+    // hyper puts in the request URI, and usually send no `Host` at all.
+    let original_host = h
+        .remove(header::HOST)
+        .or_else(|| request_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if let Ok(v) = HeaderValue::from_str(upstream_authority) {
         h.insert(header::HOST, v);
     }
@@ -237,7 +243,7 @@ mod tests {
             peer_trusted: true,
             client_ip: "10.0.0.1".parse().unwrap(),
         };
-        let out = upstream_request_headers(&h, &trusted_peer, false, "up:3000");
+        let out = upstream_request_headers(&h, None, &trusted_peer, false, "up:3000");
         assert!(out.get("x-secret-hop").is_none());
         assert!(out.get("keep-alive").is_none());
         assert!(out.get(header::TE).is_none());
@@ -266,21 +272,39 @@ mod tests {
             peer_trusted: false,
             client_ip: "203.0.113.5".parse().unwrap(),
         };
-        let out = upstream_request_headers(&h, &fwd, false, "up");
+        let out = upstream_request_headers(&h, None, &fwd, false, "up");
         assert_eq!(out["x-forwarded-for"], "203.0.113.5");
         assert_eq!(out["x-forwarded-proto"], "http");
         assert_eq!(out["x-forwarded-host"], "relay.example");
         assert!(out.get(header::FORWARDED).is_none());
         assert!(out.get("x-real-ip").is_none());
-        let out = upstream_request_headers(&h, &fwd, true, "up");
+        let out = upstream_request_headers(&h, None, &fwd, true, "up");
         assert_eq!(out["x-forwarded-proto"], "https");
 
         fwd.peer_trusted = true;
-        let out = upstream_request_headers(&h, &fwd, false, "up");
+        let out = upstream_request_headers(&h, None, &fwd, false, "up");
         assert_eq!(out["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 203.0.113.5");
         assert_eq!(out["x-forwarded-proto"], "https");
         assert_eq!(out["x-forwarded-host"], "evil.example");
         assert_eq!(out[header::FORWARDED], "for=6.6.6.6, for=203.0.113.5");
         assert_eq!(out["x-real-ip"], "6.6.6.6");
+    }
+
+    #[test]
+    fn http2_requests_forward_their_authority_as_host() {
+        let fwd = Forwarding {
+            peer: "203.0.113.5".parse().unwrap(),
+            peer_trusted: false,
+            client_ip: "203.0.113.5".parse().unwrap(),
+        };
+        let authority: http::uri::Authority = "relay.example:8443".parse().unwrap();
+        let out = upstream_request_headers(&HeaderMap::new(), Some(&authority), &fwd, true, "up");
+        assert_eq!(out["x-forwarded-host"], "relay.example:8443");
+        assert_eq!(out[header::HOST], "up");
+        // A Host header, where there is one, wins.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("relay.example"));
+        let out = upstream_request_headers(&h, Some(&authority), &fwd, true, "up");
+        assert_eq!(out["x-forwarded-host"], "relay.example");
     }
 }

@@ -317,4 +317,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Round trip to the backend, for readiness checks.
     async fn ping(&self) -> Result<Duration, StoreError>;
+
+    /// Whether the backend's connections are up right now, as its client
+    /// library sees them, without a round trip: `Some(false)` as soon as
+    /// every connection dropped (a server killed or restarted), `None` if
+    /// the backend cannot tell (embedded; a Redis Cluster, whose client
+    /// reports its least healthy node). A stalled server still counts as
+    /// connected: only [`Store::ping`] with a deadline finds that out. A
+    /// wrapper around a store must pass this through.
+    fn connected(&self) -> Option<bool> {
+        None
+    }
 }

@@ -1,5 +1,5 @@
 //! The `reprise` binary: parse flags, load the config, start logging, bind,
-//! and hand over to `reprise_relay::server::run_with`. Signals start the
+//! and hand over to `reprise_relay::server::run_listeners`. Signals start the
 //! shutdown; systemd hears about both ends (`READY=1`, `STOPPING=1`).
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,12 @@ struct Cli {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+
+    /// Serve /_reprise/metrics, healthz and readyz on this address only
+    /// (plain HTTP). Falls back to $REPRISE_ADMIN_LISTEN, then the config
+    /// file's `admin_listen`.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
 
     /// Redis URL (fred syntax). Falls back to $REPRISE_REDIS_URL, the config
     /// file, then $REDIS_URL; none of them selects the embedded store.
@@ -65,6 +71,10 @@ fn main() -> ExitCode {
     if cli.check_config {
         println!("configuration OK");
         println!("listen = {}", config.listen);
+        match config.admin_listen {
+            Some(a) => println!("admin_listen = {a} (metrics, healthz, readyz only there)"),
+            None => println!("admin_listen = (not set: metrics, healthz, readyz on listen)"),
+        }
         match &config.store.redis_url {
             Some(u) => println!("store = redis ({})", redact_url(u.expose())),
             None => println!("store = embedded in-memory"),
@@ -125,6 +135,7 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     let over = Overrides {
         file: cli.config.clone(),
         listen: cli.listen,
+        admin_listen: cli.admin_listen,
         redis: cli.redis.clone(),
         upstream: cli.upstream.clone(),
     };
@@ -152,7 +163,18 @@ async fn serve(config: Config, tls: LoadedTls) -> anyhow::Result<()> {
         let status = format!("listening on {addr}, store: {store}");
         notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
     };
-    reprise_relay::server::run_with(config, &tls, listener, shutdown, ready).await?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            listen(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on admin_listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let listeners = reprise_relay::Listeners {
+        public: listener,
+        admin,
+    };
+    reprise_relay::server::run_listeners(config, &tls, listeners, shutdown, ready).await?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! (see the module docs of `redis` for what each sends).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -565,5 +566,17 @@ impl Store for RedisStore {
         let start = Instant::now();
         let () = self.inner.pool.ping(None).await.map_err(map_err)?;
         Ok(start.elapsed())
+    }
+
+    fn connected(&self) -> Option<bool> {
+        let clients = self.inner.pool.clients();
+        // A cluster client reports its least healthy node: one node down
+        // (or failing over) is not the whole store, so only PING decides.
+        if clients.iter().any(|c| c.is_clustered()) {
+            return None;
+        }
+        // fred flips a client's state as soon as its socket closes; one
+        // pooled connection up is enough to serve (`prefer_connected`).
+        Some(self.inner.ready.load(Ordering::Acquire) && clients.iter().any(|c| c.is_connected()))
     }
 }
