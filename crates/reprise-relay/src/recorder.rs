@@ -94,7 +94,12 @@ pub fn spawn(
 /// Turns upstream bytes into entry payloads, per format.
 enum Framer {
     /// SSE events, re-encoded as their fields (no id, no blank line).
-    Sse { parser: Parser },
+    /// `trailing_retry`: the `retry` of the block the body ended inside,
+    /// kept by [`Framer::finish`] for [`Framer::take_retry`].
+    Sse {
+        parser: Parser,
+        trailing_retry: Option<u64>,
+    },
     /// NDJSON lines, as sent.
     Ndjson(LineSplitter),
 }
@@ -104,6 +109,7 @@ impl Framer {
         match format {
             Format::Sse => Framer::Sse {
                 parser: Parser::new(limits),
+                trailing_retry: None,
             },
             Format::Ndjson => Framer::Ndjson(LineSplitter::new(limits.max_line)),
         }
@@ -142,7 +148,11 @@ impl Framer {
     /// End of the body: a last NDJSON line without line end, if any.
     fn finish(&mut self) -> Option<Bytes> {
         match self {
-            Framer::Sse { parser, .. } => {
+            Framer::Sse {
+                parser,
+                trailing_retry,
+            } => {
+                *trailing_retry = parser.take_retry();
                 if parser.finish() {
                     tracing::debug!(
                         "upstream ended inside an event; the incomplete event was discarded"
@@ -152,6 +162,29 @@ impl Framer {
             }
             Framer::Ndjson(lines) => lines.finish(),
         }
+    }
+
+    /// The payload of a `retry`-only event for a `retry` field read in a
+    /// block that will never be dispatched (the body ended or failed inside
+    /// it), if any. A browser reading the upstream directly applies such a
+    /// `retry` on reading its line; readers get it this way, as an event
+    /// without data, which no EventSource dispatches.
+    fn take_retry(&mut self) -> Option<BytesMut> {
+        let Framer::Sse {
+            parser,
+            trailing_retry,
+        } = self
+        else {
+            return None;
+        };
+        let retry = trailing_retry.take().or_else(|| parser.take_retry())?;
+        let mut fields = BytesMut::new();
+        let event = reprise_core::sse::Event {
+            retry: Some(retry),
+            ..Default::default()
+        };
+        encode_fields(&event, &mut fields);
+        Some(fields)
     }
 }
 
@@ -419,6 +452,15 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
     };
     // Dropping the body here closes the upstream connection on failures.
     drop(body);
+    // Whatever ended the read, a `retry` the upstream sent in the last,
+    // unfinished block still reaches the readers, before the end. Not
+    // subject to the stream limits: it is a few bytes, once.
+    if let Some(fields) = framer.take_retry() {
+        if live.push_event(&fields).is_some() {
+            metrics.events_recorded.inc();
+            metrics.bytes_recorded.inc_by(fields.len() as u64);
+        }
+    }
     let entries = live.last_seq().0;
     match &outcome {
         Outcome::Completed => tracing::info!(entries, "stream completed"),
