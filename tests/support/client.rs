@@ -468,3 +468,54 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// Parses a whole SSE body with the independent parser (`eventsource-stream`): the events a
+/// browser would dispatch, and the last event id it would then send on reconnecting (which an
+/// empty block with an `id:` also sets, as in a browser).
+pub async fn parse_sse(body: &[u8]) -> (Vec<SseEvent>, String) {
+    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(
+        Bytes::copy_from_slice(body),
+    )];
+    let mut events = futures::stream::iter(chunks).eventsource();
+    let mut parsed = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => parsed.push(SseEvent::from(event)),
+            Err(err) => panic!("parse_sse: {err}"),
+        }
+    }
+    let last_id = events.last_event_id().to_owned();
+    (parsed, last_id)
+}
+
+/// Every reconnection time a browser sets while reading `body`, in order, written here from
+/// the HTML standard (not with Reprise's parser): each complete line (CR, LF or CRLF
+/// terminated) whose field is `retry` and whose value is ASCII digits sets it at once,
+/// whether or not its block is ever dispatched. A last line without terminator is not read.
+pub fn reconnection_times(body: &[u8]) -> Vec<Duration> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut times = Vec::new();
+    let mut rest = body;
+    while let Some(end) = rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+        let line = &rest[..end];
+        let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+        let Some(value) = line.strip_prefix(b"retry:") else {
+            continue;
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
+            if let Some(ms) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                times.push(Duration::from_millis(ms));
+            }
+        }
+    }
+    times
+}
