@@ -470,12 +470,9 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Parses a whole SSE body with the independent parser (`eventsource-stream`): the events a
-/// browser would dispatch, and the last event id it would then send on reconnecting (which an
-/// empty block with an `id:` also sets, as in a browser).
-pub async fn parse_sse(body: &[u8]) -> (Vec<SseEvent>, String) {
-    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(
-        Bytes::copy_from_slice(body),
-    )];
+/// client dispatches.
+pub async fn parse_sse(body: &[u8]) -> Vec<SseEvent> {
+    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(Bytes::copy_from_slice(body))];
     let mut events = futures::stream::iter(chunks).eventsource();
     let mut parsed = Vec::new();
     while let Some(event) = events.next().await {
@@ -484,38 +481,66 @@ pub async fn parse_sse(body: &[u8]) -> (Vec<SseEvent>, String) {
             Err(err) => panic!("parse_sse: {err}"),
         }
     }
-    let last_id = events.last_event_id().to_owned();
-    (parsed, last_id)
+    parsed
+}
+
+/// The complete lines of an SSE body (CR, LF or CRLF terminated; a leading BOM skipped), as
+/// the HTML standard splits them; a last line without terminator is not read.
+fn sse_lines(body: &[u8]) -> Vec<&[u8]> {
+    let mut rest = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut lines = Vec::new();
+    while let Some(end) = rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+        lines.push(&rest[..end]);
+        let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+        rest = &rest[end + if crlf { 2 } else { 1 }..];
+    }
+    lines
+}
+
+/// A line's field name and value (one leading space removed), `None` for a comment.
+fn sse_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    match line.iter().position(|&b| b == b':') {
+        Some(0) => None,
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            Some((&line[..colon], value.strip_prefix(b" ").unwrap_or(value)))
+        }
+        None => Some((line, &[][..])),
+    }
 }
 
 /// Every reconnection time a browser sets while reading `body`, in order, written here from
-/// the HTML standard (not with Reprise's parser): each complete line (CR, LF or CRLF
-/// terminated) whose field is `retry` and whose value is ASCII digits sets it at once,
-/// whether or not its block is ever dispatched. A last line without terminator is not read.
+/// the HTML standard (not with Reprise's parser): each complete line whose field is `retry`
+/// and whose value is ASCII digits sets it at once, whether or not its block is ever
+/// dispatched.
 pub fn reconnection_times(body: &[u8]) -> Vec<Duration> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    let mut times = Vec::new();
-    let mut rest = body;
-    while let Some(end) = rest.iter().position(|&b| b == b'\r' || b == b'\n') {
-        let line = &rest[..end];
-        let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
-            2
-        } else {
-            1
-        };
-        rest = &rest[end + skip..];
-        let Some(value) = line.strip_prefix(b"retry:") else {
+    sse_lines(body)
+        .into_iter()
+        .filter_map(sse_field)
+        .filter(|(name, value)| {
+            *name == b"retry" && !value.is_empty() && value.iter().all(u8::is_ascii_digit)
+        })
+        .filter_map(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .collect()
+}
+
+/// The last event id a browser sends when it reconnects after reading `body`, by the HTML
+/// standard: an `id` field (without NUL) sets the buffer, and every blank line makes it the
+/// event source's last event id, even for a block with no data that dispatches no event
+/// (`eventsource-stream` skips those).
+pub fn browser_last_event_id(body: &[u8]) -> String {
+    let (mut buffer, mut last) = (Vec::new(), Vec::new());
+    for line in sse_lines(body) {
+        if line.is_empty() {
+            last.clone_from(&buffer);
             continue;
-        };
-        let value = value.strip_prefix(b" ").unwrap_or(value);
-        if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-            if let Some(ms) = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                times.push(Duration::from_millis(ms));
+        }
+        if let Some((b"id", value)) = sse_field(line) {
+            if !value.contains(&0) {
+                buffer = value.to_vec();
             }
         }
     }
-    times
+    String::from_utf8_lossy(&last).into_owned()
 }
