@@ -472,7 +472,9 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// Parses a whole SSE body with the independent parser (`eventsource-stream`): the events a
 /// client dispatches.
 pub async fn parse_sse(body: &[u8]) -> Vec<SseEvent> {
-    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(Bytes::copy_from_slice(body))];
+    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(
+        Bytes::copy_from_slice(body),
+    )];
     let mut events = futures::stream::iter(chunks).eventsource();
     let mut parsed = Vec::new();
     while let Some(event) = events.next().await {
