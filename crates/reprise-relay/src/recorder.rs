@@ -493,8 +493,9 @@ async fn produce(
                 frame_all(&mut framer, &mut batch, &mut events, &mut recorded)
             }
             // A compressed read is decoded a bounded step at a time, each
-            // step framed before the next, so that what it expands to is
-            // never all held at once.
+            // step framed (under the stream limits) before the next, so the
+            // decoded bytes held at once are one step's expansion, however
+            // much the whole read expands to.
             Some(decoder) => {
                 let mut data = data;
                 loop {
