@@ -9,7 +9,8 @@
 //! after the end. The page is served by the upstream through Reprise on the
 //! stream's origin (a pass-through response); one test serves it from
 //! another origin, where the browser checks CORS headers on every
-//! reconnection.
+//! reconnection. Another checks that a `retry` in the block the upstream's
+//! body ends inside sets the browser's reconnection time.
 
 #[path = "js/node.rs"]
 mod node;
@@ -401,5 +402,46 @@ async fn eventsource_sees_reprise_error_then_stops() {
         "no reconnection after 204"
     );
     assert_eq!(setup.stream_requests(), 1);
+    setup.relay.stop().await;
+}
+
+/// A `retry` in the block the upstream's body ends inside: a browser applies
+/// it on reading the line, so through Reprise it must too. The first event
+/// sets a reconnection time of ten minutes; the unfinished last block sets
+/// 10 ms. Only if that last `retry` reached the browser does it reconnect
+/// (and get `204`, since the `retry` block's id is the end) within the
+/// test's bounds; with ten minutes it would not, so the margin is the whole
+/// bound, not a timing guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventsource_applies_a_retry_the_stream_ends_inside() {
+    let (setup, ctl) = Setup::start().await;
+    let mut browser = setup.browser(false);
+
+    assert_eq!(browser.report().await, json!({"kind": "open"}));
+    ctl.request().await;
+    ctl.send("retry: 600000\n").await;
+    ctl.send(event(&data(1))).await;
+    let got = messages(&mut browser, 1).await;
+    ctl.send("retry: 10\n").await;
+    ctl.finish();
+
+    assert_eq!(
+        browser.report().await,
+        json!({"kind": "error", "readyState": 0}),
+        "the end of the response makes it reconnect"
+    );
+    assert_eq!(
+        browser.report().await,
+        json!({"kind": "error", "readyState": 2}),
+        "it reconnected at once (the last retry applied) and 204 closed it"
+    );
+    let rest = browser.finish().await;
+    assert_eq!(rest, [json!({"kind": "final", "readyState": 2})]);
+    assert_eq!(got[0]["data"], data(1));
+    assert_eq!(
+        setup.stream_requests(),
+        1,
+        "the reconnection was answered by Reprise"
+    );
     setup.relay.stop().await;
 }

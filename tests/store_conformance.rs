@@ -129,6 +129,16 @@ impl Fixture {
         }
     }
 
+    /// Another store on this fixture's data (the same servers) with other
+    /// options; for the memory backend, a new store (its data is its own).
+    async fn store_with(&self, opts: StoreOptions) -> Arc<dyn Store> {
+        match &self.servers {
+            Servers::None => Arc::new(MemoryStore::new(opts, MemoryLimits::default())),
+            Servers::Redis(server) => connect(&server.url(), &opts).await,
+            Servers::Cluster(cluster) => connect(&cluster.url(), &opts).await,
+        }
+    }
+
     /// Ports of every Redis process behind this fixture.
     fn ports(&self) -> Vec<u16> {
         match &self.servers {
@@ -573,10 +583,18 @@ mod cases {
         assert_eq!(f.store.resolve_key(&absent).await.unwrap(), None);
     }
 
+    /// A finished stream expires `retention` after its end; a live one does
+    /// not go with it, and a live one whose producer vanished goes after
+    /// `max_stream_duration + retention`, not before.
+    ///
+    /// Real time on Redis, so each claim is checked where no machine is too
+    /// slow to check it: the live stream beside the finished one has a
+    /// `max_stream_duration` of an hour, so it must be there whenever the
+    /// finished one is seen gone; the abandoned stream's lower bound is
+    /// measured from before its creation, so slowness only lengthens it.
     pub async fn retention_expires_finished_streams_not_live_ones(backend: Backend) {
         let retention = Duration::from_secs(1);
-        let max_duration = Duration::from_secs(3);
-        let f = Fixture::new(backend, options(retention, max_duration)).await;
+        let f = Fixture::new(backend, options(retention, Duration::from_secs(3600))).await;
         let live_key = KeyRef {
             route: "/r".into(),
             key: "live".into(),
@@ -586,7 +604,6 @@ mod cases {
             key: "done".into(),
         };
 
-        let live_created = std::time::Instant::now();
         let live = new_stream(&*f.store).await;
         f.store.append(live, &events(1..=2)).await.unwrap();
         f.store.bind_key(&live_key, live).await.unwrap();
@@ -602,9 +619,11 @@ mod cases {
         assert!(f.store.meta(done).await.unwrap().is_some());
         assert_eq!(f.store.resolve_key(&done_key).await.unwrap(), Some(done));
 
+        // Gone after the retention, not after the binding's initial lifetime
+        // (an hour and a second): the end shortened both.
         let store = f.store.clone();
         eventually(
-            retention * 8,
+            retention * 30,
             "the finished stream and its binding to expire",
             || {
                 let store = store.clone();
@@ -617,40 +636,42 @@ mod cases {
             },
         )
         .await;
-
-        // Gone after the retention, well before the binding's initial
-        // lifetime (max duration + retention): the end shortened it.
+        // The live stream is all there: the finished one's retention is not
+        // its own.
         assert!(
-            live_created.elapsed() < max_duration,
-            "finished stream or its binding lasted {:?}",
-            live_created.elapsed()
+            f.store.meta(live).await.unwrap().is_some(),
+            "the live stream expired with the finished one"
         );
-        // The live stream outlives the finished one's retention.
-        if live_created.elapsed() < max_duration {
-            assert!(
-                f.store.meta(live).await.unwrap().is_some(),
-                "live stream vanished early"
-            );
-            assert_eq!(f.store.read(live, Seq::ZERO, 10).await.unwrap().len(), 2);
-            assert_eq!(f.store.resolve_key(&live_key).await.unwrap(), Some(live));
-        }
-        // A producer that vanished: its records go after max duration + retention.
+        assert_eq!(f.store.read(live, Seq::ZERO, 10).await.unwrap().len(), 2);
+        assert_eq!(f.store.resolve_key(&live_key).await.unwrap(), Some(live));
+
+        // A producer that vanished: its records go after max duration +
+        // retention. A second store on the same data with a short maximum.
+        let max_duration = Duration::from_secs(2);
+        let short = f.store_with(options(retention, max_duration)).await;
+        let created = std::time::Instant::now();
+        let abandoned = new_stream(&*short).await;
+        short.append(abandoned, &events(1..=1)).await.unwrap();
         eventually(
-            (max_duration + retention) * 4,
+            (max_duration + retention) * 10,
             "the abandoned live stream to expire",
             || {
-                let store = store.clone();
+                let short = short.clone();
                 async move {
-                    store.meta(live).await.unwrap().is_none()
-                        && store.read(live, Seq::ZERO, 10).await.unwrap().is_empty()
+                    short.meta(abandoned).await.unwrap().is_none()
+                        && short
+                            .read(abandoned, Seq::ZERO, 10)
+                            .await
+                            .unwrap()
+                            .is_empty()
                 }
             },
         )
         .await;
         assert!(
-            live_created.elapsed() >= max_duration,
+            created.elapsed() >= max_duration,
             "live stream expired after {:?}, before max_stream_duration",
-            live_created.elapsed()
+            created.elapsed()
         );
     }
 
@@ -1940,15 +1961,26 @@ mod redis_only {
 
     /// Dropping a lazy store that never connected stops its connection
     /// attempts: a server that appears later sees no connection from it.
+    ///
+    /// The evidence, without sleeps: the store's tasks (its connection
+    /// loop, fred's connection tasks, its shutdown task) all run on this
+    /// runtime, so once the runtime's count of alive tasks is back to what
+    /// it was before the store, nothing is left that could connect; then a
+    /// server on its port sees only the test's own connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_lazy_store_stops_trying() {
         init_tracing();
         let port = free_port().unwrap();
-        let ropts = redis_options();
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
         let store = RedisStore::connect_lazy(
             &format!("redis://127.0.0.1:{port}"),
             default_options(),
-            ropts.clone(),
+            redis_options(),
         )
         .await
         .unwrap();
@@ -1956,12 +1988,15 @@ mod redis_only {
             store.ping().await,
             Err(StoreError::Unavailable(_))
         ));
+        assert!(alive() > before, "the store works in tasks of its own");
         drop(store);
-        // Scenario durations, not synchronisation: give the shutdown its
-        // bound, then give a store that kept trying several chances to connect.
-        tokio::time::sleep(ropts.command_timeout + ropts.reconnect_max_delay).await;
+        // Its shutdown may take up to the command timeout (a QUIT), then
+        // aborts what is left.
+        eventually(WAIT, "the dropped store's tasks to end", || async {
+            alive() == before
+        })
+        .await;
         let server = RedisServer::start_on_port(port).await.unwrap();
-        tokio::time::sleep(ropts.reconnect_max_delay * 4).await;
         let info = raw_command(server.port(), &["INFO", "clients"])
             .await
             .unwrap();
@@ -2189,18 +2224,39 @@ mod memory_only {
         assert_eq!(st.used_bytes(), 0);
     }
 
-    #[tokio::test]
+    /// The sweep task is the store's only task: dropping the store ends it
+    /// at once (its drop guard), not at its next tick, and leaves a watcher
+    /// that outlived the store harmless. Time is paused: the task could only
+    /// end through the guard.
+    #[tokio::test(start_paused = true)]
     async fn dropping_the_store_stops_the_sweeper() {
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
         let st = store(
             1 << 20,
-            options(Duration::from_millis(20), Duration::from_millis(20)),
+            options(Duration::from_secs(60), Duration::from_secs(60)),
         );
+        assert_eq!(alive(), before + 1, "the sweeper runs");
         let s = new_stream(&st).await;
         st.append(s, &events(1..=1)).await.unwrap();
         let mut w = st.watch(s).await.unwrap();
         drop(st);
-        // The watcher outlives the store without panicking; it just never wakes.
-        assert!(tokio::time::timeout(Duration::from_millis(50), w.changed())
+        // Let the runtime run the cancelled task to its end (no clock moves:
+        // on a paused clock a sleep would auto-advance it).
+        for _ in 0..100 {
+            if alive() == before {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(alive(), before, "the sweeper outlived its store");
+        // The watcher outlives the store without panicking; it just never
+        // wakes, however long one waits.
+        assert!(tokio::time::timeout(Duration::from_secs(3600), w.changed())
             .await
             .is_err());
     }

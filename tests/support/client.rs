@@ -468,3 +468,81 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// Parses a whole SSE body with the independent parser (`eventsource-stream`): the events a
+/// client dispatches.
+pub async fn parse_sse(body: &[u8]) -> Vec<SseEvent> {
+    let chunks = vec![Ok::<Bytes, std::convert::Infallible>(
+        Bytes::copy_from_slice(body),
+    )];
+    let mut events = futures::stream::iter(chunks).eventsource();
+    let mut parsed = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => parsed.push(SseEvent::from(event)),
+            Err(err) => panic!("parse_sse: {err}"),
+        }
+    }
+    parsed
+}
+
+/// The complete lines of an SSE body (CR, LF or CRLF terminated; a leading BOM skipped), as
+/// the HTML standard splits them; a last line without terminator is not read.
+fn sse_lines(body: &[u8]) -> Vec<&[u8]> {
+    let mut rest = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut lines = Vec::new();
+    while let Some(end) = rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+        lines.push(&rest[..end]);
+        let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+        rest = &rest[end + if crlf { 2 } else { 1 }..];
+    }
+    lines
+}
+
+/// A line's field name and value (one leading space removed), `None` for a comment.
+fn sse_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    match line.iter().position(|&b| b == b':') {
+        Some(0) => None,
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            Some((&line[..colon], value.strip_prefix(b" ").unwrap_or(value)))
+        }
+        None => Some((line, &[][..])),
+    }
+}
+
+/// Every reconnection time a browser sets while reading `body`, in order, written here from
+/// the HTML standard (not with Reprise's parser): each complete line whose field is `retry`
+/// and whose value is ASCII digits sets it at once, whether or not its block is ever
+/// dispatched.
+pub fn reconnection_times(body: &[u8]) -> Vec<Duration> {
+    sse_lines(body)
+        .into_iter()
+        .filter_map(sse_field)
+        .filter(|(name, value)| {
+            *name == b"retry" && !value.is_empty() && value.iter().all(u8::is_ascii_digit)
+        })
+        .filter_map(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .collect()
+}
+
+/// The last event id a browser sends when it reconnects after reading `body`, by the HTML
+/// standard: an `id` field (without NUL) sets the buffer, and every blank line makes it the
+/// event source's last event id, even for a block with no data that dispatches no event
+/// (`eventsource-stream` skips those).
+pub fn browser_last_event_id(body: &[u8]) -> String {
+    let (mut buffer, mut last) = (Vec::new(), Vec::new());
+    for line in sse_lines(body) {
+        if line.is_empty() {
+            last.clone_from(&buffer);
+            continue;
+        }
+        if let Some((b"id", value)) = sse_field(line) {
+            if !value.contains(&0) {
+                buffer = value.to_vec();
+            }
+        }
+    }
+    String::from_utf8_lossy(&last).into_owned()
+}

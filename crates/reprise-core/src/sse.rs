@@ -14,6 +14,10 @@
 //! - `id` fields are ignored: Reprise gives every event its own id.
 //! - a block with a valid `retry` but no `data` still yields an [`Event`]
 //!   (with `data: None`), so the reconnection time reaches the readers.
+//! - a valid `retry` in a block that is never dispatched (the body ends, or
+//!   fails, inside it) is kept: [`Parser::take_retry`] hands it out. A
+//!   browser sets its reconnection time as soon as it reads the line, dispatch
+//!   or not, so the relay forwards it as a `retry`-only event.
 //!
 //! Lines that lie within one pushed chunk are sliced out of it without
 //! copying; only a line that straddles chunks is copied into a small buffer,
@@ -172,18 +176,35 @@ impl Parser {
             Ok(event) => Ok(event),
             Err(err) => {
                 // Drop everything held: the caller stops at the first error.
-                let limits = self.limits;
+                // Except a `retry` read before it: a browser has applied it
+                // already (see `take_retry`).
+                let (limits, retry) = (self.limits, self.retry);
                 *self = Parser::new(limits);
                 self.failed = Some(err.clone());
+                self.retry = retry;
                 Err(err)
             }
         }
     }
 
+    /// The last valid `retry` of the block being assembled, which no event
+    /// will carry if the input stops here; taken, so that
+    /// [`finish`](Parser::finish) does not count it as discarded.
+    ///
+    /// For a caller whose input ends (or fails) before the block's blank
+    /// line: a browser sets the reconnection time as soon as it reads a
+    /// `retry` line, whether or not the block is ever dispatched. Call
+    /// [`next_event`](Parser::next_event) until it returns `Ok(None)` (or an
+    /// error) first: a `retry` in a chunk not scanned yet is not seen.
+    pub fn take_retry(&mut self) -> Option<u64> {
+        self.retry.take()
+    }
+
     /// End of input: returns true if an incomplete event was discarded.
     ///
     /// As the standard says, a line without terminator and fields without a
-    /// blank line after them are dropped. Call [`next_event`](Parser::next_event)
+    /// blank line after them are dropped (a `retry` among them included:
+    /// [`take_retry`](Parser::take_retry) first to keep it). Call [`next_event`](Parser::next_event)
     /// until it returns `Ok(None)` first: chunks not scanned yet count as
     /// discarded too. The parser is then reset, ready for a new stream.
     pub fn finish(&mut self) -> bool {
@@ -407,11 +428,13 @@ mod tests {
     use proptest::prelude::*;
 
     /// Everything the parser produced for `chunks`: the events, the error
-    /// that stopped it if any, and `finish()`'s answer (`None` after an error).
+    /// that stopped it if any, the `retry` of a block left undispatched
+    /// (`take_retry()`), and `finish()`'s answer (`None` after an error).
     #[derive(Debug, PartialEq, Eq)]
     struct Outcome {
         events: Vec<Event>,
         error: Option<ParseError>,
+        trailing_retry: Option<u64>,
         discarded: Option<bool>,
     }
 
@@ -431,6 +454,7 @@ mod tests {
                         return Outcome {
                             events,
                             error: Some(error),
+                            trailing_retry: parser.take_retry(),
                             discarded: None,
                         }
                     }
@@ -440,6 +464,7 @@ mod tests {
         Outcome {
             events,
             error: None,
+            trailing_retry: parser.take_retry(),
             discarded: Some(parser.finish()),
         }
     }
@@ -639,6 +664,40 @@ mod tests {
     }
 
     #[test]
+    fn retry_of_an_undispatched_block_is_kept() {
+        // The body ends inside a block: a browser has applied the retry.
+        let outcome = run(Limits::default(), [&b"data: a\n\nretry: 500\n"[..]]);
+        assert_eq!(outcome.events, vec![data("a")]);
+        assert_eq!(outcome.trailing_retry, Some(500));
+        assert_eq!(outcome.discarded, Some(false), "nothing else was left");
+        // ... with other fields that are lost.
+        let outcome = run(Limits::default(), [&b"retry: 1\ndata: x\nretry: 2\n"[..]]);
+        assert_eq!(outcome.events, vec![]);
+        assert_eq!(outcome.trailing_retry, Some(2));
+        assert_eq!(outcome.discarded, Some(true));
+        // A line without its line end is not read yet; an invalid value
+        // does not count.
+        for input in [&b"retry: 500"[..], b"retry: x\n", b"data: a\n\n"] {
+            assert_eq!(run(Limits::default(), [input]).trailing_retry, None);
+        }
+        // Read before a later line broke a limit: still there.
+        let limits = Limits {
+            max_line: 12,
+            max_event: 100,
+        };
+        let outcome = run(limits, [&b"retry: 500\ndata: far too long\n\n"[..]]);
+        assert_eq!(outcome.error, Some(ParseError::LineTooLong { limit: 12 }));
+        assert_eq!(outcome.trailing_retry, Some(500));
+        // Taken once; `finish` then no longer counts it.
+        let mut parser = Parser::new(Limits::default());
+        parser.push(Bytes::from_static(b"retry: 7\n"));
+        assert_eq!(parser.next_event(), Ok(None));
+        assert_eq!(parser.take_retry(), Some(7));
+        assert_eq!(parser.take_retry(), None);
+        assert!(!parser.finish());
+    }
+
+    #[test]
     fn retry_invalid_ignored() {
         for line in [
             &b"retry: 1.5"[..],
@@ -691,13 +750,15 @@ mod tests {
 
     #[test]
     fn finish_discards_incomplete() {
-        let cases: [(&[u8], bool); 8] = [
+        let cases: [(&[u8], bool); 9] = [
             (b"", false),
             (b"data: a\n\n", false),
             (b"data: a", true),
             (b"data: a\n", true),
             (b"event: x\n", true),
-            (b"retry: 1\n", true),
+            // `run` took the retry first (`take_retry`): nothing else is left.
+            (b"retry: 1\n", false),
+            (b"retry: 1\nevent: x\n", true),
             (b": comment\n", false),
             (b"data: a\n\n:", true),
         ];
@@ -936,7 +997,9 @@ mod tests {
 
     /// The standard's algorithm transcribed as plainly as possible, on a
     /// whole input without limits: the model the parser is checked against.
-    fn reference(input: &[u8]) -> Vec<Event> {
+    /// Also returns the reconnection time set by a block that was never
+    /// dispatched (the input ends inside it), if any.
+    fn reference(input: &[u8]) -> (Vec<Event>, Option<u64>) {
         let input = input.strip_prefix(&BOM[..]).unwrap_or(input);
         // Split into terminated lines; an unterminated last line is dropped.
         let mut lines = Vec::new();
@@ -1005,7 +1068,7 @@ mod tests {
                 _ => {}
             }
         }
-        events
+        (events, retry)
     }
 
     proptest! {
@@ -1026,7 +1089,9 @@ mod tests {
         fn matches_the_standard(input in sse_bytes()) {
             let outcome = run(Limits::default(), [&input[..]]);
             prop_assert_eq!(outcome.error, None);
-            prop_assert_eq!(outcome.events, reference(&input));
+            let (events, trailing_retry) = reference(&input);
+            prop_assert_eq!(outcome.events, events);
+            prop_assert_eq!(outcome.trailing_retry, trailing_retry);
         }
 
         #[test]

@@ -39,6 +39,33 @@ pub struct Hub {
 /// One shared metadata lookup: the first resume does it, the others wait.
 type MetaFlight = tokio::sync::OnceCell<Result<Option<StreamMeta>, StoreError>>;
 
+/// One resume waiting on a [`MetaFlight`]. Its drop retires the flight from
+/// the hub's map when the lookup is done (the first to finish retires it:
+/// later resumes read afresh, by then the stream is usually held here), or
+/// when it is the last waiter to leave (its client hung up mid-lookup and
+/// the future was dropped): a flight nobody waits on must not stay forever.
+struct FlightWaiter<'a> {
+    hub: &'a Hub,
+    id: StreamId,
+    flight: Arc<MetaFlight>,
+    done: bool,
+}
+
+impl Drop for FlightWaiter<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.hub.flights();
+        let registered = flights
+            .get(&self.id)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight));
+        // Waiters clone the flight only under this lock, so the count is
+        // exact here: the map's reference plus this waiter's means no one
+        // else waits.
+        if registered && (self.done || Arc::strong_count(&self.flight) == 2) {
+            flights.remove(&self.id);
+        }
+    }
+}
+
 impl Hub {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Arc<LiveStream>>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
@@ -121,23 +148,28 @@ impl Hub {
         store: &dyn Store,
         id: StreamId,
     ) -> Result<Option<StreamMeta>, StoreError> {
-        let flight = {
-            let mut flights = self.meta_flights.lock().unwrap_or_else(|p| p.into_inner());
-            flights.entry(id).or_default().clone()
-        };
-        let result = flight.get_or_init(|| store.meta(id)).await;
-        // The first to finish retires the flight: later resumes read afresh
-        // (by then the stream is usually held here anyway).
-        {
-            let mut flights = self.meta_flights.lock().unwrap_or_else(|p| p.into_inner());
-            if flights.get(&id).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                flights.remove(&id);
+        let mut waiter = {
+            let mut flights = self.flights();
+            FlightWaiter {
+                hub: self,
+                id,
+                flight: flights.entry(id).or_default().clone(),
+                done: false,
             }
-        }
-        match result {
+        };
+        let result = waiter.flight.get_or_init(|| store.meta(id)).await;
+        // Dropping the waiter retires the flight (see `FlightWaiter`).
+        waiter.done = true;
+        let result = match result {
             Ok(meta) => Ok(meta.clone()),
             Err(e) => Err(e.clone()),
-        }
+        };
+        drop(waiter);
+        result
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Arc<MetaFlight>>> {
+        self.meta_flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Attaches a reader to a stream held here, if any.
@@ -323,5 +355,141 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
     // Ended (or stopping): drop the log once no reader uses it.
     while !hub.remove_if_idle(&live) && !ctx.stop.is_cancelled() {
         tokio::time::sleep(ctx.poll_interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use reprise_core::Seq;
+    use reprise_store::{
+        Entry, KeyRef, LeaseRenewal, MemoryLimits, MemoryStore, StoreOptions, Watcher,
+    };
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The real memory store, except that `meta` hangs while `stalled` is
+    /// set: a lookup a client can walk away from.
+    struct Stalling {
+        inner: MemoryStore,
+        stalled: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for Stalling {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+            self.inner.create(meta).await
+        }
+        async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+            self.inner.append(stream, entries).await
+        }
+        async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
+            if self.stalled.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.meta(stream).await
+        }
+        async fn read(
+            &self,
+            stream: StreamId,
+            after: Seq,
+            limit: usize,
+        ) -> Result<Vec<Entry>, StoreError> {
+            self.inner.read(stream, after, limit).await
+        }
+        async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+            self.inner.bind_key(key, stream).await
+        }
+        async fn claim_key(
+            &self,
+            key: &KeyRef,
+            stream: StreamId,
+        ) -> Result<Option<StreamId>, StoreError> {
+            self.inner.claim_key(key, stream).await
+        }
+        async fn release_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError> {
+            self.inner.release_key(key, stream).await
+        }
+        async fn resolve_key(&self, key: &KeyRef) -> Result<Option<StreamId>, StoreError> {
+            self.inner.resolve_key(key).await
+        }
+        async fn renew_lease(
+            &self,
+            stream: StreamId,
+            owner: &str,
+            now_ms: u64,
+            until_ms: u64,
+        ) -> Result<LeaseRenewal, StoreError> {
+            self.inner
+                .renew_lease(stream, owner, now_ms, until_ms)
+                .await
+        }
+        async fn request_cancel(&self, stream: StreamId) -> Result<bool, StoreError> {
+            self.inner.request_cancel(stream).await
+        }
+        async fn set_signals(
+            &self,
+            stream: StreamId,
+            signals: reprise_core::Dialect,
+        ) -> Result<(), StoreError> {
+            self.inner.set_signals(stream, signals).await
+        }
+        async fn end_if_abandoned(
+            &self,
+            stream: StreamId,
+            now_ms: u64,
+            outcome: &Outcome,
+        ) -> Result<Option<Seq>, StoreError> {
+            self.inner.end_if_abandoned(stream, now_ms, outcome).await
+        }
+        async fn watch(&self, stream: StreamId) -> Result<Watcher, StoreError> {
+            self.inner.watch(stream).await
+        }
+        async fn ping(&self) -> Result<Duration, StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    fn stalling() -> Stalling {
+        let opts = StoreOptions {
+            key_prefix: "reprise:".into(),
+            retention: Duration::from_secs(60),
+            max_stream_duration: Duration::from_secs(60),
+        };
+        Stalling {
+            inner: MemoryStore::new(opts, MemoryLimits::default()),
+            stalled: AtomicBool::new(true),
+        }
+    }
+
+    #[tokio::test]
+    async fn resumes_that_leave_during_a_lookup_leave_no_flight_behind() {
+        let hub = Hub::default();
+        let store = stalling();
+        let id = StreamId::random();
+        let mut first = Box::pin(hub.meta(&store, id));
+        let mut second = Box::pin(hub.meta(&store, id));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        assert_eq!(hub.flights().len(), 1, "one shared lookup");
+        // The one doing the lookup leaves: the other still waits on it.
+        drop(first);
+        assert_eq!(hub.flights().len(), 1);
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        // The last one leaves: nothing is left.
+        drop(second);
+        assert_eq!(hub.flights().len(), 0);
+
+        // A lookup that completes retires its flight too, and a new one
+        // after a departed waiter works.
+        let mut abandoned = Box::pin(hub.meta(&store, id));
+        assert!(futures::poll!(abandoned.as_mut()).is_pending());
+        drop(abandoned);
+        store.stalled.store(false, Ordering::SeqCst);
+        assert!(matches!(hub.meta(&store, id).await, Ok(None)));
+        assert_eq!(hub.flights().len(), 0);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`upstream`]: the HTTP(S) client and reverse-proxy header rules;
 //! - [`tls`]: certificates and trusted roots (listener, upstreams, Redis);
 //! - [`recorder`]: producer (upstream body → log) and writer (log → store);
+//! - [`decode`]: gzip, deflate and br upstream bodies, decoded for the recorder;
 //! - [`live`]: one stream's in-memory log, shared by producer and readers;
 //! - [`hub`]: this instance's logs, and loaders that follow the store;
 //! - [`reader`]: the response body that sends a client a stream;
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod body;
 pub mod cancel;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod forwarded;
 pub mod health;

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::body::{full, Body, Bounded, BoxError, Holding};
 use crate::config::KeySource;
+use crate::decode::Coding;
 use crate::error::RelayError;
 use crate::live::LiveStream;
 use crate::metrics::{StatusLabels, UpstreamErrorLabels};
@@ -453,7 +454,7 @@ async fn forward(
     } else {
         None
     };
-    let Some(format) = format else {
+    let Some((format, coding)) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
         // Bursts go out in one write (see `Coalesce`).
         let body = crate::body::Coalesce::new(resp_body)
@@ -517,9 +518,19 @@ async fn forward(
         key,
     });
     let registered = recorder::register(relay, &meta, key_ref.as_ref()).await;
-    recorder::spawn(relay, live.clone(), resp_body, meta, key_ref, registered);
+    recorder::spawn(
+        relay,
+        live.clone(),
+        resp_body,
+        coding,
+        meta,
+        key_ref,
+        registered,
+    );
 
     resp_parts.headers.remove(header::CONTENT_LENGTH);
+    // Readers get the decoded stream (with Reprise's ids), as every resume does.
+    resp_parts.headers.remove(header::CONTENT_ENCODING);
     resume::sse_headers(&mut resp_parts.headers, stream);
     let guard = live.attach();
     let body = reader::body(
@@ -568,23 +579,33 @@ fn json_key(body: &[u8], pointer: &str) -> Option<String> {
     }
 }
 
-/// The format of a response Reprise records: SSE or NDJSON, uncompressed.
-fn recordable_format(h: &HeaderMap) -> Option<Format> {
+/// The format of a response Reprise records (SSE or NDJSON), and the
+/// content coding to decode it from: upstreams that compress although asked
+/// for `Accept-Encoding: identity` are decoded (gzip, deflate, br); another
+/// coding is passed through unrecorded.
+fn recordable_format(h: &HeaderMap) -> Option<(Format, Option<Coding>)> {
     let format = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_content_type)?;
-    let encoded = h
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
-    if encoded {
-        tracing::warn!(
-            "upstream compressed a stream despite Accept-Encoding: identity; not recording it"
-        );
-        return None;
+    match Coding::of(h) {
+        Ok(coding) => {
+            if let Some(coding) = coding {
+                tracing::debug!(
+                    coding = coding.as_str(),
+                    "upstream compressed a stream despite Accept-Encoding: identity; decoding it"
+                );
+            }
+            Some((format, coding))
+        }
+        Err(coding) => {
+            tracing::warn!(
+                coding = %coding,
+                "upstream sent a stream in a content coding Reprise does not decode; not recording it"
+            );
+            None
+        }
     }
-    Some(format)
 }
 
 fn replay_headers(h: &HeaderMap) -> Vec<(String, String)> {
@@ -698,15 +719,21 @@ mod tests {
             header::CONTENT_TYPE,
             "Text/Event-Stream; charset=utf-8".parse().unwrap(),
         );
-        assert_eq!(recordable_format(&h), Some(Format::Sse));
+        assert_eq!(recordable_format(&h), Some((Format::Sse, None)));
         h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        assert_eq!(
+            recordable_format(&h),
+            Some((Format::Sse, Some(Coding::Gzip)))
+        );
+        h.insert(header::CONTENT_ENCODING, "zstd".parse().unwrap());
         assert_eq!(recordable_format(&h), None);
+        h.remove(header::CONTENT_ENCODING);
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
             "application/x-ndjson".parse().unwrap(),
         );
-        assert_eq!(recordable_format(&h), Some(Format::Ndjson));
+        assert_eq!(recordable_format(&h), Some((Format::Ndjson, None)));
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         assert_eq!(recordable_format(&h), None);
     }

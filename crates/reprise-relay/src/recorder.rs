@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::decode::{Coding, Decoder, STEP};
 use crate::live::{LiveStream, Span};
 use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::retry::Backoff;
@@ -82,16 +83,25 @@ pub struct Registered {
 }
 
 /// Starts recording `body` into `live` (already registered in the hub).
+/// `coding`: the content coding to decode the body from, if the upstream
+/// compressed it.
 pub fn spawn(
     relay: &Arc<Relay>,
     live: Arc<LiveStream>,
     body: Incoming,
+    coding: Option<Coding>,
     meta: StreamMeta,
     key: Option<KeyRef>,
     registered: Registered,
 ) {
     let span = tracing::info_span!("stream", stream.id = %live.id, route = %meta.route);
-    let producer = produce(relay.clone(), live.clone(), body, meta.route.clone());
+    let producer = produce(
+        relay.clone(),
+        live.clone(),
+        body,
+        coding.map(Decoder::new),
+        meta.route.clone(),
+    );
     relay.producers.spawn(producer.instrument(span.clone()));
     let busy = Busy::new(relay);
     relay
@@ -104,7 +114,12 @@ pub fn spawn(
 /// Turns upstream bytes into entry payloads, per format.
 enum Framer {
     /// SSE events, re-encoded as their fields (no id, no blank line).
-    Sse { parser: Parser },
+    /// `trailing_retry`: the `retry` of the block the body ended inside,
+    /// kept by [`Framer::finish`] for [`Framer::take_retry`].
+    Sse {
+        parser: Parser,
+        trailing_retry: Option<u64>,
+    },
     /// NDJSON lines, as sent.
     Ndjson(LineSplitter),
 }
@@ -114,6 +129,7 @@ impl Framer {
         match format {
             Format::Sse => Framer::Sse {
                 parser: Parser::new(limits),
+                trailing_retry: None,
             },
             Format::Ndjson => Framer::Ndjson(LineSplitter::new(limits.max_line)),
         }
@@ -152,7 +168,11 @@ impl Framer {
     /// End of the body: a last NDJSON line without line end, if any.
     fn finish(&mut self) -> Option<Bytes> {
         match self {
-            Framer::Sse { parser, .. } => {
+            Framer::Sse {
+                parser,
+                trailing_retry,
+            } => {
+                *trailing_retry = parser.take_retry();
                 if parser.finish() {
                     tracing::debug!(
                         "upstream ended inside an event; the incomplete event was discarded"
@@ -162,6 +182,29 @@ impl Framer {
             }
             Framer::Ndjson(lines) => lines.finish(),
         }
+    }
+
+    /// The payload of a `retry`-only event for a `retry` field read in a
+    /// block that will never be dispatched (the body ended or failed inside
+    /// it), if any. A browser reading the upstream directly applies such a
+    /// `retry` on reading its line; readers get it this way, as an event
+    /// without data, which no EventSource dispatches.
+    fn take_retry(&mut self) -> Option<BytesMut> {
+        let Framer::Sse {
+            parser,
+            trailing_retry,
+        } = self
+        else {
+            return None;
+        };
+        let retry = trailing_retry.take().or_else(|| parser.take_retry())?;
+        let mut fields = BytesMut::new();
+        let event = reprise_core::sse::Event {
+            retry: Some(retry),
+            ..Default::default()
+        };
+        encode_fields(&event, &mut fields);
+        Some(fields)
     }
 }
 
@@ -294,7 +337,13 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
 }
 
 /// Reads the upstream body to its end and appends each entry to the log.
-async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route: String) {
+async fn produce(
+    relay: Arc<Relay>,
+    live: Arc<LiveStream>,
+    body: Incoming,
+    mut decoder: Option<Decoder>,
+    route: String,
+) {
     // A burst of upstream chunks becomes one batch: one append to the log,
     // one wake-up of its readers and writer (see `Coalesce`).
     let mut body = crate::body::Coalesce::new(body);
@@ -346,7 +395,41 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
             format!("stream exceeded limits.max_stream_events ({max_events}) or limits.max_stream_bytes ({max_bytes})"),
         )
     };
-    tracing::debug!(format = %live.format, "recording started");
+    // Frames every complete entry the framer holds into the batch,
+    // enforcing the per-stream limits entry by entry; the outcome that ends
+    // the stream if one broke.
+    let frame_all = |framer: &mut Framer,
+                     batch: &mut Batch,
+                     detect: &mut DialectDetector,
+                     events: &mut u64,
+                     recorded: &mut usize|
+     -> Option<Outcome> {
+        loop {
+            match batch.encode_next(framer) {
+                Ok(Some(len)) => {
+                    // Before the event enters the log, so that the writer
+                    // stores the dialect before the event (see `write`).
+                    detect.inspect(&live, batch.last_fields());
+                    *events += 1;
+                    *recorded += len;
+                    if *events > max_events || *recorded > max_bytes {
+                        batch.drop_last();
+                        return Some(too_large());
+                    }
+                }
+                Ok(None) => return None,
+                Err(message) => return Some(failed(FailReason::UpstreamProtocol, message)),
+            }
+        }
+    };
+    let push_batch = |batch: &mut Batch| {
+        if let Some((n, bytes, unstored)) = batch.push(&live) {
+            metrics.events_recorded.inc_by(n);
+            metrics.bytes_recorded.inc_by(bytes);
+            check_budget(unstored);
+        }
+    };
+    tracing::debug!(format = %live.format, coding = decoder.as_ref().map(|d| d.coding().as_str()), "recording started");
     // Made once, not per read: a read costs no timer or waiter registration.
     // The idle timer is moved forward lazily, only when it fires early.
     let max_duration = tokio::time::sleep_until(deadline);
@@ -382,6 +465,30 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
         last_read = Instant::now();
         let data = match data {
             None => {
+                // The end of a compressed body: its last bytes, or the
+                // proof that it was cut short.
+                if let Some(decoder) = &mut decoder {
+                    let (tail, broken) = match decoder.finish() {
+                        Ok(tail) => (tail, None),
+                        Err((tail, e)) => (tail, Some(e)),
+                    };
+                    framer.push(tail);
+                    batch.start(&live);
+                    if let Some(stop) = frame_all(
+                        &mut framer,
+                        &mut batch,
+                        &mut detect,
+                        &mut events,
+                        &mut recorded,
+                    ) {
+                        push_batch(&mut batch);
+                        break stop;
+                    }
+                    push_batch(&mut batch);
+                    if let Some(e) = broken {
+                        break failed(FailReason::UpstreamProtocol, e.to_string());
+                    }
+                }
                 if let Some(last) = framer.finish() {
                     events += 1;
                     recorded += last.len();
@@ -405,44 +512,70 @@ async fn produce(relay: Arc<Relay>, live: Arc<LiveStream>, body: Incoming, route
                 Err(_) => continue, // trailers
             },
         };
-        framer.push(data);
         // Every complete event of this read, encoded into one block and
         // appended at once (one lock, one wake-up), enforcing the
         // per-stream limits event by event.
-        let mut stop = None;
         batch.start(&live);
-        loop {
-            match batch.encode_next(&mut framer) {
-                Ok(Some(len)) => {
-                    // Before the event enters the log, so that the writer
-                    // stores the dialect before the event (see `write`).
-                    detect.inspect(&live, batch.last_fields());
-                    events += 1;
-                    recorded += len;
-                    if events > max_events || recorded > max_bytes {
-                        batch.drop_last();
-                        stop = Some(too_large());
-                        break;
+        let stop = match &mut decoder {
+            None => {
+                framer.push(data);
+                frame_all(
+                    &mut framer,
+                    &mut batch,
+                    &mut detect,
+                    &mut events,
+                    &mut recorded,
+                )
+            }
+            // A compressed read is decoded a bounded step at a time, each
+            // step framed (under the stream limits) before the next, so the
+            // decoded bytes held at once are one step's expansion, however
+            // much the whole read expands to.
+            Some(decoder) => {
+                let mut data = data;
+                loop {
+                    let step = data.split_to(data.len().min(STEP));
+                    let (decoded, broken) = match decoder.push(&step) {
+                        Ok(decoded) => (decoded, None),
+                        Err((decoded, e)) => (decoded, Some(e)),
+                    };
+                    // What decoded before a corrupt byte is kept.
+                    framer.push(decoded);
+                    let stop = frame_all(
+                        &mut framer,
+                        &mut batch,
+                        &mut detect,
+                        &mut events,
+                        &mut recorded,
+                    );
+                    if stop.is_some() {
+                        break stop;
+                    }
+                    if let Some(e) = broken {
+                        break Some(failed(FailReason::UpstreamProtocol, e.to_string()));
+                    }
+                    if data.is_empty() {
+                        break None;
                     }
                 }
-                Ok(None) => break,
-                Err(message) => {
-                    stop = Some(failed(FailReason::UpstreamProtocol, message));
-                    break;
-                }
             }
-        }
-        if let Some((n, bytes, unstored)) = batch.push(&live) {
-            metrics.events_recorded.inc_by(n);
-            metrics.bytes_recorded.inc_by(bytes);
-            check_budget(unstored);
-        }
+        };
+        push_batch(&mut batch);
         if let Some(o) = stop {
             break 'read o;
         }
     };
     // Dropping the body here closes the upstream connection on failures.
     drop(body);
+    // Whatever ended the read, a `retry` the upstream sent in the last,
+    // unfinished block still reaches the readers, before the end. Not
+    // subject to the stream limits: it is a few bytes, once.
+    if let Some(fields) = framer.take_retry() {
+        if live.push_event(&fields).is_some() {
+            metrics.events_recorded.inc();
+            metrics.bytes_recorded.inc_by(fields.len() as u64);
+        }
+    }
     let entries = live.last_seq().0;
     match &outcome {
         Outcome::Completed => tracing::info!(entries, "stream completed"),

@@ -2,7 +2,8 @@
 //!
 //! Input layout: `[cut_hi, cut_lo, step, limits, stream...]`. The stream is
 //! parsed whole, cut in two at `cut`, and fed in chunks of `step % 32 + 1`
-//! bytes; all three must give the same events, error and `finish()` answer.
+//! bytes; all three must give the same events, error, retry left in an
+//! undispatched block (`take_retry()`) and `finish()` answer.
 //! Along the way the parser must never panic nor hold more than its limits,
 //! and every event must survive an encode/parse round trip.
 #![no_main]
@@ -15,6 +16,8 @@ use reprise_core::sse::{encode_fields, Event, Limits, ParseError, Parser};
 struct Outcome {
     events: Vec<Event>,
     error: Option<ParseError>,
+    /// `take_retry()` once the input is used up (or failed).
+    trailing_retry: Option<u64>,
     /// `finish()`'s answer; not asked after an error.
     discarded: Option<bool>,
 }
@@ -35,6 +38,7 @@ fn run<'a>(limits: Limits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcom
                     return Outcome {
                         events,
                         error: Some(error),
+                        trailing_retry: parser.take_retry(),
                         discarded: None,
                     }
                 }
@@ -44,6 +48,7 @@ fn run<'a>(limits: Limits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcom
     Outcome {
         events,
         error: None,
+        trailing_retry: parser.take_retry(),
         discarded: Some(parser.finish()),
     }
 }
