@@ -33,9 +33,9 @@ use tracing::Instrument;
 
 use crate::body::{full, Body};
 use crate::error::RelayError;
-use crate::proxy::query_param;
 use crate::resume::{self, Position, Via};
-use crate::server::Relay;
+use crate::state::Relay;
+use crate::uri::query_param;
 
 /// Methods of `/_reprise/streams/{id}`.
 const STREAM_METHODS: &str = "GET, DELETE";

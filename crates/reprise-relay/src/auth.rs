@@ -104,21 +104,22 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Whether the request's caller is the one that started a stream (`owner`).
 /// Streams recorded without a caller identity match everyone.
+/// `router` tells how the stream's route identifies callers.
 pub fn is_owner(
-    relay: &crate::server::Relay,
-    owner: &crate::live::Owner,
+    auth: &Auth,
+    router: &crate::routes::Router,
+    owner: &crate::stream::live::Owner,
     headers: &HeaderMap,
 ) -> bool {
     let Some(stored) = &owner.caller else {
         return true;
     };
     let default = CallerConfig::default();
-    let who = relay
-        .router
+    let who = router
         .by_path(&owner.route)
         .map(|r| &r.caller)
         .unwrap_or(&default);
-    same_caller(stored, &relay.auth.caller(&owner.route, who, headers))
+    same_caller(stored, &auth.caller(&owner.route, who, headers))
 }
 
 /// Constant-time comparison of two caller identities.

@@ -14,8 +14,8 @@ use serde_json::json;
 use crate::auth::is_owner;
 use crate::body::{full, Body};
 use crate::error::RelayError;
-use crate::live::Owner;
-use crate::server::Relay;
+use crate::state::Relay;
+use crate::stream::live::Owner;
 
 /// Cancels `stream` and answers with what happened:
 /// `200 {"outcome":"cancelled"}` once recorded here, `202
@@ -36,7 +36,7 @@ pub async fn cancel(
     };
     if let Some(live) = relay.hub.get(stream) {
         if let Some(owner) = live.owner.get() {
-            if !is_owner(relay, owner, headers) {
+            if !is_owner(&relay.auth, &relay.router, owner, headers) {
                 return Err(not_found());
             }
         }
@@ -62,7 +62,8 @@ pub async fn cancel(
         None => Err(not_found()),
         Some(meta)
             if !is_owner(
-                relay,
+                &relay.auth,
+                &relay.router,
                 &Owner {
                     route: meta.route.clone(),
                     caller: meta.caller.clone(),

@@ -483,7 +483,7 @@ impl Config {
     /// then `env` and `over`, in this order for the Redis URL: `--redis`,
     /// `$REPRISE_REDIS_URL`, the file's `store.redis_url`, `$REDIS_URL`.
     /// `env` reads an environment variable (empty counts as unset). Not
-    /// validated here: [`crate::server::run`] validates once.
+    /// validated here: the server validates once.
     pub fn load(
         over: &Overrides,
         env: impl Fn(&str) -> Option<String>,

@@ -34,9 +34,9 @@ use crate::config::LimitsConfig;
 use crate::error::RelayError;
 use crate::forwarded::Forwarding;
 use crate::health::StoreHealth;
-use crate::live::LiveStream;
 use crate::metrics::{Metrics, RateLimitedLabels};
 use crate::routes::Route;
+use crate::stream::live::LiveStream;
 
 /// `Retry-After` for a caller at its concurrent-stream limit: only one of
 /// its streams ending helps, and that cannot be known in advance.

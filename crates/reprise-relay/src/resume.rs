@@ -24,9 +24,9 @@ use crate::auth::is_owner;
 use crate::body::{empty, full, Body};
 use crate::config::ResumeAuth;
 use crate::error::RelayError;
-use crate::live::{LiveStream, Owner, ReaderGuard};
-use crate::reader;
-use crate::server::Relay;
+use crate::state::Relay;
+use crate::stream::live::{LiveStream, Owner, ReaderGuard};
+use crate::stream::reader;
 
 /// Response header carrying the stream id.
 pub const STREAM_ID_HEADER: &str = "reprise-stream-id";
@@ -142,7 +142,7 @@ async fn answer(
             .router
             .by_path(&owner.route)
             .is_some_and(|r| r.resume_auth == ResumeAuth::SameCaller);
-        if same_caller_only && !is_owner(relay, owner, headers) {
+        if same_caller_only && !is_owner(&relay.auth, &relay.router, owner, headers) {
             return unknown(stream, via, unknown_signals);
         }
     }

@@ -1,4 +1,6 @@
-//! The server: shared state ([`Relay`]), the accept loop, and the shutdown
+//! The server, at the top of a request's path: builds the [`Relay`] state,
+//! accepts connections (public and admin listeners, TLS), hands each
+//! request to [`dispatch`](crate::dispatch), and runs the shutdown
 //! sequence. `run` is what the binary calls and what tests call in-process.
 //!
 //! Shutdown, in order (each step bounded):
@@ -10,28 +12,22 @@
 //!    fires: readers close (clients resume elsewhere), loaders stop.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use reprise_store::{MemoryStore, RedisStore, Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{redact_url, Config, ConfigError, LoadedTls};
+use crate::config::{Config, LoadedTls};
+use crate::dispatch;
 use crate::error::RelayError;
-use crate::health::StoreHealth;
-use crate::hub::{Hub, LoaderCtx};
-use crate::metrics::{GaugeGuard, InstrumentedStore, Metrics};
-use crate::proxy;
-use crate::routes::Route;
-use crate::routes::{RouteError, Router};
-use crate::upstream::{Clients, HttpClient};
+use crate::metrics::GaugeGuard;
+use crate::state::{open_store, Relay, StartError};
 
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,193 +35,6 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after `hard_stop`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest pause between two attempts to reconnect to Redis: short, so
-/// that an instance is ready again soon after Redis is (an attempt against
-/// a server that is down costs one refused connection).
-const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
-
-/// Errors that stop the relay from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Route(#[from] RouteError),
-    #[error("cannot open the store: {0}")]
-    Store(#[from] reprise_store::StoreError),
-    #[error("cannot listen on admin_listen {addr}: {source}")]
-    AdminListen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// Everything a request handler or a stream task needs.
-pub struct Relay {
-    pub config: Config,
-    pub router: Router,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    /// The default upstream client (system roots); use [`Relay::client_for`].
-    pub client: HttpClient,
-    /// Upstream clients by trusted roots (`routes[].ca_file`).
-    pub clients: Clients,
-    /// The listener's TLS (`[tls]`); `None` serves plain HTTP.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Writers, loaders and connections.
-    pub tasks: TaskTracker,
-    /// Producers only: shutdown waits for these before interrupting them.
-    pub producers: TaskTracker,
-    /// Step 1 of shutdown: stop accepting.
-    pub shutdown: CancellationToken,
-    /// Step 2: in-flight recordings end as `interrupted`.
-    pub interrupt: CancellationToken,
-    /// Step 3: readers close, writers and loaders stop.
-    pub hard_stop: CancellationToken,
-    /// Writers that still have entries to store (shutdown waits for them).
-    pub writers_busy: AtomicUsize,
-    pub metrics: Arc<Metrics>,
-    /// Payload bytes recorded and not yet stored, over all streams.
-    pub unstored_total: Arc<std::sync::atomic::AtomicUsize>,
-    /// This process's identity as a producer (lease owner), random per start.
-    pub instance: String,
-    /// Caller identities (HMAC under `auth.secret`).
-    pub auth: crate::auth::Auth,
-    /// Rate limits per caller, counted in the store.
-    pub limiter: crate::ratelimit::RateLimiter,
-    /// Peers whose forwarding headers are believed (`trusted_proxies`).
-    pub trusted_proxies: crate::forwarded::TrustedProxies,
-    /// The store's health, kept by the probe ([`crate::health`]): readiness
-    /// answers from it, and the request path skips a store known down.
-    pub store_health: Arc<StoreHealth>,
-    /// Set while an admin listener serves the operational endpoints
-    /// (`admin_listen`): the public listener then answers them `404`.
-    pub admin_listener: AtomicBool,
-}
-
-impl Relay {
-    pub fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<Relay>, StartError> {
-        let loaded = config.validate()?;
-        Self::with_loaded(config, &loaded, store, shutdown)
-    }
-
-    /// [`Relay::new`] for a config already validated, with the TLS material
-    /// its validation loaded.
-    pub fn with_loaded(
-        config: Config,
-        loaded: &LoadedTls,
-        store: Arc<dyn Store>,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<Relay>, StartError> {
-        let router = Router::new(&config.routes)?;
-        let clients = Clients::build(&config.routes, &config.timeouts, &loaded.upstream_cas)
-            .map_err(|e| ConfigError::Invalid(format!("routes[].ca_file: {e}")))?;
-        let client = clients.default_client().clone();
-        let tls = loaded.listener.clone().map(tokio_rustls::TlsAcceptor::from);
-        let metrics = Arc::new(Metrics::new());
-        let tasks = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
-        let store_health = Arc::new(StoreHealth::new(metrics.store_up.clone()));
-        let limiter = crate::ratelimit::RateLimiter::new(
-            store.as_ref(),
-            config.streams.lease,
-            metrics.clone(),
-            store_health.clone(),
-            tasks.clone(),
-            hard_stop.clone(),
-        );
-        Ok(Arc::new(Relay {
-            limiter,
-            store_health,
-            admin_listener: AtomicBool::new(false),
-            trusted_proxies: crate::forwarded::TrustedProxies::new(&config.trusted_proxies),
-            router,
-            store: InstrumentedStore::wrap(store, metrics.clone()),
-            metrics,
-            hub: Arc::new(Hub::default()),
-            client,
-            clients,
-            tls,
-            tasks,
-            producers: TaskTracker::new(),
-            shutdown,
-            interrupt: CancellationToken::new(),
-            hard_stop,
-            writers_busy: AtomicUsize::new(0),
-            unstored_total: Arc::new(AtomicUsize::new(0)),
-            instance: reprise_core::StreamId::random().to_string(),
-            auth: crate::auth::Auth::new(config.auth.secret.as_ref()),
-            config,
-        }))
-    }
-
-    /// The client that reaches `route`'s upstream (trusting its `ca_file`).
-    pub fn client_for(&self, route: &Route) -> &HttpClient {
-        self.clients.for_route(route)
-    }
-
-    pub fn loader_ctx(&self) -> LoaderCtx {
-        LoaderCtx {
-            store: self.store.clone(),
-            tasks: self.tasks.clone(),
-            stop: self.hard_stop.clone(),
-            poll_interval: self.config.streams.tail_poll_interval,
-            lease: self.config.streams.lease,
-            linger: self.config.streams.hot_linger,
-        }
-    }
-}
-
-/// Opens the store the config names: Redis if a URL is set, else embedded.
-pub async fn open_store(config: &Config, loaded: &LoadedTls) -> Result<Arc<dyn Store>, StartError> {
-    let opts = StoreOptions {
-        key_prefix: config.store.key_prefix.clone(),
-        retention: config.store.retention,
-        max_stream_duration: config.timeouts.max_stream_duration,
-    };
-    match &config.store.redis_url {
-        Some(url) => {
-            tracing::info!(url = %redact_url(url.expose()), "connecting to Redis");
-            // Connect now if Redis answers; if it does not, start anyway and
-            // keep trying in the background (only an invalid URL fails).
-            let ropts = reprise_store::RedisOptions {
-                tls: loaded.redis.clone(),
-                // Readiness (and the store) come back within about this
-                // after Redis returns, however long it was away.
-                reconnect_max_delay: REDIS_RECONNECT_MAX_DELAY,
-                ..Default::default()
-            };
-            let store = match RedisStore::connect_with(url.expose(), opts.clone(), ropts.clone())
-                .await
-            {
-                Ok(store) => store,
-                // Wrong credentials are a configuration error, not an outage:
-                // retrying would only fill the log.
-                Err(e @ StoreError::AuthFailed(_)) => return Err(StartError::Store(e)),
-                Err(e) => {
-                    tracing::warn!(cause = %e, "Redis unreachable at start-up; starting anyway");
-                    RedisStore::connect_lazy(url.expose(), opts, ropts).await?
-                }
-            };
-            Ok(Arc::new(store))
-        }
-        None => {
-            tracing::info!(
-                max_bytes = config.store.memory_max_bytes.as_u64(),
-                "no Redis configured: using the embedded in-memory store (one instance; streams are lost on restart)"
-            );
-            let limits = reprise_store::memory::MemoryLimits {
-                max_bytes: config.store.memory_max_bytes.as_u64() as usize,
-            };
-            Ok(Arc::new(MemoryStore::new(opts, limits)))
-        }
-    }
-}
-
 /// The sockets the relay serves.
 pub struct Listeners {
     /// Streams, resumes and cancels; also the operational endpoints
@@ -382,7 +191,7 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
                 // Boxed: hyper keeps the service future's memory for the
                 // connection's life; the handler's (large) state is freed
                 // once the response starts.
-                Ok::<_, Infallible>(Box::pin(proxy::handle(relay, req, addr)).await)
+                Ok::<_, Infallible>(Box::pin(dispatch::handle(relay, req, addr)).await)
             }
         });
         let span = tracing::debug_span!("conn", client.addr = %addr);

@@ -1,6 +1,8 @@
-//! The request path: every request enters [`handle`], which decides whether
-//! it is one of Reprise's own endpoints, a resume, or a request to forward
-//! upstream, and in the last case whether its response gets recorded.
+//! Forwarding, below dispatch: sends a request upstream (rate limits,
+//! `Idempotency-Key`, bounded body) and relays its response; a `2xx` event
+//! stream or NDJSON response is recorded (the start of a recording: the
+//! log registered in the hub, the producer and writer spawned by
+//! [`recorder`](crate::stream::recorder)), anything else passes through.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,25 +12,24 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use percent_encoding::percent_decode_str;
-use reprise_core::{Cursor, Dialect, Epoch, Format, StreamId};
+use reprise_core::{Dialect, Epoch, Format, StreamId};
 use reprise_store::{KeyRef, StreamMeta};
-use tracing::Instrument;
 
 use crate::body::{full, Body, Bounded, BoxError, Holding};
+use crate::clock::now_ms;
 use crate::config::KeySource;
 use crate::decode::Coding;
 use crate::error::RelayError;
-use crate::live::LiveStream;
+use crate::idempotency::{attach_idempotent, Claim};
+use crate::keys::{idempotency_key, MAX_KEY_LEN};
 use crate::metrics::{StatusLabels, UpstreamErrorLabels};
 use crate::ratelimit::{self, LimitKey};
-use crate::resume::{self, Position, Via};
-use crate::routes::{is_unsafe_path, Route};
-use crate::server::Relay;
-use crate::{admin, reader, recorder};
-
-/// Longest key value (chat id) accepted for a key binding.
-const MAX_KEY_LEN: usize = 512;
+use crate::resume::{self};
+use crate::routes::Route;
+use crate::state::Relay;
+use crate::stream::live::LiveStream;
+use crate::stream::{reader, recorder};
+use crate::uri::query_param;
 
 /// Response headers kept with a stream and replayed to resuming readers:
 /// the content type, the AI SDK's stream markers, and the upstream's CORS
@@ -43,270 +44,8 @@ const REPLAY_HEADERS: [&str; 7] = [
     "vary",
 ];
 
-/// Entry point of every request.
-pub async fn handle(
-    relay: Arc<Relay>,
-    req: Request<Incoming>,
-    client: SocketAddr,
-) -> Response<Body> {
-    let result = dispatch(&relay, req, client).await;
-    result.unwrap_or_else(|e| {
-        if e.status().is_server_error() {
-            tracing::warn!(error = %e, "request failed");
-        } else {
-            tracing::debug!(error = %e, "request refused");
-        }
-        e.into_response()
-    })
-}
-
-async fn dispatch(
-    relay: &Arc<Relay>,
-    req: Request<Incoming>,
-    client: SocketAddr,
-) -> Result<Response<Body>, RelayError> {
-    let path = req.uri().path().to_string();
-    if path == "/_reprise" || path.starts_with("/_reprise/") {
-        return admin::handle(relay, req).await;
-    }
-    if is_unsafe_path(&path) {
-        return Err(RelayError::BadRequest {
-            code: "invalid_path",
-            message: "paths with '.' or '..' segments or encoded slashes are refused".into(),
-        });
-    }
-    if req.method() == Method::GET || req.method() == Method::DELETE {
-        if let Some((route, key)) = relay.router.match_resume(&path) {
-            let route = route.clone();
-            if req.method() == Method::DELETE {
-                return cancel_by_key(relay, &route, key, req.headers()).await;
-            }
-            return resume_by_key(relay, &route, key, req.headers()).await;
-        }
-    }
-    let route = relay
-        .router
-        .match_path(&path)
-        .ok_or(RelayError::NoRoute)?
-        .clone();
-    if let Some(cursor) = reprise_cursor(&req) {
-        return resume::resume(
-            relay,
-            cursor.stream(),
-            Position::Cursor(cursor),
-            Via::LastEventId,
-            req.headers(),
-            route.signals.fixed(),
-        )
-        .await;
-    }
-    forward(relay, &route, req, client).await
-}
-
-/// The request's `Last-Event-ID` header or `last_event_id` query parameter,
-/// if it names a Reprise stream. Any other value belongs to the upstream.
-fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
-    if let Some(v) = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        if let Ok(c) = Cursor::parse(v) {
-            return Some(c);
-        }
-    }
-    let q = query_param(req.uri().query()?, "last_event_id")?;
-    Cursor::parse(&q).ok()
-}
-
-/// Value of a query parameter, percent-decoded (`+` as space).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode_str(&k.replace('+', " "))
-            .decode_utf8()
-            .ok()?
-            .into_owned();
-        if k != name {
-            return None;
-        }
-        Some(
-            percent_decode_str(&v.replace('+', " "))
-                .decode_utf8()
-                .ok()?
-                .into_owned(),
-        )
-    })
-}
-
-/// A route key as bound in the store: namespaced by route and caller, so
-/// that keys of different routes or callers never collide, and another
-/// caller's key resolves to nothing.
-fn route_key(relay: &Relay, route: &Route, headers: &HeaderMap, key: String) -> KeyRef {
-    let caller = relay.auth.caller(&route.path, &route.caller, headers);
-    KeyRef {
-        route: format!("{}#{caller}", route.path),
-        key,
-    }
-}
-
-async fn resume_by_key(
-    relay: &Arc<Relay>,
-    route: &Arc<Route>,
-    key: String,
-    headers: &HeaderMap,
-) -> Result<Response<Body>, RelayError> {
-    let key = route_key(relay, route, headers, key);
-    match relay.store.resolve_key(&key).await? {
-        Some(stream) => {
-            resume::resume(
-                relay,
-                stream,
-                Position::Beginning,
-                Via::Key,
-                headers,
-                route.signals.fixed(),
-            )
-            .await
-        }
-        None => {
-            relay.metrics.resume("key", "no_content");
-            let mut resp = Response::new(crate::body::empty());
-            *resp.status_mut() = http::StatusCode::NO_CONTENT;
-            Ok(resp)
-        }
-    }
-}
-
-/// `DELETE` on a resume template: cancel the key's latest stream.
-async fn cancel_by_key(
-    relay: &Arc<Relay>,
-    route: &Arc<Route>,
-    key: String,
-    headers: &HeaderMap,
-) -> Result<Response<Body>, RelayError> {
-    let key = route_key(relay, route, headers, key);
-    match relay.store.resolve_key(&key).await? {
-        Some(stream) => crate::cancel::cancel(relay, stream, headers).await,
-        None => Err(RelayError::NotFound {
-            code: "stream_not_found",
-            message: "no stream for this key".into(),
-        }),
-    }
-}
-
-/// The `Idempotency-Key` of a request, namespaced by route and caller.
-fn idempotency_key(relay: &Relay, route: &Route, headers: &HeaderMap) -> Option<KeyRef> {
-    let v = headers.get("idempotency-key")?.to_str().ok()?.trim();
-    if v.is_empty() || v.len() > MAX_KEY_LEN {
-        return None;
-    }
-    let mut k = route_key(relay, route, headers, v.to_string());
-    k.route = format!("idempotency:{}", k.route);
-    Some(k)
-}
-
-/// Claims `key` for the stream about to start (`stream`). If another
-/// request claimed it first, answers with that request's stream (waiting up
-/// to `streams.idempotency_wait` for it to start); if that request gives the
-/// key back (it failed) or its stream never starts, takes the key over and
-/// lets this request call the upstream.
-async fn attach_idempotent(
-    relay: &Arc<Relay>,
-    key: &KeyRef,
-    stream: StreamId,
-    headers: &HeaderMap,
-) -> Result<Option<Response<Body>>, RelayError> {
-    if relay.store_health.is_known_down() {
-        // As when the claim fails, but without waiting for it to.
-        relay.metrics.skipped("claim_key");
-        tracing::debug!(
-            "store known unreachable; calling the upstream without checking the Idempotency-Key"
-        );
-        return Ok(None);
-    }
-    let mut existing = match relay.store.claim_key(key, stream).await {
-        Ok(None) => return Ok(None),
-        Ok(Some(existing)) => existing,
-        Err(e) => {
-            tracing::warn!(cause = %e, "cannot check the Idempotency-Key; calling the upstream");
-            return Ok(None);
-        }
-    };
-    let deadline = tokio::time::Instant::now() + relay.config.streams.idempotency_wait;
-    loop {
-        let known =
-            relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
-        if known {
-            tracing::debug!(stream.id = %existing, "Idempotency-Key matches a stream: attaching to it");
-            let mut resp = resume::resume(
-                relay,
-                existing,
-                Position::Beginning,
-                Via::Idempotent,
-                headers,
-                None,
-            )
-            .await?;
-            resp.headers_mut().insert(
-                HeaderName::from_static("reprise-idempotent-replay"),
-                http::HeaderValue::from_static("true"),
-            );
-            return Ok(Some(resp));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            // The first request never produced a stream (upstream error,
-            // not an event stream): this one tries for real.
-            relay.store.bind_key(key, stream).await?;
-            return Ok(None);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // The first request may have given the key back (it failed before
-        // its stream started): then the next claim wins and calls upstream.
-        if relay.store.resolve_key(key).await? != Some(existing) {
-            match relay.store.claim_key(key, stream).await? {
-                None => return Ok(None),
-                Some(other) => existing = other,
-            }
-        }
-    }
-}
-
-/// An `Idempotency-Key` claimed for a stream that has not started yet. If
-/// the request ends without starting it (refused, upstream error, a
-/// response that is not recorded), dropping the claim gives the key back, so
-/// that a retry calls the upstream at once instead of waiting
-/// `streams.idempotency_wait` for a stream that will never exist.
-struct Claim {
-    relay: Arc<Relay>,
-    key: Option<KeyRef>,
-    stream: StreamId,
-}
-
-impl Claim {
-    /// The stream started: the key stays bound to it.
-    fn keep(mut self) {
-        self.key = None;
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
-        let (relay, stream) = (self.relay.clone(), self.stream);
-        self.relay.tasks.spawn(
-            async move {
-                if let Err(e) = relay.store.release_key(&key, stream).await {
-                    tracing::warn!(cause = %e, "cannot give back an Idempotency-Key; a retry waits for it to lapse");
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
 /// Forwards a request upstream and relays (and maybe records) the response.
-async fn forward(
+pub(crate) async fn forward(
     relay: &Arc<Relay>,
     route: &Arc<Route>,
     req: Request<Incoming>,
@@ -500,7 +239,7 @@ async fn forward(
     if let Some(dialect) = signals {
         live.decide_signals(dialect);
     }
-    let _ = live.owner.set(crate::live::Owner {
+    let _ = live.owner.set(crate::stream::live::Owner {
         route: route.path.clone(),
         caller: Some(caller.clone()),
     });
@@ -618,13 +357,6 @@ fn replay_headers(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// An error and its sources, joined, for messages that say what happened.
 /// Whether an upstream request failed because a bound ran out (the connect
 /// timeout: hyper-util reports it as an `io::Error` of kind `TimedOut`),
@@ -685,17 +417,6 @@ mod tests {
             "timed out waiting: refused",
         ));
         assert!(!is_timeout(&refused));
-    }
-
-    #[test]
-    fn query_params() {
-        assert_eq!(
-            query_param("a=1&last_event_id=x%2Ey&b", "last_event_id").as_deref(),
-            Some("x.y")
-        );
-        assert_eq!(query_param("chat=a+b", "chat").as_deref(), Some("a b"));
-        assert_eq!(query_param("b", "b").as_deref(), Some(""));
-        assert_eq!(query_param("a=1", "b"), None);
     }
 
     #[test]

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::decode::{Coding, Decoder, STEP};
-use crate::live::{LiveStream, Span};
 use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::retry::Backoff;
-use crate::server::Relay;
+use crate::state::Relay;
+use crate::stream::live::{LiveStream, Span};
 
 /// Most entries written to the store in one append.
 const MAX_BATCH: usize = 512;
@@ -313,7 +313,7 @@ async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
             _ = &mut ended => return,
             _ = relay.hard_stop.cancelled() => return,
         }
-        let now = crate::proxy::now_ms();
+        let now = crate::clock::now_ms();
         match relay
             .store
             .renew_lease(
@@ -656,7 +656,7 @@ async fn write(
     // fresh lease, so other instances do not take it for abandoned.
     let lease = relay.config.streams.lease;
     let fresh = |m: &StreamMeta| StreamMeta {
-        lease_until_ms: Some(crate::proxy::now_ms() + lease.as_millis() as u64),
+        lease_until_ms: Some(crate::clock::now_ms() + lease.as_millis() as u64),
         signals: live.signals_decided().or(m.signals),
         ..m.clone()
     };

@@ -31,8 +31,8 @@ use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{Body, BoxError};
-use crate::live::{LiveStream, ReaderGuard};
 use crate::metrics::{GaugeGuard, Metrics};
+use crate::stream::live::{LiveStream, ReaderGuard};
 
 /// Most bytes joined into one write when a reader is catching up.
 const MAX_WRITE: usize = 64 * 1024;

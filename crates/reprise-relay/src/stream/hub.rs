@@ -21,8 +21,8 @@ use reprise_store::{Entry, EntryBody, Store, StoreError, StreamMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::live::{LiveStream, ReaderGuard};
 use crate::retry::Backoff;
+use crate::stream::live::{LiveStream, ReaderGuard};
 
 /// Entries read from the store per call.
 pub const STORE_PAGE: usize = 1000;
@@ -123,7 +123,7 @@ impl Hub {
         if let Some(dialect) = meta.signals {
             live.decide_signals(dialect);
         }
-        let _ = live.owner.set(crate::live::Owner {
+        let _ = live.owner.set(crate::stream::live::Owner {
             route: meta.route.clone(),
             caller: meta.caller.clone(),
         });
@@ -286,7 +286,7 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                 };
                 match ctx
                     .store
-                    .end_if_abandoned(live.id, crate::proxy::now_ms(), &lost)
+                    .end_if_abandoned(live.id, crate::clock::now_ms(), &lost)
                     .await
                 {
                     Ok(Some(seq)) => {

@@ -1,0 +1,143 @@
+//! Dispatch, just below the server: every request enters [`handle`],
+//! which decides whether it is one of Reprise's own endpoints
+//! ([`admin`](crate::admin)), a resume ([`resume`](crate::resume): a route's
+//! resume template, or a Reprise `Last-Event-ID`), a cancel, or a request
+//! to [`forward`](crate::forward) upstream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Request, Response};
+use hyper::body::Incoming;
+use reprise_core::Cursor;
+
+use crate::admin;
+use crate::body::Body;
+use crate::error::RelayError;
+use crate::forward::forward;
+use crate::keys::route_key;
+use crate::resume::{self, Position, Via};
+use crate::routes::{is_unsafe_path, Route};
+use crate::state::Relay;
+use crate::uri::query_param;
+
+/// Entry point of every request.
+pub async fn handle(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
+    let result = dispatch(&relay, req, client).await;
+    result.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            tracing::warn!(error = %e, "request failed");
+        } else {
+            tracing::debug!(error = %e, "request refused");
+        }
+        e.into_response()
+    })
+}
+
+async fn dispatch(
+    relay: &Arc<Relay>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, RelayError> {
+    let path = req.uri().path().to_string();
+    if path == "/_reprise" || path.starts_with("/_reprise/") {
+        return admin::handle(relay, req).await;
+    }
+    if is_unsafe_path(&path) {
+        return Err(RelayError::BadRequest {
+            code: "invalid_path",
+            message: "paths with '.' or '..' segments or encoded slashes are refused".into(),
+        });
+    }
+    if req.method() == Method::GET || req.method() == Method::DELETE {
+        if let Some((route, key)) = relay.router.match_resume(&path) {
+            let route = route.clone();
+            if req.method() == Method::DELETE {
+                return cancel_by_key(relay, &route, key, req.headers()).await;
+            }
+            return resume_by_key(relay, &route, key, req.headers()).await;
+        }
+    }
+    let route = relay
+        .router
+        .match_path(&path)
+        .ok_or(RelayError::NoRoute)?
+        .clone();
+    if let Some(cursor) = reprise_cursor(&req) {
+        return resume::resume(
+            relay,
+            cursor.stream(),
+            Position::Cursor(cursor),
+            Via::LastEventId,
+            req.headers(),
+            route.signals.fixed(),
+        )
+        .await;
+    }
+    forward(relay, &route, req, client).await
+}
+
+/// The request's `Last-Event-ID` header or `last_event_id` query parameter,
+/// if it names a Reprise stream. Any other value belongs to the upstream.
+fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
+    if let Some(v) = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Ok(c) = Cursor::parse(v) {
+            return Some(c);
+        }
+    }
+    let q = query_param(req.uri().query()?, "last_event_id")?;
+    Cursor::parse(&q).ok()
+}
+
+async fn resume_by_key(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    key: String,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
+    let key = route_key(relay, route, headers, key);
+    match relay.store.resolve_key(&key).await? {
+        Some(stream) => {
+            resume::resume(
+                relay,
+                stream,
+                Position::Beginning,
+                Via::Key,
+                headers,
+                route.signals.fixed(),
+            )
+            .await
+        }
+        None => {
+            relay.metrics.resume("key", "no_content");
+            let mut resp = Response::new(crate::body::empty());
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+    }
+}
+
+/// `DELETE` on a resume template: cancel the key's latest stream.
+async fn cancel_by_key(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    key: String,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
+    let key = route_key(relay, route, headers, key);
+    match relay.store.resolve_key(&key).await? {
+        Some(stream) => crate::cancel::cancel(relay, stream, headers).await,
+        None => Err(RelayError::NotFound {
+            code: "stream_not_found",
+            message: "no stream for this key".into(),
+        }),
+    }
+}
