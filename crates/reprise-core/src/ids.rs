@@ -1,6 +1,7 @@
 //! Identifiers: which stream, which incarnation of it, which position in it.
 //!
-//! Every event Reprise forwards carries an `id:` line built here. The id is
+//! Every event Reprise forwards carries an `id:` line spelled here (and
+//! written into its frame by [`crate::wire`]). The id is
 //! self-describing so that any instance can resume from a `Last-Event-ID`
 //! alone, without a lookup table:
 //!

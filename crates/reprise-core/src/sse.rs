@@ -3,8 +3,8 @@
 //!
 //! Sits at both ends of the relay's data path: the upstream body is pushed
 //! into a [`Parser`] chunk by chunk, and every stored event is written back to
-//! readers with [`encode_fields`] (the relay adds the `id:` line and the blank
-//! line that terminates the event).
+//! readers with [`encode_fields`] ([`crate::wire`] adds the `id:` line and
+//! the blank line that terminates the event).
 //!
 //! The parser follows the HTML Living Standard, "Interpreting an event
 //! stream" (§9.2.6), on raw bytes: nothing is decoded, so bytes that are not

@@ -81,10 +81,7 @@ fn modules_form_a_dag() {
             Some(2) => return,
             Some(1) => {
                 let start = path.iter().position(|p| p == m).unwrap_or(0);
-                panic!(
-                    "module cycle: {} -> {m}",
-                    path[start..].join(" -> ")
-                );
+                panic!("module cycle: {} -> {m}", path[start..].join(" -> "));
             }
             _ => {}
         }

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use reprise_core::dialect::dialect_frame;
-use reprise_core::outcome::{signal_line, Signal};
-use reprise_core::{Cursor, Dialect, Epoch, EventId, Format, IdPrefix, Outcome, Seq, StreamId};
+use reprise_core::outcome::Signal;
+use reprise_core::wire::{Span, WireEncoder};
+use reprise_core::{Cursor, Dialect, Epoch, Format, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
 
@@ -88,16 +88,6 @@ impl Frame {
     }
 }
 
-/// Where one event sits in a block of frames encoded by the producer (see
-/// [`LiveStream::push_block`]): `block[start..end]` is its wire frame and
-/// `block[fields]` the part the store keeps.
-#[derive(Clone, Debug)]
-pub struct Span {
-    pub start: usize,
-    pub fields: Range<usize>,
-    pub end: usize,
-}
-
 /// What a reader got from one call to [`LiveStream::collect_after`].
 pub struct Collected {
     /// Wire bytes of the frames after the position (possibly several joined).
@@ -114,8 +104,9 @@ pub struct Collected {
 pub struct LiveStream {
     pub id: StreamId,
     pub epoch: Epoch,
-    /// `<id>.<epoch>.`, encoded once: each frame adds only its seq.
-    prefix: IdPrefix,
+    /// Writes this stream's frames, ids included (`<id>.<epoch>.` encoded
+    /// once: each frame adds only its seq).
+    wire: WireEncoder,
     /// Headers replayed to resuming readers.
     pub headers: Vec<(String, String)>,
     /// Wire framing of the frames.
@@ -210,7 +201,7 @@ impl LiveStream {
         Arc::new(LiveStream {
             id,
             epoch,
-            prefix: IdPrefix::new(id, epoch),
+            wire: WireEncoder::new(id, epoch, format),
             headers,
             format,
             state: Mutex::new(LogState {
@@ -251,14 +242,6 @@ impl LiveStream {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn event_id(&self, seq: Seq) -> EventId {
-        EventId {
-            stream: self.id,
-            epoch: self.epoch,
-            seq,
-        }
-    }
-
     /// Append one event given its encoded fields (no id, no blank line).
     /// Returns its seq, or `None` if the stream already ended.
     pub fn push_event(&self, fields: &[u8]) -> Option<Seq> {
@@ -282,9 +265,10 @@ impl LiveStream {
         Seq(self.lock().next)
     }
 
-    /// The id prefix of this stream's events.
-    pub fn id_prefix(&self) -> &IdPrefix {
-        &self.prefix
+    /// The encoder of this stream's frames (for a producer encoding
+    /// frames ahead, see [`push_block`](Self::push_block)).
+    pub fn wire(&self) -> &WireEncoder {
+        &self.wire
     }
 
     /// Appends the events of one upstream read at once: one lock and one
@@ -355,42 +339,30 @@ impl LiveStream {
         Some(seq)
     }
 
-    /// SSE: `id: <event id>\n<fields>\n`; NDJSON: `<line>\n`.
+    /// One event's frame in a buffer of its own (see `reprise_core::wire`).
     fn event_frame(&self, seq: Seq, fields: &[u8]) -> Frame {
         let mut wire = BytesMut::with_capacity(fields.len() + 64);
-        if self.format == Format::Sse {
-            wire.put_slice(b"id: ");
-            self.prefix.put(seq, &mut wire);
-            wire.put_u8(b'\n');
-        }
-        let start = wire.len();
-        wire.put_slice(fields);
-        let end = wire.len();
-        wire.put_u8(b'\n');
+        let span = self.wire.event(seq, fields, &mut wire);
         Frame {
             seq,
             wire: wire.freeze(),
-            kind: FrameKind::Event { fields: start..end },
+            kind: FrameKind::Event {
+                fields: span.fields,
+            },
         }
     }
 
     /// A signal's wire frame. On SSE, writing it fixes the dialect: a later
-    /// decision can no longer change what readers of this log see.
-    fn signal_wire(&self, sig: Signal<'_>, id: &dyn std::fmt::Display) -> Bytes {
-        match self.format {
-            Format::Sse => {
-                let dialect = *self.signals.get_or_init(|| Dialect::Reprise);
-                Bytes::from(dialect_frame(dialect, sig, self.id, id))
-            }
-            // Ollama's clients raise on an `{"error": ...}` line whatever
-            // the route's setting; any other line would break them.
-            Format::Ndjson => Bytes::from(signal_line(sig, self.id)),
-        }
+    /// decision can no longer change what readers of this log see. (NDJSON
+    /// signals have one spelling, and leave the dialect undecided.)
+    fn signal_wire(&self, sig: Signal<'_>, at: Cursor) -> Bytes {
+        self.wire
+            .signal(|| *self.signals.get_or_init(|| Dialect::Reprise), sig, at)
     }
 
     fn end_frame(&self, seq: Seq, outcome: Outcome) -> Frame {
         let wire = match outcome.signal() {
-            Some(sig) => self.signal_wire(sig, &self.event_id(seq)),
+            Some(sig) => self.signal_wire(sig, Cursor::At(self.wire.event_id(seq))),
             None => Bytes::new(),
         };
         Frame {
@@ -407,7 +379,7 @@ impl LiveStream {
         };
         Frame {
             seq,
-            wire: self.signal_wire(sig, &Cursor::End(self.id)),
+            wire: self.signal_wire(sig, Cursor::End(self.id)),
             kind: FrameKind::Gap { upto },
         }
     }

@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use reprise_core::sse::Limits;
+use reprise_core::wire::{Span, WireEncoder};
 use reprise_core::{Dialect, FailReason, Format, Outcome, Seq};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,19 +22,19 @@ use tokio_util::sync::CancellationToken;
 use crate::decode::{Decoder, STEP};
 use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::state::Relay;
-use crate::stream::live::{LiveStream, Span};
+use crate::stream::live::LiveStream;
 use crate::stream::recorder::framer::Framer;
 
 /// The events of one upstream read, encoded as wire frames (`id:` line
-/// included) into one buffer, so that a read costs one allocation and one
-/// append to the log however many events it held.
+/// included, by the stream's [`WireEncoder`]) into one buffer, so that a
+/// read costs one allocation and one append to the log however many events
+/// it held.
 struct Batch {
     buf: BytesMut,
     spans: Vec<Span>,
     /// Seq of the first event of the batch.
     first: Seq,
-    sse: bool,
-    prefix: reprise_core::IdPrefix,
+    wire: WireEncoder,
 }
 
 /// Room reserved for a batch (an `id:` line is ~50 bytes).
@@ -45,8 +46,7 @@ impl Batch {
             buf: BytesMut::new(),
             spans: Vec::new(),
             first: Seq::ZERO,
-            sse: live.format == Format::Sse,
-            prefix: *live.id_prefix(),
+            wire: *live.wire(),
         }
     }
 
@@ -57,32 +57,17 @@ impl Batch {
 
     /// Encodes the framer's next event; returns its payload length.
     fn encode_next(&mut self, framer: &mut Framer) -> Result<Option<usize>, String> {
-        let start = self.buf.len();
-        if self.buf.capacity() - start < 256 {
+        if self.buf.capacity() - self.buf.len() < 256 {
             self.buf.reserve(BATCH_RESERVE);
         }
-        if self.sse {
-            let seq = Seq(self.first.0 + self.spans.len() as u64);
-            self.buf.extend_from_slice(b"id: ");
-            self.prefix.put(seq, &mut self.buf);
-            self.buf.extend_from_slice(b"\n");
-        }
-        let fields_start = self.buf.len();
-        match framer.next_into(&mut self.buf) {
-            Ok(true) => {}
-            other => {
-                self.buf.truncate(start);
-                return other.map(|_| None);
-            }
-        }
-        let fields = fields_start..self.buf.len();
-        self.buf.extend_from_slice(b"\n");
-        let len = fields.len();
-        self.spans.push(Span {
-            start,
-            fields,
-            end: self.buf.len(),
-        });
+        let seq = Seq(self.first.0 + self.spans.len() as u64);
+        // The framer writes the event's fields straight into the batch.
+        let span = self
+            .wire
+            .event_with(seq, &mut self.buf, |out| framer.next_into(out))?;
+        let Some(span) = span else { return Ok(None) };
+        let len = span.fields.len();
+        self.spans.push(span);
         Ok(Some(len))
     }
 
