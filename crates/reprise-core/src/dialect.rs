@@ -17,6 +17,8 @@
 //! Every dialect keeps Reprise's machine-readable code in a `reprise`
 //! member (`{"code", "stream_id"}`). NDJSON streams have a single dialect,
 //! Ollama's `{"error": ...}` line (see [`crate::outcome::signal_line`]).
+//! This module gives a signal's event name and data; [`crate::wire`] writes
+//! the frame around them, `id:` line included.
 //!
 //! With `signals = "auto"` the producer picks the dialect from what the
 //! stream shows ([`Dialect::from_headers`], then [`Dialect::from_event`] on
@@ -28,7 +30,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::StreamId;
-use crate::outcome::{signal_frame, Signal};
+use crate::outcome::{signal_data, Signal, SIGNAL_EVENT};
 
 /// How in-band signals are written on an SSE stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,17 +149,16 @@ struct Detail<'a> {
     stream_id: String,
 }
 
-/// The complete SSE frame of a signal in `dialect`, `id:` line included,
-/// one event with one `data:` line. `id` is the position a reconnecting
-/// client sends back (answered `204`). The `reprise` dialect is exactly
-/// [`signal_frame`]; the others say the code in their message too, since
-/// that is what an SDK's exception shows.
-pub fn dialect_frame(
+/// A signal as one SSE event in `dialect`: its event name (`None`: an
+/// unnamed event) and its `data`, one line of JSON. The `reprise` dialect
+/// is [`signal_data`] in an event named [`SIGNAL_EVENT`]; the others say
+/// the code in their message too, since that is what an SDK's exception
+/// shows. The frame (`id:` line and all) is written by [`crate::wire`].
+pub fn signal_event(
     dialect: Dialect,
     signal: Signal<'_>,
     stream: StreamId,
-    id: &dyn fmt::Display,
-) -> String {
+) -> (Option<&'static str>, String) {
     let detail = Detail {
         code: signal.code,
         stream_id: stream.to_string(),
@@ -166,7 +167,7 @@ pub fn dialect_frame(
     // serde_json never emits raw newlines in compact form, so every body
     // below is one data line.
     let (event, body) = match dialect {
-        Dialect::Reprise => return signal_frame(signal, stream, id),
+        Dialect::Reprise => return (Some(SIGNAL_EVENT), signal_data(signal, stream)),
         // openai-python and openai-node raise `APIError` on any unnamed
         // event whose data has an `error` member, for chat completions and
         // Responses streams alike; `code` and `type` become the exception's.
@@ -202,16 +203,14 @@ pub fn dialect_frame(
             }),
         ),
     };
-    match event {
-        Some(name) => format!("id: {id}\nevent: {name}\ndata: {body}\n\n"),
-        None => format!("id: {id}\ndata: {body}\n\n"),
-    }
+    (event, body.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outcome::{FailReason, Outcome};
+    use crate::wire::sse_signal;
     use serde_json::Value;
 
     /// (event name, data JSON) of a one-event frame; panics on anything else.
@@ -244,10 +243,10 @@ mod tests {
         let o = reset();
         let sig = o.signal().unwrap();
         assert_eq!(
-            dialect_frame(Dialect::Reprise, sig, s, &"X"),
-            signal_frame(sig, s, &"X")
+            signal_event(Dialect::Reprise, sig, s),
+            (Some("reprise-error"), signal_data(sig, s))
         );
-        let (event, data) = parse(&dialect_frame(Dialect::Reprise, sig, s, &"X"));
+        let (event, data) = parse(&sse_signal(Dialect::Reprise, sig, s, &"X"));
         assert_eq!(event.as_deref(), Some("reprise-error"));
         assert_eq!(data["reprise"]["code"], "upstream_reset");
     }
@@ -256,12 +255,7 @@ mod tests {
     fn openai_dialect_is_an_unnamed_error_object() {
         let s = StreamId::random();
         let o = reset();
-        let (event, data) = parse(&dialect_frame(
-            Dialect::OpenAi,
-            o.signal().unwrap(),
-            s,
-            &"X",
-        ));
+        let (event, data) = parse(&sse_signal(Dialect::OpenAi, o.signal().unwrap(), s, &"X"));
         assert_eq!(event, None);
         let error = &data["error"];
         assert_eq!(error["type"], "reprise_error");
@@ -279,7 +273,7 @@ mod tests {
     #[test]
     fn anthropic_dialect_is_an_error_event() {
         let s = StreamId::random();
-        let (event, data) = parse(&dialect_frame(
+        let (event, data) = parse(&sse_signal(
             Dialect::Anthropic,
             Signal::HISTORY_LOST,
             s,
@@ -298,7 +292,7 @@ mod tests {
     #[test]
     fn ai_sdk_dialect_is_an_unnamed_error_part() {
         let s = StreamId::random();
-        let (event, data) = parse(&dialect_frame(
+        let (event, data) = parse(&sse_signal(
             Dialect::AiSdk,
             Outcome::Cancelled.signal().unwrap(),
             s,

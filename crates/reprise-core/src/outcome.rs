@@ -2,7 +2,8 @@
 //!
 //! The terminal entry of every stream is an [`Outcome`]. Readers of a stream
 //! that did not complete normally receive one final SSE event named
-//! `reprise-error` before the connection closes (see [`signal_frame`]). Its
+//! `reprise-error` before the connection closes (see [`signal_data`]; the
+//! frame around it is written by [`crate::wire`]). Its
 //! `data` is JSON shaped like the Vercel AI SDK's `error` UI-message part, so
 //! an AI SDK client shows it as an error, while an `EventSource` client only
 //! sees it when it listens for `reprise-error`: it never mixes with upstream
@@ -128,18 +129,13 @@ struct SignalDetail<'a> {
     stream_id: String,
 }
 
-/// The complete SSE frame of a signal, `id:` line included:
+/// The `data` of a signal's SSE event in the `reprise` dialect (named
+/// [`SIGNAL_EVENT`]), one line of JSON:
 ///
 /// ```text
-/// id: <id>
-/// event: reprise-error
-/// data: {"type":"error","errorText":"reprise: <message>","reprise":{"code":"<code>","stream_id":"<id>"}}
-///
+/// {"type":"error","errorText":"reprise: <message>","reprise":{"code":"<code>","stream_id":"<id>"}}
 /// ```
-///
-/// `id` is the position a reconnecting client will send back: the terminal
-/// entry's event id, or `<stream>.end`, both of which are answered `204`.
-pub fn signal_frame(signal: Signal<'_>, stream: StreamId, id: &dyn fmt::Display) -> String {
+pub fn signal_data(signal: Signal<'_>, stream: StreamId) -> String {
     let body = SignalBody {
         kind: "error",
         error_text: format!("reprise: {}", signal.message),
@@ -149,11 +145,11 @@ pub fn signal_frame(signal: Signal<'_>, stream: StreamId, id: &dyn fmt::Display)
         },
     };
     // serde_json never emits raw newlines in compact form, so this is one data line.
-    let json = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string());
-    format!("id: {id}\nevent: {SIGNAL_EVENT}\ndata: {json}\n\n")
+    serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
 }
 
-/// The NDJSON form of a signal: one JSON line shaped like Ollama's errors,
+/// The NDJSON form of a signal: one line of JSON (without its line end,
+/// see [`crate::wire`]) shaped like Ollama's errors,
 /// `{"error":"reprise: <message> (<code>)","reprise":{"code":"<code>","stream_id":"<id>"}}`.
 /// Ollama's clients raise with the `error` text alone, hence the code in it.
 pub fn signal_line(signal: Signal<'_>, stream: StreamId) -> String {
@@ -161,7 +157,8 @@ pub fn signal_line(signal: Signal<'_>, stream: StreamId) -> String {
         "error": format!("reprise: {} ({})", signal.message, signal.code),
         "reprise": { "code": signal.code, "stream_id": stream.to_string() },
     });
-    format!("{body}\n")
+    // Compact: no raw newline, so this stays one line.
+    body.to_string()
 }
 
 #[cfg(test)]
@@ -190,7 +187,7 @@ mod tests {
             reason: FailReason::UpstreamTimeout,
             message: "line one\nline two\r".into(),
         };
-        let f = signal_frame(o.signal().unwrap(), stream, &"X");
+        let f = crate::wire::sse_signal(crate::Dialect::Reprise, o.signal().unwrap(), stream, &"X");
         let lines: Vec<&str> = f.split('\n').collect();
         assert_eq!(lines.len(), 5, "{f:?}");
         assert_eq!(lines[0], "id: X");

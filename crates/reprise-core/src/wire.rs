@@ -20,11 +20,12 @@
 //! payload is written in place by the caller (see
 //! [`WireEncoder::event_with`]), never copied.
 
+use std::fmt;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::dialect::{dialect_frame, Dialect};
+use crate::dialect::{signal_event, Dialect};
 use crate::format::Format;
 use crate::ids::{Cursor, Epoch, EventId, IdPrefix, Seq, StreamId};
 use crate::outcome::{signal_line, Signal};
@@ -143,9 +144,31 @@ impl WireEncoder {
         at: Cursor,
     ) -> Bytes {
         match self.format {
-            Format::Sse => Bytes::from(dialect_frame(dialect(), signal, self.stream, &at)),
-            Format::Ndjson => Bytes::from(signal_line(signal, self.stream)),
+            Format::Sse => Bytes::from(sse_signal(dialect(), signal, self.stream, &at)),
+            Format::Ndjson => {
+                let mut line = signal_line(signal, self.stream);
+                line.push('\n');
+                Bytes::from(line)
+            }
         }
+    }
+}
+
+/// The complete SSE frame of a signal in `dialect`: one event, one `data:`
+/// line (see [`signal_event`]), whose id is `id`: the position a
+/// reconnecting client sends back, the terminal entry's event id or
+/// `<stream>.end`, both answered `204`. For a signal outside any stream's
+/// log too (a resume that finds no history).
+pub fn sse_signal(
+    dialect: Dialect,
+    signal: Signal<'_>,
+    stream: StreamId,
+    id: &dyn fmt::Display,
+) -> String {
+    let (event, data) = signal_event(dialect, signal, stream);
+    match event {
+        Some(name) => format!("id: {id}\nevent: {name}\ndata: {data}\n\n"),
+        None => format!("id: {id}\ndata: {data}\n\n"),
     }
 }
 
@@ -277,7 +300,7 @@ mod tests {
         let frame = sse.signal(|| Dialect::Anthropic, sig, at);
         assert_eq!(
             &frame[..],
-            dialect_frame(Dialect::Anthropic, sig, s, &at).as_bytes()
+            sse_signal(Dialect::Anthropic, sig, s, &at).as_bytes()
         );
         assert!(
             frame.starts_with(b"id: AAAAAAAAAAAAAAAAAAAAAA.00000007.0000000003\nevent: error\n")
@@ -287,7 +310,7 @@ mod tests {
         // NDJSON: never asks for a dialect, and has no id.
         let nd = WireEncoder::new(s, Epoch(7), Format::Ndjson);
         let line = nd.signal(|| unreachable!(), sig, Cursor::End(s));
-        assert_eq!(&line[..], signal_line(sig, s).as_bytes());
+        assert_eq!(&line[..], format!("{}\n", signal_line(sig, s)).as_bytes());
         assert!(line.ends_with(b"\n") && !line.starts_with(b"id:"));
     }
 }

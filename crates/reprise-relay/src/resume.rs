@@ -16,8 +16,8 @@
 use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use reprise_core::dialect::dialect_frame;
 use reprise_core::outcome::Signal;
+use reprise_core::wire::sse_signal;
 use reprise_core::{Cursor, Dialect, Epoch, Outcome, Seq, StreamId};
 
 use crate::auth::is_owner;
@@ -263,7 +263,7 @@ fn no_content(stream: StreamId) -> Response<Body> {
 /// whose id is `<stream>.end`, so that a reconnecting EventSource then gets
 /// `204`.
 fn history_lost(stream: StreamId, signals: Dialect) -> Response<Body> {
-    let frame = dialect_frame(signals, Signal::HISTORY_LOST, stream, &Cursor::End(stream));
+    let frame = sse_signal(signals, Signal::HISTORY_LOST, stream, &Cursor::End(stream));
     let mut resp = Response::new(full(frame));
     let h = resp.headers_mut();
     h.insert(
