@@ -1,10 +1,12 @@
 //! Event-id encoding: the `id:` line every forwarded event carries. The
-//! `format!` spelling is the baseline the hot path used to pay per event.
+//! `format!` spelling is the baseline the hot path used to pay per event;
+//! `WireEncoder::event` is the whole frame the relay writes per event.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use reprise_core::{Epoch, EventId, IdPrefix, Seq, StreamId};
+use bytes::BytesMut;
+use reprise_core::{Epoch, EventId, Format, IdPrefix, Seq, StreamId, WireEncoder};
 
 fn ids(c: &mut Criterion) {
     let stream = StreamId::random();
@@ -50,6 +52,19 @@ fn ids(c: &mut Criterion) {
             out.clear();
             black_box(&prefix).put(Seq(seq), &mut out);
             black_box(&out);
+        })
+    });
+    // The whole frame, as the producer's batch writes it: `id:` line,
+    // fields, blank line, into one buffer shared by the events of a read.
+    let wire = WireEncoder::new(stream, epoch, Format::Sse);
+    let mut buf = BytesMut::with_capacity(4096);
+    g.bench_function("WireEncoder::event (frame, per event)", |b| {
+        b.iter(|| {
+            seq += 1;
+            if buf.len() > 3072 {
+                buf.clear();
+            }
+            black_box(black_box(&wire).event(Seq(seq), b"data: {\"x\":1}\n", &mut buf));
         })
     });
     g.finish();
