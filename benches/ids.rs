@@ -4,8 +4,8 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion};
 use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, Criterion};
 use reprise_core::{Epoch, EventId, Format, IdPrefix, Seq, StreamId, WireEncoder};
 
 fn ids(c: &mut Criterion) {
