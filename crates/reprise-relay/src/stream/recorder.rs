@@ -5,11 +5,11 @@
 //! This file registers the stream in the store (metadata and key binding,
 //! before the response starts) and starts the three tasks that record it:
 //!
-//! - [`producer`]: upstream body → log (ids and wire frames, signal
-//!   dialect, limits, decoding a compressed body), with the [`framer`]
+//! - `producer`: upstream body → log (ids and wire frames, signal
+//!   dialect, limits, decoding a compressed body), with the `framer`
 //!   splitting the body into events or lines;
-//! - [`writer`]: log → store, in batches;
-//! - [`lease`]: keeps this instance's producer lease on the stream alive.
+//! - `writer`: log → store, in batches;
+//! - `lease`: keeps this instance's producer lease on the stream alive.
 //!
 //! All run as tasks of their own, detached from the client's connection:
 //! a client that hangs up stops only its reader, never the recording (the
