@@ -129,7 +129,7 @@ async fn handle_admin(relay: Arc<Relay>, req: Request<Incoming>) -> Response<Bod
 }
 
 /// Serves the admin listener (plain HTTP/1.1 and HTTP/2) until the end of
-/// the shutdown (`hard_stop`), so that metrics and a `503` readiness stay
+/// the shutdown's stop, so that metrics and a `503` readiness stay
 /// visible while in-flight streams drain.
 pub async fn serve_listener(relay: Arc<Relay>, listener: TcpListener) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -151,7 +151,7 @@ pub async fn serve_listener(relay: Arc<Relay>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = relay.hard_stop.cancelled() => break,
+            _ = relay.shutdown.stop().cancelled() => break,
         };
         let svc_relay = relay.clone();
         let svc = service_fn(move |req| {
@@ -160,7 +160,7 @@ pub async fn serve_listener(relay: Arc<Relay>, listener: TcpListener) {
         });
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let conn = graceful.watch(conn);
-        relay.tasks.spawn(
+        relay.shutdown.tasks().spawn(
             async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(cause = %e, "admin connection ended with an error");
@@ -232,7 +232,7 @@ async fn stream(
 /// store does. Ready means the store answered its last probe and the relay
 /// is not draining.
 fn ready(relay: &Arc<Relay>, audience: Audience) -> Response<Body> {
-    let draining = relay.shutdown.is_cancelled();
+    let draining = relay.shutdown.is_draining();
     let health = relay.store_health.snapshot();
     let ready = health.reachable && !draining;
     let status = if ready {

@@ -250,7 +250,7 @@ pub(crate) async fn forward(
     }
     if let Some(slot) = slot {
         // Held until the recording ends, even if this client goes.
-        slot.release_when_ended(&relay.tasks, live.clone());
+        slot.release_when_ended(relay.shutdown.tasks(), live.clone());
     }
     let key_ref = key.map(|key| KeyRef {
         route: format!("{}#{caller}", route.path),
@@ -279,7 +279,7 @@ pub(crate) async fn forward(
         reader::ReaderKind::Origin,
         relay.metrics.clone(),
         relay.config.streams.heartbeat,
-        relay.hard_stop.clone(),
+        relay.shutdown.stop().clone(),
     );
     Ok(Response::from_parts(resp_parts, body))
 }

@@ -8,7 +8,7 @@
 //! which skip the store while it is [`StoreHealth::is_known_down`], and the
 //! `reprise_store_up` gauge.
 //!
-//! The probe ([`spawn_probe`], one task per relay, stopped by `hard_stop`)
+//! The probe ([`spawn_probe`], one task per relay, stopped by the shutdown's stop)
 //! `PING`s the store every [`PROBE_INTERVAL`], each bounded by
 //! [`PROBE_TIMEOUT`] (a stalled Redis, e.g. `SIGSTOP`ped, never answers),
 //! and in between looks every [`WATCH_INTERVAL`] at the store's own view of

@@ -103,7 +103,7 @@ impl Drop for Claim {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let (relay, stream) = (self.relay.clone(), self.stream);
-        self.relay.tasks.spawn(
+        self.relay.shutdown.tasks().spawn(
             async move {
                 if let Err(e) = relay.store.release_key(&key, stream).await {
                     tracing::warn!(cause = %e, "cannot give back an Idempotency-Key; a retry waits for it to lapse");

@@ -18,7 +18,7 @@
 //!   (the HTTP(S) client and proxy header rules), [`metrics`];
 //! - leaves: [`config`], [`routes`], [`forwarded`], [`tls`], [`decode`]
 //!   (compressed upstream bodies), [`body`], [`error`], [`retry`],
-//!   [`clock`], [`uri`].
+//!   [`clock`], [`uri`], [`shutdown`] (the phases every task waits on).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -41,6 +41,7 @@ pub mod resume;
 pub mod retry;
 pub mod routes;
 pub mod server;
+pub mod shutdown;
 pub mod state;
 pub mod stream;
 pub mod tls;

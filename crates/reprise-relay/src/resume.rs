@@ -180,7 +180,7 @@ async fn answer(
         reader::ReaderKind::Resume,
         relay.metrics.clone(),
         relay.config.streams.heartbeat,
-        relay.hard_stop.clone(),
+        relay.shutdown.stop().clone(),
     ));
     let h = resp.headers_mut();
     for (name, value) in &live.headers {

@@ -3,13 +3,10 @@
 //! request to [`dispatch`](crate::dispatch), and runs the shutdown
 //! sequence. `run` is what the binary calls and what tests call in-process.
 //!
-//! Shutdown, in order (each step bounded):
-//! 1. `shutdown` fires: stop accepting; connections finish their current
-//!    response and close; `/readyz` answers 503.
-//! 2. In-flight recordings continue until they end or `shutdown_grace`
-//!    passes; then `interrupt` fires and they are recorded as `interrupted`.
-//! 3. Writers flush what is left to the store (bounded), then `hard_stop`
-//!    fires: readers close (clients resume elsewhere), loaders stop.
+//! Shutdown: the `shutdown` token given to `run` is phase 1 of
+//! [`Shutdown`](crate::shutdown::Shutdown) (stop accepting); the server then
+//! closes its connections gracefully while `Shutdown::drain` runs the other
+//! phases (grace, interrupt, flush, stop), each bounded.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -27,13 +24,14 @@ use crate::config::{Config, LoadedTls};
 use crate::dispatch;
 use crate::error::RelayError;
 use crate::metrics::GaugeGuard;
+use crate::shutdown::DrainBounds;
 use crate::state::{open_store, Relay, StartError};
 
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long writers get to flush after producers stopped, at shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long connections get to close after `hard_stop`.
+/// How long connections get to close after the stop.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The sockets the relay serves.
 pub struct Listeners {
@@ -104,8 +102,8 @@ pub async fn run_listeners(
     crate::health::spawn_probe(
         relay.store.clone(),
         relay.store_health.clone(),
-        &relay.tasks,
-        relay.hard_stop.clone(),
+        relay.shutdown.tasks(),
+        relay.shutdown.stop().clone(),
         on_ready,
     );
     serve_listeners(relay, listeners).await;
@@ -127,7 +125,8 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
         relay.admin_listener.store(true, Ordering::SeqCst);
         let r = relay.clone();
         relay
-            .tasks
+            .shutdown
+            .tasks()
             .spawn(crate::admin::serve_listener(r, admin).instrument(tracing::info_span!("admin")));
     }
     let limits = &relay.config.limits;
@@ -164,7 +163,7 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
                     continue;
                 }
             },
-            _ = relay.shutdown.cancelled() => break,
+            _ = relay.shutdown.stop_accepting().cancelled() => break,
         };
         let _ = io.set_nodelay(true);
         let svc_relay = relay.clone();
@@ -197,14 +196,14 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
         let span = tracing::debug_span!("conn", client.addr = %addr);
         let open = GaugeGuard::new(&relay.metrics.connections_open);
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let (tls, stop) = (tls.clone(), relay.shutdown.clone());
+        let (tls, stop) = (tls.clone(), relay.shutdown.stop_accepting().clone());
         // A client whose socket accepts nothing for `client_write` (a reader
         // that stopped reading) is closed: it holds no queue, but it would
         // hold its connection and task forever. It can resume.
         let mut io = tokio_io_timeout::TimeoutStream::new(io);
         io.set_write_timeout(Some(relay.config.timeouts.client_write));
         let io = Box::pin(io);
-        relay.tasks.spawn(
+        relay.shutdown.tasks().spawn(
             async move {
                 let _open = open;
                 let result = match tls {
@@ -257,29 +256,16 @@ async fn shut_down(relay: Arc<Relay>, graceful: hyper_util::server::graceful::Gr
     tracing::info!(in_flight, grace = ?relay.config.timeouts.shutdown_grace, "shutting down");
     // Connections stop taking new requests; responses in progress continue.
     let connections = tokio::spawn(graceful.shutdown());
-
-    relay.producers.close();
-    if tokio::time::timeout(relay.config.timeouts.shutdown_grace, relay.producers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over: recording the remaining streams as interrupted");
-    }
-    relay.interrupt.cancel();
-    relay.producers.wait().await;
-
-    // Give writers a bounded time to store the last entries.
-    let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait_writers(&relay)).await;
-    relay.hard_stop.cancel();
-    relay.tasks.close();
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connections).await;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, relay.tasks.wait()).await;
+    let bounds = DrainBounds {
+        grace: relay.config.timeouts.shutdown_grace,
+        flush: FLUSH_TIMEOUT,
+        close: CLOSE_TIMEOUT,
+    };
+    relay
+        .shutdown
+        .drain(bounds, async {
+            let _ = connections.await;
+        })
+        .await;
     tracing::info!("stopped");
-}
-
-/// Resolves once no stream produced here still has unstored entries.
-async fn wait_writers(relay: &Relay) {
-    while relay.writers_busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

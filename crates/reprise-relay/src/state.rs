@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use reprise_store::{MemoryStore, RedisStore, Store, StoreError, StoreOptions};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{redact_url, Config, ConfigError, LoadedTls};
 use crate::health::StoreHealth;
 use crate::metrics::{InstrumentedStore, Metrics};
 use crate::routes::{Route, RouteError, Router};
+use crate::shutdown::Shutdown;
 use crate::stream::hub::{Hub, LoaderCtx};
 use crate::upstream::{Clients, HttpClient};
 
@@ -51,18 +51,8 @@ pub struct Relay {
     pub clients: Clients,
     /// The listener's TLS (`[tls]`); `None` serves plain HTTP.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Writers, loaders and connections.
-    pub tasks: TaskTracker,
-    /// Producers only: shutdown waits for these before interrupting them.
-    pub producers: TaskTracker,
-    /// Step 1 of shutdown: stop accepting.
-    pub shutdown: CancellationToken,
-    /// Step 2: in-flight recordings end as `interrupted`.
-    pub interrupt: CancellationToken,
-    /// Step 3: readers close, writers and loaders stop.
-    pub hard_stop: CancellationToken,
-    /// Writers that still have entries to store (shutdown waits for them).
-    pub writers_busy: AtomicUsize,
+    /// The shutdown's phases, and the tasks they wait for.
+    pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
     /// Payload bytes recorded and not yet stored, over all streams.
     pub unstored_total: Arc<std::sync::atomic::AtomicUsize>,
@@ -106,16 +96,15 @@ impl Relay {
         let client = clients.default_client().clone();
         let tls = loaded.listener.clone().map(tokio_rustls::TlsAcceptor::from);
         let metrics = Arc::new(Metrics::new());
-        let tasks = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
+        let shutdown = Shutdown::new(shutdown);
         let store_health = Arc::new(StoreHealth::new(metrics.store_up.clone()));
         let limiter = crate::ratelimit::RateLimiter::new(
             store.as_ref(),
             config.streams.lease,
             metrics.clone(),
             store_health.clone(),
-            tasks.clone(),
-            hard_stop.clone(),
+            shutdown.tasks().clone(),
+            shutdown.stop().clone(),
         );
         Ok(Arc::new(Relay {
             limiter,
@@ -129,12 +118,7 @@ impl Relay {
             client,
             clients,
             tls,
-            tasks,
-            producers: TaskTracker::new(),
             shutdown,
-            interrupt: CancellationToken::new(),
-            hard_stop,
-            writers_busy: AtomicUsize::new(0),
             unstored_total: Arc::new(AtomicUsize::new(0)),
             instance: reprise_core::StreamId::random().to_string(),
             auth: crate::auth::Auth::new(config.auth.secret.as_ref()),
@@ -150,8 +134,8 @@ impl Relay {
     pub fn loader_ctx(&self) -> LoaderCtx {
         LoaderCtx {
             store: self.store.clone(),
-            tasks: self.tasks.clone(),
-            stop: self.hard_stop.clone(),
+            tasks: self.shutdown.tasks().clone(),
+            stop: self.shutdown.stop().clone(),
             poll_interval: self.config.streams.tail_poll_interval,
             lease: self.config.streams.lease,
             linger: self.config.streams.hot_linger,

@@ -100,11 +100,15 @@ pub fn spawn(
         coding.map(Decoder::new),
         meta.route.clone(),
     );
-    relay.producers.spawn(producer.instrument(span.clone()));
-    let busy = writer::Busy::new(relay);
     relay
-        .tasks
+        .shutdown
+        .producers()
+        .spawn(producer.instrument(span.clone()));
+    let busy = relay.shutdown.writer_busy();
+    relay
+        .shutdown
+        .tasks()
         .spawn(lease::keep_lease(relay.clone(), live.clone()).instrument(span.clone()));
     let writer = writer::write(relay.clone(), live, meta, key, registered, busy);
-    relay.tasks.spawn(writer.instrument(span));
+    relay.shutdown.tasks().spawn(writer.instrument(span));
 }

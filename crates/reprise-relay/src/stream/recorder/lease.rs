@@ -19,7 +19,7 @@ pub(super) async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
         tokio::select! {
             _ = tokio::time::sleep(lease / 3) => {}
             _ = &mut ended => return,
-            _ = relay.hard_stop.cancelled() => return,
+            _ = relay.shutdown.stop().cancelled() => return,
         }
         let now = crate::clock::now_ms();
         match relay

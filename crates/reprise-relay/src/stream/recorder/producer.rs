@@ -133,7 +133,7 @@ pub(super) async fn produce(
     let deadline = Instant::now() + cfg.timeouts.max_stream_duration;
     // This stream's own token: waiting on it touches no lock shared with
     // other streams.
-    let interrupt: CancellationToken = relay.interrupt.child_token();
+    let interrupt: CancellationToken = relay.shutdown.interrupt().child_token();
 
     let mut framer = Framer::new(live.format, limits);
     let mut batch = Batch::new(&live);

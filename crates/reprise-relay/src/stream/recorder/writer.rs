@@ -5,7 +5,6 @@
 //! stream, an answer lost in flight); its task is what the shutdown
 //! sequence waits for before the last entries are stored.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::Backoff;
+use crate::shutdown::WriterBusy;
 use crate::state::Relay;
 use crate::stream::live::LiveStream;
 
@@ -36,11 +36,11 @@ pub(super) async fn write(
     meta: StreamMeta,
     key: Option<KeyRef>,
     registered: Registered,
-    busy: Busy,
+    busy: WriterBusy,
 ) {
     let store = relay.store.clone();
     // Its own token: waiting on it touches no lock shared with other streams.
-    let stop = relay.hard_stop.child_token();
+    let stop = relay.shutdown.stop().child_token();
     let id = live.id;
     // Metadata written late (store down at the start, or lost) carries a
     // fresh lease, so other instances do not take it for abandoned.
@@ -260,21 +260,5 @@ where
                 return Err(());
             }
         }
-    }
-}
-
-/// Counts a writer with entries still to store, for the shutdown sequence.
-pub(super) struct Busy(Arc<Relay>);
-
-impl Busy {
-    pub(super) fn new(relay: &Arc<Relay>) -> Busy {
-        relay.writers_busy.fetch_add(1, Ordering::SeqCst);
-        Busy(relay.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.writers_busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
