@@ -24,6 +24,10 @@
 //! and the transitions, polling readiness every 10 ms: SIGSTOP → 503,
 //! SIGCONT → 200, kill → 503, restart → 200, over `--cycles` cycles.
 //!
+//! A state starts no new stream after [`STATE_BUDGET`] (a relay that waits
+//! on the store would take seconds per stream), so that a regression still
+//! prints its table.
+//!
 //! It prints one table of figures with the targets beside them; it
 //! asserts nothing about them. Every wait is bounded, and the whole run too
 //! ([`RUN_BOUND`]); the Redis server is killed when the run ends, however it
@@ -51,6 +55,10 @@ const READYZ_TIMEOUT: Duration = Duration::from_secs(2);
 const TRANSITION_BOUND: Duration = Duration::from_secs(8);
 /// Bound on each wait inside one stream (first event, end of body).
 const STREAM_BOUND: Duration = Duration::from_secs(5);
+/// Time after which a state starts no more streams (a relay that waits on
+/// the store would take seconds per stream): the table still prints, with
+/// the streams measured so far.
+const STATE_BUDGET: Duration = Duration::from_secs(8);
 /// Streams started and thrown away before the first measured state (the
 /// first connection, cold code paths).
 const WARM_UP_STREAMS: usize = 5;
@@ -184,7 +192,7 @@ async fn run(args: &Args) -> Result<String, String> {
     let client = SseClient::new();
     let mut keys = 0usize;
 
-    first_event_times(&client, &base, WARM_UP_STREAMS, &mut keys).await?;
+    first_event_times(&client, &base, WARM_UP_STREAMS, &mut keys, None).await?;
     let up = measure(State::Up, args, &client, &probe, &mut keys).await?;
 
     // Cycle 1 measures the outage states between its transitions.
@@ -254,9 +262,10 @@ async fn measure(
     keys: &mut usize,
 ) -> Result<Measured, String> {
     let skipped_before = probe.skipped_registrations().await;
-    let first_event = first_event_times(client, &probe.base, args.streams, keys)
-        .await
-        .map_err(|e| format!("{}: {e}", title(state)))?;
+    let first_event =
+        first_event_times(client, &probe.base, args.streams, keys, Some(STATE_BUDGET))
+            .await
+            .map_err(|e| format!("{}: {e}", title(state)))?;
     let skipped_after = probe.skipped_registrations().await;
     let mut readyz = Vec::with_capacity(args.requests);
     let mut statuses = Vec::with_capacity(args.requests);
@@ -275,18 +284,23 @@ async fn measure(
     })
 }
 
-/// Starts `n` recorded streams one after another; the time from sending
-/// each request to reading its first event. Each body is read to its end
-/// before the next starts.
+/// Starts `n` recorded streams one after another (fewer once `budget` has
+/// passed); the time from sending each request to reading its first event.
+/// Each body is read to its end before the next starts.
 async fn first_event_times(
     client: &SseClient,
     base: &str,
     n: usize,
     keys: &mut usize,
+    budget: Option<Duration>,
 ) -> Result<Vec<Duration>, String> {
     let url = format!("{base}/gen");
     let mut times = Vec::with_capacity(n);
+    let began = Instant::now();
     for _ in 0..n {
+        if budget.is_some_and(|b| began.elapsed() >= b) {
+            break;
+        }
         *keys += 1;
         let request = client
             .get(&url)
@@ -503,6 +517,15 @@ fn report(
             verdict(b <= a + FIRST_EVENT_EXTRA && c <= a + FIRST_EVENT_EXTRA)
         );
     };
+    let _ = writeln!(
+        o,
+        "| streams measured | {} | {} | {} | {} (fewer: {} s passed) | |",
+        up.first_event.len(),
+        stalled.first_event.len(),
+        killed.first_event.len(),
+        args.streams,
+        STATE_BUDGET.as_secs()
+    );
     first_event_row(o, "p50", &|s| percentile(s, 50));
     first_event_row(o, "p90", &|s| percentile(s, 90));
     first_event_row(o, "max", &max);
