@@ -45,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use client::{Hooks, Job, StreamResult, Totals};
 use procs::{Nginx, Proc, Redis, ReprisePlan};
 use report::{mib, ms2, ms3, rate, thousands, us_per, Table, NA};
+use reprise_benches::{machine_summary, version_of};
 
 /// Microseconds since the Unix epoch: the clock shared by the upstream's
 /// send stamps and the clients' receive times (same machine).
@@ -504,7 +505,7 @@ fn run(args: Args) -> Result<(), String> {
         .map(|b| format!("REPRISE_BIN={b} "))
         .unwrap_or_default();
     println!("- command: `{env}cargo bench -p reprise-benches --bench load{extra}`");
-    println!("- machine: {}", procs::machine_summary());
+    println!("- machine: {}", machine_summary());
     // The checkout's revision says what was built only when the bench built it.
     let origin = if std::env::var_os("REPRISE_BIN").is_some() {
         "set by REPRISE_BIN".to_string()
@@ -514,18 +515,18 @@ fn run(args: Args) -> Result<(), String> {
     println!(
         "- reprise: {} ({}; {})",
         reprise_bin.display(),
-        procs::version_of(&reprise_bin.to_string_lossy(), "--version"),
+        version_of(&reprise_bin.to_string_lossy(), "--version"),
         origin
     );
     println!(
         "- redis: {} (private, port {}, `--save \"\" --appendonly no`)",
-        procs::version_of("redis-server", "--version"),
+        version_of("redis-server", "--version"),
         redis.addr.port()
     );
     match &nginx {
         Ok(bin) => println!(
             "- nginx: {} — `worker_processes 1` (a master plus one worker, CPU summed), `proxy_buffering off`, HTTP/1.1 keepalive upstream, access_log off",
-            procs::version_of(&bin.to_string_lossy(), "-v")
+            version_of(&bin.to_string_lossy(), "-v")
         ),
         Err(why) => println!("- nginx: column skipped: {why}"),
     }
