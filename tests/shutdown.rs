@@ -39,17 +39,28 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
     a.next_event().await;
     b.next_event().await;
 
-    first.signal("TERM");
-    // New connections are no longer accepted (once the signal is handled)...
     let health = format!("{}/_reprise/healthz", first.url());
+    let instance = |body: &[u8]| {
+        let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+        body["instance"].as_str().map(str::to_owned)
+    };
+    let first_body = reqwest::get(&health).await.expect("healthz").bytes().await;
+    let first_instance = instance(&first_body.expect("healthz body"));
+    assert!(first_instance.is_some(), "healthz names its instance");
+    first.signal("TERM");
+    // New connections are no longer accepted by this process (once the
+    // signal is handled); another test's relay may take the freed port, so
+    // an answer from another instance counts as closed too...
     reprise_tests::with_timeout("the listener to close", async {
         loop {
-            match reqwest::Client::new().get(&health).send().await {
-                Ok(r) if r.status().is_success() => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
-                }
-                _ => return,
+            let answer = match reqwest::Client::new().get(&health).send().await {
+                Ok(r) if r.status().is_success() => r.bytes().await.ok().and_then(|b| instance(&b)),
+                _ => None,
+            };
+            if answer.is_none() || answer != first_instance {
+                return;
             }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await
         }
     })
     .await;

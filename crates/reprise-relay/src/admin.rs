@@ -96,7 +96,12 @@ fn ops(
         return Err(RelayError::MethodNotAllowed { allow: OPS_METHODS });
     }
     match path {
-        "/_reprise/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
+        // The instance id tells processes apart that took the same address
+        // in turn (a restart, or a test's port reused after a shutdown).
+        "/_reprise/healthz" => Ok(json_response(
+            StatusCode::OK,
+            json!({ "status": "ok", "instance": relay.instance }),
+        )),
         "/_reprise/readyz" => Ok(ready(relay, audience)),
         _ => {
             // Sampled at scrape time: entries recorded here, not yet stored.
