@@ -10,7 +10,7 @@
 #[path = "js/node.rs"]
 mod node;
 
-use node::NodeScript;
+use node::{node_script, NodeScript};
 use reprise_relay::config::Config;
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{chat_config, Backend, TestRelay};
@@ -54,7 +54,7 @@ async fn app(backend: &Backend) -> (Upstream, Config, StreamControl) {
 
 /// `node tests/js/ai_sdk.mjs <args>`.
 fn sdk(args: &[&str]) -> NodeScript {
-    NodeScript::spawn("ai_sdk.mjs", "ai", args, &[])
+    node_script("ai_sdk.mjs", "ai", args, &[])
 }
 
 fn api(relay: &TestRelay) -> String {

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use node::NodeScript;
+use node::{node_script, NodeScript};
 use reprise_tests::relay::{config, Backend, TestRelay};
 use reprise_tests::upstream::event;
 use reprise_tests::{Reply, StreamControl, Upstream};
@@ -219,7 +219,7 @@ impl Setup {
             format!("{}/page.html", self.forwarder.url())
         };
         let chromium = node::chromium();
-        NodeScript::spawn(
+        node_script(
             "eventsource.mjs",
             "playwright-core",
             &[&page],

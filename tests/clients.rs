@@ -23,8 +23,8 @@ mod node;
 use std::time::Duration;
 
 use bytes::Bytes;
-use node::NodeScript;
-use python::PyScript;
+use node::{node_script, NodeScript};
+use python::{py_script, PyScript};
 use reprise_relay::config::{Config, Signals};
 use reprise_tests::redis::RedisServer;
 use reprise_tests::relay::{config, Backend, TestRelay};
@@ -257,7 +257,7 @@ enum Client {
 
 impl Client {
     fn py(mode: &str, url: &str) -> Client {
-        Client::Py(PyScript::spawn("clients.py", &[mode, url], &[]))
+        Client::Py(py_script("clients.py", &[mode, url], &[]))
     }
 
     async fn report(&mut self) -> Value {
@@ -410,7 +410,7 @@ async fn ollama_chat_reads_through_a_long_silence_then_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_npm_reads_through_heartbeats_then_resumes() {
     reads_through_silence(Api::OpenAiChat, |url| {
-        Client::Node(NodeScript::spawn("openai.mjs", "openai", &[url], &[]))
+        Client::Node(node_script("openai.mjs", "openai", &[url], &[]))
     })
     .await;
 }
@@ -521,7 +521,7 @@ async fn openai_responses_stream_helper_reads_through_heartbeats_then_resumes() 
 async fn openai_npm_iteration_raises_on_a_broken_answer() {
     let raised = raises_like_a_broken_connection(
         Api::OpenAiChat,
-        |url| Client::Node(NodeScript::spawn("openai.mjs", "openai", &[url], &[])),
+        |url| Client::Node(node_script("openai.mjs", "openai", &[url], &[])),
         "APIError",
     )
     .await;

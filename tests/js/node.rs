@@ -11,17 +11,9 @@
 #![allow(dead_code)] // Each including test uses its own part of it.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
 
-use reprise_tests::{with_timeout, with_timeout_of, TIMEOUT};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
-
-/// Bound on a script's first report: it includes starting Node.js and maybe a
-/// browser, on a machine that runs other tests at the same time.
-const FIRST_REPORT: Duration = Duration::from_secs(60);
+use reprise_tests::script::Script;
+use tokio::process::Command;
 
 /// `tests/js`: the scripts, `package.json` and `node_modules`.
 pub fn js_dir() -> PathBuf {
@@ -67,109 +59,25 @@ fn require_node(package: &str) {
     );
 }
 
-/// A running Node script of `tests/js/`. Dropping it kills the script.
-pub struct NodeScript {
-    script: String,
-    child: Child,
-    /// The script's stdout, one JSON report per line.
-    lines: Lines<BufReader<ChildStdout>>,
-    /// Bound on the next report: [`FIRST_REPORT`], then [`TIMEOUT`].
-    bound: Duration,
-}
+/// A running Node script of `tests/js/` (see [`Script`]).
+pub type NodeScript = Script;
 
-impl NodeScript {
-    /// Starts `node tests/js/<script> <args>` after checking that Node.js and
-    /// the npm `package` the script imports are installed. Its stderr goes to
-    /// the test's output (shown when the test fails).
-    pub fn spawn(script: &str, package: &str, args: &[&str], env: &[(&str, &Path)]) -> NodeScript {
-        require_node(package);
-        let mut command = Command::new("node");
-        command
-            .arg(js_dir().join(script))
-            .args(args)
-            .current_dir(js_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting node {script}: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        NodeScript {
-            script: script.to_owned(),
-            child,
-            lines: BufReader::new(stdout).lines(),
-            bound: FIRST_REPORT,
-        }
+/// Starts `node tests/js/<script> <args>` after checking that Node.js and
+/// the npm `package` the script imports are installed.
+pub fn node_script(
+    script: &str,
+    package: &str,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> NodeScript {
+    require_node(package);
+    let mut command = Command::new("node");
+    command
+        .arg(js_dir().join(script))
+        .args(args)
+        .current_dir(js_dir());
+    for (name, value) in env {
+        command.env(name, value);
     }
-
-    /// The next report, or `None` once the script closed its stdout. Panics
-    /// on a line that is not JSON, or if nothing comes within the bound.
-    pub async fn next(&mut self) -> Option<Value> {
-        let what = format!("a report from {}", self.script);
-        let line = with_timeout_of(self.bound, what, self.lines.next_line()).await;
-        self.bound = TIMEOUT;
-        let line = line.unwrap_or_else(|err| panic!("reading {}'s stdout: {err}", self.script))?;
-        let report = serde_json::from_str(&line).unwrap_or_else(|err| {
-            panic!(
-                "{} printed a line that is not JSON ({err}): {line:?}",
-                self.script
-            )
-        });
-        Some(report)
-    }
-
-    /// The next report; panics (with the exit status) if the script ended.
-    pub async fn report(&mut self) -> Value {
-        match self.next().await {
-            Some(report) => report,
-            None => {
-                let status = self.wait().await;
-                panic!(
-                    "{} ended ({status}) before the expected report",
-                    self.script
-                )
-            }
-        }
-    }
-
-    /// Reads reports until one has `"kind": kind`; returns those before it
-    /// and that one.
-    pub async fn until_kind(&mut self, kind: &str) -> (Vec<Value>, Value) {
-        let mut before = Vec::new();
-        loop {
-            let report = self.report().await;
-            if report["kind"] == kind {
-                return (before, report);
-            }
-            before.push(report);
-        }
-    }
-
-    /// Every remaining report; then waits for the script to exit and panics
-    /// unless it succeeded.
-    pub async fn finish(mut self) -> Vec<Value> {
-        let mut rest = Vec::new();
-        while let Some(report) = self.next().await {
-            rest.push(report);
-        }
-        let status = self.wait().await;
-        assert!(
-            status.success(),
-            "{} failed ({status}); its stderr is above",
-            self.script
-        );
-        rest
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        let what = format!("{} to exit", self.script);
-        with_timeout(what, self.child.wait())
-            .await
-            .unwrap_or_else(|err| panic!("waiting for {}: {err}", self.script))
-    }
+    Script::spawn(script, command)
 }

@@ -14,6 +14,7 @@ pub mod client;
 pub mod forwarder;
 pub mod redis;
 pub mod relay;
+pub mod script;
 pub mod upstream;
 
 use std::fmt;
