@@ -21,27 +21,10 @@ use bytes::Bytes;
 use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
 use flate2::Compression;
 use reprise_tests::client::{browser_last_event_id, parse_sse, reconnection_times};
-use reprise_tests::redis::RedisServer;
+use reprise_tests::on_both_stores;
 use reprise_tests::relay::{chat_config, config, Backend, TestRelay};
 use reprise_tests::upstream::{event, numbered_event};
 use reprise_tests::{data, read_raw, RawResponse, Reply, SseClient, Upstream};
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   let server = super::RedisServer::start().await.expect("start redis-server");
-                   super::$name(super::Backend::Redis(server.url())).await;
-                   drop(server);
-               } )*
-        }
-    };
-}
 
 on_both_stores!(
     retry_in_an_unfinished_last_block_reaches_the_client,

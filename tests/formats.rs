@@ -10,31 +10,12 @@
 //! arrive exactly once. Every scenario runs against both stores.
 
 use bytes::Bytes;
-use reprise_tests::redis::RedisServer;
+use reprise_tests::on_both_stores;
 use reprise_tests::relay::{chat_config, Backend, TestRelay};
 use reprise_tests::{
     open_sse, read_raw, RawResponse, Reply, SseClient, SseEvent, SseResponse, Upstream,
 };
 use serde_json::{json, Value};
-
-/// Runs each scenario once with the embedded store and once with a fresh
-/// redis-server.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Memory).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   let server = super::RedisServer::start().await.expect("start redis-server");
-                   super::$name(super::Backend::Redis(server.url())).await;
-                   drop(server);
-               } )*
-        }
-    };
-}
 
 on_both_stores!(
     openai_chat_completions,

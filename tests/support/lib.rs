@@ -87,3 +87,24 @@ pub async fn with_timeout_of<F: Future>(
     drop(done);
     out
 }
+
+/// Runs each named scenario of the calling test file, an
+/// `async fn name(backend: Backend)`, once with the embedded store and once
+/// with a fresh redis-server of its own (tests `memory::name`, `redis::name`).
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name($crate::relay::Backend::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   let server = $crate::redis::RedisServer::start().await.expect("start redis-server");
+                   super::$name($crate::relay::Backend::Redis(server.url())).await;
+                   drop(server);
+               } )*
+        }
+    };
+}
