@@ -20,6 +20,33 @@ use http::{header, HeaderMap};
 /// so a step yields at most a few MiB however hostile the input.
 pub const STEP: usize = 4 << 10;
 
+/// Most bytes one step may decode to. Deflate stays far below it; Brotli
+/// can expand a few KiB into gigabytes, so its output is capped and a step
+/// that would exceed this fails the stream (`upstream_protocol`) instead of
+/// filling memory. No real event stream compresses 2,000:1.
+pub const MAX_STEP_OUTPUT: usize = 8 << 20;
+
+/// The Brotli decoder's sink: a buffer that refuses to grow past
+/// [`MAX_STEP_OUTPUT`] between two drains.
+#[derive(Default)]
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_STEP_OUTPUT {
+            return Err(std::io::Error::other(format!(
+                "a {STEP}-byte step of the body decodes to more than {MAX_STEP_OUTPUT} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A content coding Reprise decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coding {
@@ -97,7 +124,7 @@ enum State {
     DeflateSniff(Vec<u8>),
     /// Zlib or raw deflate.
     Inflate(Box<Decompress>),
-    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Capped>>),
     /// The compressed stream ended; only trailing gzip members may follow.
     Done,
     Failed,
@@ -109,7 +136,7 @@ impl Decoder {
             Coding::Gzip => State::GzipHeader(Vec::new()),
             Coding::Deflate => State::DeflateSniff(Vec::new()),
             Coding::Brotli => State::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(Vec::new(), STEP),
+                brotli_decompressor::DecompressorWriter::new(Capped::default(), STEP),
             )),
         };
         Decoder { coding, state }
@@ -139,7 +166,7 @@ impl Decoder {
             State::GzipHeader(h) | State::DeflateSniff(h) if h.is_empty() => Ok(()),
             State::Brotli(writer) => {
                 let closed = writer.close().map_err(|e| e.to_string());
-                out.append(writer.get_mut());
+                out.append(&mut writer.get_mut().0);
                 closed
             }
             State::Failed => Err("decoding failed earlier".into()),
@@ -236,7 +263,7 @@ impl Decoder {
                 State::Brotli(writer) => {
                     let written = writer.write_all(input).map_err(|e| e.to_string());
                     // Decoded bytes are in the buffer even if writing failed.
-                    out.append(writer.get_mut());
+                    out.append(&mut writer.get_mut().0);
                     written?;
                     return Ok(());
                 }
@@ -337,6 +364,42 @@ fn gzip_header_len(h: &[u8]) -> Result<Option<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Brotli bomb (a few KiB that expand to gigabytes) fails the stream
+    /// once one step would decode past the cap, keeping memory bounded.
+    #[test]
+    fn a_brotli_bomb_fails_instead_of_filling_memory() {
+        let mut br = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..16 {
+                std::io::Write::write_all(&mut w, &zeros).unwrap();
+            }
+        }
+        assert!(br.len() < STEP * 16, "the bomb is small: {}", br.len());
+        let mut d = Decoder::new(Coding::Brotli);
+        let mut decoded = 0usize;
+        let mut failed = false;
+        for step in br.chunks(STEP) {
+            match d.push(step) {
+                Ok(out) => {
+                    assert!(out.len() <= MAX_STEP_OUTPUT);
+                    decoded += out.len();
+                }
+                Err((out, _)) => {
+                    assert!(out.len() <= MAX_STEP_OUTPUT);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            failed,
+            "16 MiB from {} bytes decoded without failing ({decoded})",
+            br.len()
+        );
+    }
     use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
     use flate2::{Compression, GzBuilder};
 
