@@ -34,7 +34,7 @@ pub(crate) async fn attach_idempotent(
         );
         return Ok(None);
     }
-    let mut existing = match relay.store.claim_key(key, stream).await {
+    let mut existing = match bounded(relay.store.claim_key(key, stream)).await {
         Ok(None) => return Ok(None),
         Ok(Some(existing)) => existing,
         Err(e) => {
@@ -44,8 +44,8 @@ pub(crate) async fn attach_idempotent(
     };
     let deadline = tokio::time::Instant::now() + relay.config.streams.idempotency_wait;
     loop {
-        let known =
-            relay.hub.get(existing).is_some() || relay.store.meta(existing).await?.is_some();
+        let known = relay.hub.get(existing).is_some()
+            || bounded(relay.store.meta(existing)).await?.is_some();
         if known {
             tracing::debug!(stream.id = %existing, "Idempotency-Key matches a stream: attaching to it");
             let mut resp = resume::resume(
@@ -66,18 +66,37 @@ pub(crate) async fn attach_idempotent(
         if tokio::time::Instant::now() >= deadline {
             // The first request never produced a stream (upstream error,
             // not an event stream): this one tries for real.
-            relay.store.bind_key(key, stream).await?;
+            bounded(relay.store.bind_key(key, stream)).await?;
             return Ok(None);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // The first request may have given the key back (it failed before
         // its stream started): then the next claim wins and calls upstream.
-        if relay.store.resolve_key(key).await? != Some(existing) {
-            match relay.store.claim_key(key, stream).await? {
+        if bounded(relay.store.resolve_key(key)).await? != Some(existing) {
+            match bounded(relay.store.claim_key(key, stream)).await? {
                 None => return Ok(None),
                 Some(other) => existing = other,
             }
         }
+    }
+}
+
+/// Longest wait for one store call of the claim: a stalled store (not yet
+/// known down by the probe) must not hold the request for the client
+/// library's whole command timeout.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `call`, or `Unavailable` if the store does not answer within
+/// [`CALL_TIMEOUT`] (the first claim then fails open; later calls answer
+/// `503` with `Retry-After`, as any store outage does).
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, reprise_store::StoreError>>,
+) -> Result<T, reprise_store::StoreError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(reprise_store::StoreError::Unavailable(format!(
+            "no answer within {CALL_TIMEOUT:?}"
+        ))),
     }
 }
 

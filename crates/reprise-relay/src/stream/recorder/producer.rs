@@ -171,15 +171,16 @@ pub(super) async fn produce(
         loop {
             match batch.encode_next(framer) {
                 Ok(Some(len)) => {
-                    // Before the event enters the log, so that the writer
-                    // stores the dialect before the event (see `write`).
-                    detect.inspect(&live, batch.last_fields());
                     *events += 1;
                     *recorded += len;
                     if *events > max_events || *recorded > max_bytes {
                         batch.drop_last();
                         return Some(too_large());
                     }
+                    // Before the event enters the log, so that the writer
+                    // stores the dialect before the event (see `write`);
+                    // after the limits, so that only a logged event decides.
+                    detect.inspect(&live, batch.last_fields());
                 }
                 Ok(None) => return None,
                 Err(message) => return Some(failed(FailReason::UpstreamProtocol, message)),
