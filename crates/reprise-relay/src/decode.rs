@@ -233,11 +233,9 @@ impl Decoder {
                         if sum != crc.sum() || size != crc.amount() {
                             return Err("gzip checksum mismatch".into());
                         }
-                        // Another member may follow (concatenated gzip).
-                        self.state = State::GzipHeader(Vec::new());
-                        if input.is_empty() {
-                            self.state = State::Done;
-                        }
+                        // Another member may follow (concatenated gzip),
+                        // or zero padding: `Done` tells them apart.
+                        self.state = State::Done;
                     }
                 }
                 State::DeflateSniff(first) => {
@@ -269,8 +267,14 @@ impl Decoder {
                 }
                 State::Done => {
                     // After a complete gzip member only another member may
-                    // follow: restart the header parser.
+                    // follow (restart the header parser), or zero padding,
+                    // which some servers append and gzip(1) ignores.
                     if self.coding == Coding::Gzip {
+                        let zeros = input.iter().take_while(|b| **b == 0).count();
+                        input = &input[zeros..];
+                        if input.is_empty() {
+                            return Ok(());
+                        }
                         self.state = State::GzipHeader(Vec::new());
                         continue;
                     }
@@ -364,6 +368,30 @@ fn gzip_header_len(h: &[u8]) -> Result<Option<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Zero padding after the last gzip member (some servers append it;
+    /// gzip(1) ignores it) ends the stream normally, at any chunking; other
+    /// trailing bytes still fail.
+    #[test]
+    fn zero_padding_after_gzip_is_ignored() {
+        let body = b"data: a\n\ndata: b\n\n";
+        let mut padded = gzip(body);
+        padded.extend_from_slice(&[0u8; 9]);
+        for chunk in [1, 3, 4096] {
+            let mut d = Decoder::new(Coding::Gzip);
+            let mut out = Vec::new();
+            for piece in padded.chunks(chunk) {
+                out.extend_from_slice(&d.push(piece).expect("padding accepted"));
+            }
+            out.extend_from_slice(&d.finish().expect("complete stream"));
+            assert_eq!(out, body, "chunk {chunk}");
+        }
+        let mut junk = gzip(body);
+        junk.extend_from_slice(b"junk");
+        let mut d = Decoder::new(Coding::Gzip);
+        let failed = d.push(&junk).is_err() || d.finish().is_err();
+        assert!(failed, "trailing junk must fail");
+    }
 
     /// A Brotli bomb (a few KiB that expand to gigabytes) fails the stream
     /// once one step would decode past the cap, keeping memory bounded.

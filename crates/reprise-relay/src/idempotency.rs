@@ -124,7 +124,7 @@ impl Drop for Claim {
         let (relay, stream) = (self.relay.clone(), self.stream);
         self.relay.shutdown.tasks().spawn(
             async move {
-                if let Err(e) = relay.store.release_key(&key, stream).await {
+                if let Err(e) = bounded(relay.store.release_key(&key, stream)).await {
                     tracing::warn!(cause = %e, "cannot give back an Idempotency-Key; a retry waits for it to lapse");
                 }
             }

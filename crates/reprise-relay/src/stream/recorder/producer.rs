@@ -334,8 +334,17 @@ pub(super) async fn produce(
     drop(body);
     // Whatever ended the read, a `retry` the upstream sent in the last,
     // unfinished block still reaches the readers, before the end. Not
-    // subject to the stream limits: it is a few bytes, once.
-    if let Some(fields) = framer.take_retry() {
+    // subject to the stream limits: it is a few bytes, once. Not after a
+    // stop at a limit or a protocol error: the parser may then still hold
+    // blocks past the last logged event, whose `retry` no reader saw come.
+    let drained = !matches!(
+        &outcome,
+        Outcome::Failed {
+            reason: FailReason::StreamTooLarge | FailReason::UpstreamProtocol,
+            ..
+        }
+    );
+    if let Some(fields) = framer.take_retry().filter(|_| drained) {
         if live.push_event(&fields).is_some() {
             metrics.events_recorded.inc();
             metrics.bytes_recorded.inc_by(fields.len() as u64);
