@@ -15,18 +15,14 @@
 #[path = "js/node.rs"]
 mod node;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use node::{node_script, NodeScript};
+use reprise_tests::forwarder::Forwarder;
 use reprise_tests::relay::{config, Backend, TestRelay};
 use reprise_tests::upstream::event;
 use reprise_tests::{Reply, StreamControl, Upstream};
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The page: an EventSource on `?src=URL` (default `/events`, its own
 /// origin), reporting everything it sees to the Node script
@@ -51,121 +47,10 @@ fn data(i: usize) -> String {
     format!("token {i} — é🎉")
 }
 
-/// A TCP forwarder between the browser and Reprise that the test can cut.
-struct Forwarder {
-    addr: SocketAddr,
-    shared: Arc<ForwarderShared>,
-    /// Stops the accept loop and every forwarded connection.
-    _stop: DropGuard,
-}
-
-struct ForwarderShared {
-    /// `false` while held: accepted connections wait before reaching Reprise.
-    open: watch::Sender<bool>,
-    /// Cancelled by a cut; forwarded connections of that generation close.
-    generation: Mutex<CancellationToken>,
-    accepted: AtomicUsize,
-}
-
-impl Forwarder {
-    async fn start(target: SocketAddr) -> Forwarder {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind forwarder");
-        let addr = listener.local_addr().expect("forwarder addr");
-        let shared = Arc::new(ForwarderShared {
-            open: watch::Sender::new(true),
-            generation: Mutex::new(CancellationToken::new()),
-            accepted: AtomicUsize::new(0),
-        });
-        let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(
-            listener,
-            target,
-            Arc::clone(&shared),
-            stop.clone(),
-        ));
-        Forwarder {
-            addr,
-            shared,
-            _stop: stop.drop_guard(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Closes every forwarded connection, as a network change does, and
-    /// holds new ones (accepted by the kernel, not yet forwarded) until
-    /// [`Forwarder::release`].
-    fn cut_and_hold(&self) {
-        self.shared.open.send_replace(false);
-        let old = std::mem::take(&mut *lock(&self.shared.generation));
-        old.cancel();
-    }
-
-    fn release(&self) {
-        self.shared.open.send_replace(true);
-    }
-
-    /// Connections accepted so far.
-    fn accepted(&self) -> usize {
-        self.shared.accepted.load(Ordering::SeqCst)
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    target: SocketAddr,
-    shared: Arc<ForwarderShared>,
-    stop: CancellationToken,
-) {
-    loop {
-        let inbound = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((inbound, _)) => inbound,
-                Err(_) => continue,
-            },
-        };
-        shared.accepted.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(forward(
-            inbound,
-            target,
-            Arc::clone(&shared),
-            stop.child_token(),
-        ));
-    }
-}
-
-async fn forward(
-    mut inbound: TcpStream,
-    target: SocketAddr,
-    shared: Arc<ForwarderShared>,
-    stop: CancellationToken,
-) {
-    let mut open = shared.open.subscribe();
-    tokio::select! {
-        () = stop.cancelled() => return,
-        held = open.wait_for(|open| *open) => if held.is_err() { return },
-    }
-    // Taken after the hold: a cut ends only the connections made before it.
-    let generation = lock(&shared.generation).clone();
-    let Ok(mut outbound) = TcpStream::connect(target).await else {
-        return;
-    };
-    tokio::select! {
-        () = stop.cancelled() => {}
-        () = generation.cancelled() => {}
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-    }
 }
 
 /// Upstream, Reprise (embedded store), and the forwarder in front of it.

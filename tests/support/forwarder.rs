@@ -1,9 +1,10 @@
 //! A loopback TCP forwarder between a client and Reprise (client → **forwarder** → relay →
 //! upstream) that the test controls: it cuts every open connection, as a network change
-//! does, or drops each new one at once, as an unreachable Reprise looks to a client.
+//! does, holds new ones until released, or drops each new one at once, as an unreachable
+//! Reprise looks to a client.
 //!
-//! Tests drive real client programs through it (`tests/docs.rs`), so the client's own
-//! reconnect code is what meets the cut.
+//! Tests drive real client programs through it (`tests/docs.rs`, `tests/browser.rs`), so
+//! the client's own reconnect code is what meets the cut.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -27,6 +28,8 @@ struct Shared {
     mode: Mutex<Mode>,
     /// Cancelled by [`Forwarder::cut`]; the connections forwarded before it close.
     generation: Mutex<CancellationToken>,
+    /// `false` while held: accepted connections wait before reaching the target.
+    open: watch::Sender<bool>,
     /// Connections accepted so far (forwarded or dropped).
     accepted: watch::Sender<usize>,
 }
@@ -49,6 +52,7 @@ impl Forwarder {
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Forward),
             generation: Mutex::new(CancellationToken::new()),
+            open: watch::Sender::new(true),
             accepted: watch::Sender::new(0),
         });
         let stop = CancellationToken::new();
@@ -72,6 +76,18 @@ impl Forwarder {
     pub fn cut(&self) {
         let old = std::mem::take(&mut *lock(&self.shared.generation));
         old.cancel();
+    }
+
+    /// [`Forwarder::cut`], and holds new connections (accepted by the kernel, not yet
+    /// forwarded) until [`Forwarder::release`].
+    pub fn cut_and_hold(&self) {
+        self.shared.open.send_replace(false);
+        self.cut();
+    }
+
+    /// Forwards the held connections, and new ones again.
+    pub fn release(&self) {
+        self.shared.open.send_replace(true);
     }
 
     /// From now on, closes each new connection at once (and [`Forwarder::cut`]s the open
@@ -143,16 +159,35 @@ async fn accept_loop(
             drop(inbound);
             continue;
         }
-        tokio::spawn(forward(inbound, target, generation, stop.child_token()).in_current_span());
+        tokio::spawn(
+            forward(
+                inbound,
+                target,
+                generation,
+                Arc::clone(&shared),
+                stop.child_token(),
+            )
+            .in_current_span(),
+        );
     }
 }
 
 async fn forward(
     mut inbound: TcpStream,
     target: SocketAddr,
-    generation: CancellationToken,
+    mut generation: CancellationToken,
+    shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let mut open = shared.open.subscribe();
+    if !*open.borrow_and_update() {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            held = open.wait_for(|open| *open) => if held.is_err() { return },
+        }
+        // A held connection belongs to the generation after the cut.
+        generation = lock(&shared.generation).clone();
+    }
     let mut outbound = match TcpStream::connect(target).await {
         Ok(outbound) => outbound,
         Err(err) => {
