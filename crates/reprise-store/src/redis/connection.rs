@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::error::map_err;
 use super::functions::LIBRARY;
 use super::notifier::Notifier;
-use super::routing::{self, Router};
+use super::routing::Router;
 use crate::{StoreError, StoreOptions};
 
 /// How often the store looks for pooled clients whose connection task ended.
@@ -119,7 +119,7 @@ impl RedisStore {
         ropts: RedisOptions,
     ) -> Result<RedisStore, StoreError> {
         let builder = configure(url, &opts, &ropts)?;
-        let pool = routing::without_redirections(&builder)
+        let pool = builder
             .build_pool(ropts.pool_size.max(1))
             .map_err(map_err)?;
         // After an outage the pooled connections come back one by one: use
@@ -190,7 +190,7 @@ impl RedisStore {
         // The first connection follows the reconnection policy instead of
         // failing. Only the pool's: the subscriber, made by the first `watch`
         // (which waits for `ready`), keeps failing fast like any call.
-        let mut lazy = routing::without_redirections(&builder);
+        let mut lazy = builder.clone();
         lazy.with_config(|c| c.fail_fast = false);
         let pool = lazy.build_pool(ropts.pool_size.max(1)).map_err(map_err)?;
         pool.prefer_connected(true);
