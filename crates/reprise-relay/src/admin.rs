@@ -109,6 +109,14 @@ fn ops(
                 .metrics
                 .buffered_entries
                 .set(relay.hub.unstored_entries() as i64);
+            let budget = relay.hub.budget();
+            relay.metrics.log_bytes.set(budget.held() as i64);
+            let released = budget.released_total();
+            let counted = relay.metrics.log_bytes_released.get();
+            relay
+                .metrics
+                .log_bytes_released
+                .inc_by(released.saturating_sub(counted));
             let mut resp = Response::new(full(relay.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

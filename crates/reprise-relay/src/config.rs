@@ -216,6 +216,10 @@ pub struct LimitsConfig {
     pub max_unstored_stream_bytes: ByteSize,
     /// The same bound over all streams of this instance.
     pub max_unstored_bytes: ByteSize,
+    /// Most bytes of stream frames all logs of this instance hold in memory
+    /// (besides the unstored ones, bounded above): past it, frames already
+    /// stored are released, oldest first, and read from the store again.
+    pub max_log_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -233,6 +237,7 @@ impl Default for LimitsConfig {
             max_connections: 50_000,
             max_unstored_stream_bytes: ByteSize::mib(16),
             max_unstored_bytes: ByteSize::mib(256),
+            max_log_bytes: ByteSize::mib(256),
         }
     }
 }

@@ -234,8 +234,14 @@ pub(crate) async fn forward(
         caller: Some(caller.clone()),
         signals,
     };
-    let live =
-        LiveStream::with_budget(stream, epoch, headers, format, relay.unstored_total.clone());
+    let live = LiveStream::with_budget(
+        stream,
+        epoch,
+        headers,
+        format,
+        relay.unstored_total.clone(),
+        relay.hub.budget().clone(),
+    );
     if let Some(dialect) = signals {
         live.decide_signals(dialect);
     }
@@ -277,9 +283,7 @@ pub(crate) async fn forward(
         guard,
         reprise_core::Seq::ZERO,
         reader::ReaderKind::Origin,
-        relay.metrics.clone(),
-        relay.config.streams.heartbeat,
-        relay.shutdown.stop().clone(),
+        relay.reader_ctx(),
     );
     Ok(Response::from_parts(resp_parts, body))
 }

@@ -98,6 +98,12 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Store calls not made because the store was known to be down.
     pub store_skipped: Family<OpLabels, Counter>,
+    /// Wire bytes of stream frames held in memory (`limits.max_log_bytes`).
+    pub log_bytes: Gauge,
+    /// Bytes of stored frames released from memory to stay in that budget.
+    pub log_bytes_released: Counter,
+    /// Store reads by readers behind what a log holds.
+    pub released_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -131,6 +137,9 @@ impl Metrics {
             rate_limit_errors: Counter::default(),
             store_up: Gauge::default(),
             store_skipped: Family::default(),
+            log_bytes: Gauge::default(),
+            log_bytes_released: Counter::default(),
+            released_reads: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,6 +206,21 @@ impl Metrics {
             "entries_lost",
             "Entries dropped unstored because the store was unavailable past the memory budget",
             m.entries_lost.clone(),
+        );
+        registry.register(
+            "log_bytes",
+            "Bytes of stream frames held in memory, over all streams (bounded by limits.max_log_bytes plus the unstored bound)",
+            m.log_bytes.clone(),
+        );
+        registry.register(
+            "log_bytes_released",
+            "Bytes of stored frames released from memory to stay within limits.max_log_bytes",
+            m.log_bytes_released.clone(),
+        );
+        registry.register(
+            "released_reads",
+            "Store reads by readers behind the frames a stream's log still holds",
+            m.released_reads.clone(),
         );
         registry.register(
             "connections_open",

@@ -178,9 +178,7 @@ async fn answer(
         guard,
         after,
         reader::ReaderKind::Resume,
-        relay.metrics.clone(),
-        relay.config.streams.heartbeat,
-        relay.shutdown.stop().clone(),
+        relay.reader_ctx(),
     ));
     let h = resp.headers_mut();
     for (name, value) in &live.headers {

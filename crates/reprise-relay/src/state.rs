@@ -15,7 +15,9 @@ use crate::health::StoreHealth;
 use crate::metrics::{InstrumentedStore, Metrics};
 use crate::routes::{Route, RouteError, Router};
 use crate::shutdown::Shutdown;
+use crate::stream::budget::LogBudget;
 use crate::stream::hub::{Hub, LoaderCtx};
+use crate::stream::reader::ReaderCtx;
 use crate::upstream::{Clients, HttpClient};
 
 /// Longest pause between two attempts to reconnect to Redis: short, so
@@ -114,7 +116,9 @@ impl Relay {
             router,
             store: InstrumentedStore::wrap(store, metrics.clone()),
             metrics,
-            hub: Arc::new(Hub::default()),
+            hub: Arc::new(Hub::new(Arc::new(LogBudget::new(
+                config.limits.max_log_bytes.as_u64() as usize,
+            )))),
             client,
             clients,
             tls,
@@ -129,6 +133,15 @@ impl Relay {
     /// The client that reaches `route`'s upstream (trusting its `ca_file`).
     pub fn client_for(&self, route: &Route) -> &HttpClient {
         self.clients.for_route(route)
+    }
+
+    pub fn reader_ctx(&self) -> ReaderCtx {
+        ReaderCtx {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            heartbeat: self.config.streams.heartbeat,
+            stop: self.shutdown.stop().clone(),
+        }
     }
 
     pub fn loader_ctx(&self) -> LoaderCtx {

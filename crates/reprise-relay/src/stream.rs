@@ -6,8 +6,10 @@
 //! - [`reader`]: the response body that sends one client a stream;
 //! - [`hub`]: this instance's logs, and loaders that follow the store for
 //!   streams produced elsewhere;
-//! - [`live`]: one stream's in-memory log, shared by producer and readers.
+//! - [`live`]: one stream's in-memory log, shared by producer and readers;
+//! - [`budget`]: the instance-wide bound on what those logs hold.
 
+pub mod budget;
 pub mod hub;
 pub mod live;
 pub mod reader;

@@ -22,15 +22,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::retry::Backoff;
+use crate::stream::budget::LogBudget;
 use crate::stream::live::{LiveStream, ReaderGuard};
 
 /// Entries read from the store per call.
 pub const STORE_PAGE: usize = 1000;
 
 /// Registry of the streams this instance holds in memory.
-#[derive(Default)]
 pub struct Hub {
     streams: Mutex<HashMap<StreamId, Arc<LiveStream>>>,
+    /// What all logs may hold (`limits.max_log_bytes`).
+    budget: Arc<LogBudget>,
     /// Metadata lookups in flight, shared by concurrent resumes of one
     /// stream (see [`Hub::meta`]).
     meta_flights: Mutex<HashMap<StreamId, Arc<MetaFlight>>>,
@@ -67,6 +69,20 @@ impl Drop for FlightWaiter<'_> {
 }
 
 impl Hub {
+    /// An empty registry whose logs share `budget`.
+    pub fn new(budget: Arc<LogBudget>) -> Hub {
+        Hub {
+            streams: Mutex::default(),
+            budget,
+            meta_flights: Mutex::default(),
+        }
+    }
+
+    /// The bound the logs of this hub share.
+    pub fn budget(&self) -> &Arc<LogBudget> {
+        &self.budget
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Arc<LiveStream>>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -119,7 +135,13 @@ impl Hub {
             }
         }
         let format = meta.format.parse().unwrap_or(Format::Sse);
-        let live = LiveStream::new(meta.id, meta.epoch, meta.headers.clone(), format);
+        let live = LiveStream::new(
+            meta.id,
+            meta.epoch,
+            meta.headers.clone(),
+            format,
+            self.budget.clone(),
+        );
         if let Some(dialect) = meta.signals {
             live.decide_signals(dialect);
         }
@@ -467,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn resumes_that_leave_during_a_lookup_leave_no_flight_behind() {
-        let hub = Hub::default();
+        let hub = Hub::new(Arc::new(LogBudget::unbounded()));
         let store = stalling();
         let id = StreamId::random();
         let mut first = Box::pin(hub.meta(&store, id));

@@ -18,10 +18,15 @@
 //! are dropped and replaced by one **gap** frame: readers that reach it get
 //! the `history_lost` signal and end, and the writer stores the gap so that
 //! readers elsewhere learn the same.
+//!
+//! Frames the store holds may be released to keep all logs under
+//! `limits.max_log_bytes` (see `budget`): the log then starts later, and a
+//! reader behind its start reads the released frames from the store
+//! ([`Collected::released`], [`LiveStream::from_store`]).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use reprise_core::outcome::Signal;
@@ -29,6 +34,8 @@ use reprise_core::wire::{Span, WireEncoder};
 use reprise_core::{Cursor, Dialect, Epoch, Format, Outcome, Seq, StreamId};
 use reprise_store::{Entry, EntryBody};
 use tokio::sync::watch;
+
+use crate::stream::budget::{LogBudget, Release};
 
 /// One entry, ready to send.
 #[derive(Clone, Debug)]
@@ -98,6 +105,10 @@ pub struct Collected {
     pub ended: bool,
     /// Frames sent in `chunk` (a normal end sends nothing and is not counted).
     pub frames: usize,
+    /// The frames after the position were released from memory (they are
+    /// in the store): nothing was collected; read them with
+    /// [`LiveStream::from_store`].
+    pub released: bool,
 }
 
 /// The log. See the module docs.
@@ -129,6 +140,10 @@ pub struct LiveStream {
     /// The dialect of this stream's SSE signals, once decided (see the
     /// module docs); set at most once.
     signals: std::sync::OnceLock<Dialect>,
+    /// The instance-wide bound on held frames (see `budget`).
+    budget: Arc<LogBudget>,
+    /// This log, to queue itself in the budget.
+    me: Weak<LiveStream>,
 }
 
 /// Who started a stream: its route path and caller identity (see `auth`).
@@ -151,6 +166,12 @@ struct LogState {
     stored_upto: Seq,
     /// Payload bytes of frames after `stored_upto`.
     unstored_bytes: usize,
+    /// Wire bytes of `frames` (what the budget counts for this log).
+    held_bytes: usize,
+    /// Frames up to this seq were released (they are in the store only).
+    released_upto: Seq,
+    /// Queued in the budget as having stored frames to release.
+    queued: bool,
 }
 
 impl LogState {
@@ -161,12 +182,14 @@ impl LogState {
 }
 
 impl LiveStream {
-    /// A log filled from the store (a stream produced elsewhere).
+    /// A log filled from the store (a stream produced elsewhere), its
+    /// frames counted in `budget`.
     pub fn new(
         id: StreamId,
         epoch: Epoch,
         headers: Vec<(String, String)>,
         format: Format,
+        budget: Arc<LogBudget>,
     ) -> Arc<Self> {
         Self::build(
             id,
@@ -174,20 +197,22 @@ impl LiveStream {
             headers,
             format,
             Arc::new(AtomicUsize::new(0)),
+            budget,
             false,
         )
     }
 
     /// The log of a stream produced here, accounting its unstored bytes in
-    /// a relay-wide counter.
+    /// a relay-wide counter and its frames in `budget`.
     pub fn with_budget(
         id: StreamId,
         epoch: Epoch,
         headers: Vec<(String, String)>,
         format: Format,
         unstored_total: Arc<AtomicUsize>,
+        budget: Arc<LogBudget>,
     ) -> Arc<Self> {
-        Self::build(id, epoch, headers, format, unstored_total, true)
+        Self::build(id, epoch, headers, format, unstored_total, budget, true)
     }
 
     fn build(
@@ -196,9 +221,10 @@ impl LiveStream {
         headers: Vec<(String, String)>,
         format: Format,
         unstored_total: Arc<AtomicUsize>,
+        budget: Arc<LogBudget>,
         local: bool,
     ) -> Arc<Self> {
-        Arc::new(LiveStream {
+        Arc::new_cyclic(|me| LiveStream {
             id,
             epoch,
             wire: WireEncoder::new(id, epoch, format),
@@ -216,6 +242,8 @@ impl LiveStream {
             local,
             owner: std::sync::OnceLock::new(),
             signals: std::sync::OnceLock::new(),
+            budget,
+            me: me.clone(),
         })
     }
 
@@ -251,11 +279,13 @@ impl LiveStream {
         }
         let seq = Seq(st.next);
         let frame = self.event_frame(seq, fields);
+        let held = frame.wire.len();
         self.push_locked(&mut st, frame, fields.len());
         // Published under the lock, so that `last_seq()` never lags a frame
         // someone already read.
         self.last_tx.send_replace(seq.0);
         drop(st);
+        self.took(held);
         Some(seq)
     }
 
@@ -284,6 +314,7 @@ impl LiveStream {
         }
         let in_step = st.next == first.0;
         let mut added = 0;
+        let mut held = 0;
         for span in spans {
             let seq = Seq(st.next);
             let fields = span.fields.clone();
@@ -303,15 +334,18 @@ impl LiveStream {
             st.next += 1;
             st.recorded_bytes += fields.len();
             st.unstored_bytes += fields.len();
+            held += frame.wire.len();
             st.frames.push(frame);
             added += fields.len();
         }
+        st.held_bytes += held;
         // One update of the relay-wide counter per batch.
         self.unstored_total.fetch_add(added, Ordering::Relaxed);
         let last = st.next - 1;
         self.last_tx.send_replace(last);
         let unstored = st.unstored_bytes;
         drop(st);
+        self.took(held);
         Some((Seq(last), unstored))
     }
 
@@ -319,8 +353,38 @@ impl LiveStream {
         st.next += 1;
         st.recorded_bytes += len;
         st.unstored_bytes += len;
+        st.held_bytes += frame.wire.len();
         self.unstored_total.fetch_add(len, Ordering::Relaxed);
         st.frames.push(frame);
+    }
+
+    /// Counts `bytes` more held frames in the budget, and has the budget
+    /// release stored frames if that puts it over. Called without the lock.
+    fn took(&self, bytes: usize) {
+        self.budget.add(bytes);
+        if self.budget.is_over() {
+            self.budget.enforce();
+        }
+    }
+
+    /// Queues this log in the budget if it has stored frames to release and
+    /// is not queued yet. Returns whether it must be queued (do it once the
+    /// lock is dropped, with [`queue_in_budget`](Self::queue_in_budget)).
+    fn mark_releasable(st: &mut LogState) -> bool {
+        let releasable = st.frames.len() > 1 && st.index_after(st.stored_upto) > 0;
+        if releasable && !st.queued {
+            st.queued = true;
+            return true;
+        }
+        false
+    }
+
+    fn queue_in_budget(&self) {
+        let me: Weak<dyn Release> = self.me.clone();
+        self.budget.queue(me);
+        if self.budget.is_over() {
+            self.budget.enforce();
+        }
     }
 
     /// Append the terminal frame. Returns its seq, or `None` if already ended.
@@ -331,11 +395,15 @@ impl LiveStream {
         }
         let seq = Seq(st.next);
         st.next += 1;
-        st.frames.push(self.end_frame(seq, outcome));
+        let frame = self.end_frame(seq, outcome);
+        let held = frame.wire.len();
+        st.held_bytes += held;
+        st.frames.push(frame);
         st.ended = true;
         self.last_tx.send_replace(seq.0);
         drop(st);
         self.ended_notify.notify_waiters();
+        self.took(held);
         Some(seq)
     }
 
@@ -399,6 +467,7 @@ impl LiveStream {
                 _ => e.seq.0 + 1,
             };
         }
+        let mut held = 0;
         for e in entries {
             if st.ended {
                 break;
@@ -414,16 +483,25 @@ impl LiveStream {
                     self.end_frame(e.seq, outcome.clone())
                 }
             };
+            held += f.wire.len();
             st.frames.push(f);
         }
+        st.held_bytes += held;
         st.next = next;
         // Loaded frames are in the store already.
         st.stored_upto = Seq(next - 1);
         self.last_tx.send_replace(next - 1);
         let ended = st.ended;
+        let queue = Self::mark_releasable(&mut st);
         drop(st);
         if ended {
             self.ended_notify.notify_waiters();
+        }
+        self.budget.add(held);
+        if queue {
+            self.queue_in_budget();
+        } else if self.budget.is_over() {
+            self.budget.enforce();
         }
         true
     }
@@ -433,6 +511,15 @@ impl LiveStream {
     /// reader stops at the first terminal or gap frame.
     pub fn collect_after(&self, after: Seq, max_bytes: usize) -> Collected {
         let st = self.lock();
+        if after < st.released_upto {
+            return Collected {
+                chunk: None,
+                last: after,
+                ended: false,
+                frames: 0,
+                released: true,
+            };
+        }
         let start = st.index_after(after);
         if start >= st.frames.len() {
             return Collected {
@@ -440,6 +527,7 @@ impl LiveStream {
                 last: after,
                 ended: st.ended,
                 frames: 0,
+                released: false,
             };
         }
         let avail = &st.frames[start..];
@@ -474,24 +562,90 @@ impl LiveStream {
             last,
             ended,
             frames: sent,
+            released: false,
+        }
+    }
+
+    /// What a reader positioned after `after` sends, made from `entries`
+    /// read from the store (the frames after `after` were released from this
+    /// log, see [`Collected::released`]). Entries that do not continue from
+    /// `after` mean the store lost part of the stream: the reader gets the
+    /// `history_lost` signal and ends, never a silent hole.
+    pub fn from_store(&self, after: Seq, entries: &[Entry]) -> Collected {
+        let mut buf = BytesMut::new();
+        let mut last = after;
+        let mut frames = 0;
+        let mut ended = false;
+        for e in entries {
+            let covers = e.last_seq();
+            if covers <= last {
+                continue;
+            }
+            let frame = if e.seq > last.next() {
+                // A hole: what it held is gone from the store.
+                ended = true;
+                self.gap_frame(last.next(), Seq(e.seq.0 - 1))
+            } else {
+                match &e.body {
+                    EntryBody::Event(fields) => self.event_frame(e.seq, fields),
+                    EntryBody::Gap { upto } => self.gap_frame(e.seq, *upto),
+                    EntryBody::End(outcome) => self.end_frame(e.seq, outcome.clone()),
+                }
+            };
+            if !frame.wire.is_empty() {
+                frames += 1;
+            }
+            buf.put_slice(&frame.wire);
+            last = frame.covers_to();
+            if frame.is_final() {
+                ended = true;
+            }
+            if ended {
+                break;
+            }
+        }
+        if entries.is_empty() || last == after {
+            // The store holds nothing after a position the log released:
+            // lost too.
+            let gap = self.gap_frame(after.next(), after.next());
+            buf.put_slice(&gap.wire);
+            frames += 1;
+            ended = true;
+        }
+        let chunk = buf.freeze();
+        Collected {
+            chunk: (!chunk.is_empty()).then_some(chunk),
+            last,
+            ended,
+            frames,
+            released: false,
         }
     }
 
     /// Store entries after `after`, at most `max` of them (for the writer).
     /// A gap that began at or before `after` is clipped to start after it.
+    /// Frames released from memory (see `budget`) come back as one gap: a
+    /// writer rewriting a stream the store lost can no longer restore them.
     pub fn entries_after(&self, after: Seq, max: usize) -> Vec<Entry> {
         let st = self.lock();
+        let released = (after < st.released_upto).then(|| Entry {
+            seq: after.next(),
+            body: EntryBody::Gap {
+                upto: st.released_upto,
+            },
+        });
+        let after = after.max(st.released_upto);
         let start = st.index_after(after);
-        st.frames[start..]
-            .iter()
-            .take(max)
-            .map(|f| {
+        released
+            .into_iter()
+            .chain(st.frames[start..].iter().map(|f| {
                 let mut e = f.to_entry();
                 if e.seq <= after {
                     e.seq = after.next();
                 }
                 e
-            })
+            }))
+            .take(max)
             .collect()
     }
 
@@ -508,6 +662,11 @@ impl LiveStream {
         st.unstored_bytes -= freed;
         st.stored_upto = seq;
         self.unstored_total.fetch_sub(freed, Ordering::Relaxed);
+        let queue = Self::mark_releasable(&mut st);
+        drop(st);
+        if queue {
+            self.queue_in_budget();
+        }
     }
 
     /// Entries not yet in the store.
@@ -564,7 +723,15 @@ impl LiveStream {
             .map(Frame::payload_len)
             .sum();
         let gap = self.gap_frame(first, upto);
+        let dropped: usize = st.frames[from_idx..to_idx]
+            .iter()
+            .map(|f| f.wire.len())
+            .sum();
+        let gap_len = gap.wire.len();
         st.frames.splice(from_idx..to_idx, [gap]);
+        st.held_bytes = st.held_bytes - dropped + gap_len;
+        self.budget.sub(dropped);
+        self.budget.add(gap_len);
         let freed = freed.min(st.unstored_bytes);
         st.unstored_bytes -= freed;
         self.unstored_total.fetch_sub(freed, Ordering::Relaxed);
@@ -630,12 +797,36 @@ impl LiveStream {
     }
 }
 
+impl Release for LiveStream {
+    fn release_stored(&self) -> usize {
+        let mut st = self.lock();
+        st.queued = false;
+        // The last frame stays: it tells how the stream ended, or where the
+        // head is.
+        let n = st
+            .index_after(st.stored_upto)
+            .min(st.frames.len().saturating_sub(1));
+        if n == 0 {
+            return 0;
+        }
+        let freed: usize = st.frames[..n].iter().map(|f| f.wire.len()).sum();
+        st.released_upto = st.frames[n - 1].covers_to();
+        st.frames.drain(..n);
+        st.held_bytes -= freed;
+        drop(st);
+        self.budget.sub(freed);
+        freed
+    }
+}
+
 impl Drop for LiveStream {
     fn drop(&mut self) {
-        // Whatever was never stored no longer counts against the budget.
+        // Whatever was never stored no longer counts against the budget, and
+        // the frames are no longer held.
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         self.unstored_total
             .fetch_sub(st.unstored_bytes, Ordering::Relaxed);
+        self.budget.sub(st.held_bytes);
     }
 }
 
@@ -654,7 +845,13 @@ mod tests {
     use reprise_core::FailReason;
 
     fn live() -> Arc<LiveStream> {
-        LiveStream::new(StreamId::random(), Epoch(7), vec![], Format::Sse)
+        LiveStream::new(
+            StreamId::random(),
+            Epoch(7),
+            vec![],
+            Format::Sse,
+            Arc::new(LogBudget::unbounded()),
+        )
     }
 
     #[test]
@@ -738,7 +935,13 @@ mod tests {
         assert!(text.contains("event: reprise-error\n"), "{text}");
 
         // NDJSON: Ollama's error line whatever the dialect.
-        let l = LiveStream::new(StreamId::random(), Epoch(7), vec![], Format::Ndjson);
+        let l = LiveStream::new(
+            StreamId::random(),
+            Epoch(7),
+            vec![],
+            Format::Ndjson,
+            Arc::new(LogBudget::unbounded()),
+        );
         l.decide_signals(Dialect::OpenAi);
         l.finish(Outcome::Cancelled);
         let text =
@@ -755,6 +958,7 @@ mod tests {
             vec![],
             Format::Sse,
             budget.clone(),
+            Arc::new(LogBudget::unbounded()),
         );
         for _ in 0..5 {
             l.push_event(b"data: 0123456789\n");
@@ -803,5 +1007,63 @@ mod tests {
             body: EntryBody::End(Outcome::Completed)
         }]));
         assert_eq!(l.end(), Some((Seq(3), Outcome::Completed)));
+    }
+
+    #[test]
+    fn stored_frames_are_released_past_the_budget_and_read_from_the_store() {
+        let budget = Arc::new(LogBudget::new(100));
+        let l = LiveStream::with_budget(
+            StreamId::random(),
+            Epoch(7),
+            vec![],
+            Format::Sse,
+            Arc::new(AtomicUsize::new(0)),
+            budget.clone(),
+        );
+        for _ in 0..4 {
+            l.push_event(b"data: 0123456789\n");
+        }
+        let held = budget.held();
+        assert!(held > 100, "{held}");
+        // Nothing is stored yet: nothing can go.
+        assert!(!l.collect_after(Seq(0), 1 << 20).released);
+        l.mark_stored(Seq(3));
+        // Over the budget: every stored frame goes; the unstored one stays.
+        assert!(budget.held() < held);
+        assert!(budget.released_total() > 0);
+        let c = l.collect_after(Seq(0), 1 << 20);
+        assert!(c.released && c.chunk.is_none());
+        // A reader at or past the release point is served from memory.
+        let c = l.collect_after(Seq(3), 1 << 20);
+        assert!(!c.released);
+        assert_eq!(c.last, Seq(4));
+        // What the store gives back reads exactly like the log did.
+        let e = |seq| Entry {
+            seq: Seq(seq),
+            body: EntryBody::Event(Bytes::from_static(b"data: 0123456789\n")),
+        };
+        let c = l.from_store(Seq(1), &[e(2), e(3)]);
+        let text = String::from_utf8(c.chunk.unwrap().to_vec()).unwrap();
+        assert_eq!(c.last, Seq(3));
+        assert!(!c.ended);
+        assert!(
+            text.starts_with(&format!("id: {}.00000007.0000000002\n", l.id)),
+            "{text}"
+        );
+        // A store that lost them: history_lost, never a silent hole.
+        let c = l.from_store(Seq(1), &[e(3)]);
+        assert!(c.ended);
+        assert!(String::from_utf8(c.chunk.unwrap().to_vec())
+            .unwrap()
+            .contains("history_lost"));
+        let c = l.from_store(Seq(1), &[]);
+        assert!(c.ended);
+        // A writer rewriting the stream gets the released part as a gap.
+        let entries = l.entries_after(Seq(0), 10);
+        assert_eq!(entries[0].seq, Seq(1));
+        assert_eq!(entries[0].body, EntryBody::Gap { upto: Seq(3) });
+        assert_eq!(entries[1].seq, Seq(4));
+        drop(l);
+        assert_eq!(budget.held(), 0);
     }
 }

@@ -17,6 +17,14 @@
 //! stream must be a JSON object (Ollama's clients fail on anything else), and
 //! there is no comment syntax. TCP keep-alive, not application bytes, keeps
 //! such a connection open through a long silence.
+//!
+//! # Behind the log's start
+//!
+//! A log may have released its oldest frames (they are in the store; see
+//! `budget`). A reader positioned before them reads them from the store,
+//! a page at a time, until it reaches what the log holds; while the store
+//! does not answer it waits and tries again. A store that lost them gives
+//! the reader `history_lost` (see `LiveStream::from_store`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,18 +35,35 @@ use futures::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use reprise_core::{Format, Seq};
+use reprise_store::Store;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::body::{Body, BoxError};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::stream::live::{LiveStream, ReaderGuard};
+use crate::retry::Backoff;
+use crate::stream::live::{Collected, LiveStream, ReaderGuard};
 
 /// Most bytes joined into one write when a reader is catching up.
 const MAX_WRITE: usize = 64 * 1024;
 
 /// A lone SSE comment line: dispatches no event (see the module docs).
 const HEARTBEAT: &[u8] = b": keep-alive\n";
+
+/// Entries read from the store per call by a reader behind the log's start.
+const STORE_PAGE: usize = 256;
+
+/// What every reader shares: see [`body`].
+#[derive(Clone)]
+pub struct ReaderCtx {
+    /// Where frames released from the log are read again.
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    /// Silence after which an SSE reader gets a heartbeat.
+    pub heartbeat: Duration,
+    /// Shutdown: closes readers early; clients can resume elsewhere.
+    pub stop: CancellationToken,
+}
 
 /// Who is reading: the client whose request started the stream, or a
 /// resuming client (counted as replay in the metrics).
@@ -53,6 +78,7 @@ struct ReaderState {
     _guard: ReaderGuard,
     _active: GaugeGuard,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
     kind: ReaderKind,
     /// When a resume started, until it first caught up with the live end.
     catching_up: Option<Instant>,
@@ -72,17 +98,21 @@ struct ReaderState {
     done: bool,
 }
 
-/// The body of a reader positioned after `after`. `stop` closes it early
-/// (shutdown); the client can then resume elsewhere.
+/// The body of a reader positioned after `after`. `ctx.stop` closes it
+/// early (shutdown); the client can then resume elsewhere.
 pub fn body(
     live: Arc<LiveStream>,
     guard: ReaderGuard,
     after: Seq,
     kind: ReaderKind,
-    metrics: Arc<Metrics>,
-    heartbeat: Duration,
-    stop: CancellationToken,
+    ctx: ReaderCtx,
 ) -> Body {
+    let ReaderCtx {
+        store,
+        metrics,
+        heartbeat,
+        stop,
+    } = ctx;
     let rx = live.subscribe();
     let heartbeat = (live.format == Format::Sse).then_some(heartbeat);
     let state = ReaderState {
@@ -90,6 +120,7 @@ pub fn body(
         _guard: guard,
         _active: GaugeGuard::new(&metrics.readers_active),
         metrics,
+        store,
         kind,
         catching_up: (kind == ReaderKind::Resume).then(Instant::now),
         pos: after,
@@ -114,7 +145,10 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
             return None;
         }
         st.rx.borrow_and_update();
-        let c = st.live.collect_after(st.pos, MAX_WRITE);
+        let mut c = st.live.collect_after(st.pos, MAX_WRITE);
+        if c.released {
+            c = from_store(st).await?;
+        }
         st.pos = c.last;
         st.done = c.ended;
         if let Some(chunk) = c.chunk {
@@ -154,6 +188,38 @@ async fn next_chunk(st: &mut ReaderState) -> Option<Bytes> {
                 st.heartbeat_timer.as_mut().reset(due);
             }
             _ = st.stopped.as_mut() => return None,
+        }
+    }
+}
+
+/// The frames after the reader's position, read from the store because the
+/// log released them. Waits while the store does not answer; `None` if the
+/// reader is stopped meanwhile.
+async fn from_store(st: &mut ReaderState) -> Option<Collected> {
+    let mut backoff = Backoff::up_to(Duration::from_secs(1));
+    loop {
+        // In a task of its own: the store's future is not `Sync`, which a
+        // response body must be.
+        let (store, id, pos) = (st.store.clone(), st.live.id, st.pos);
+        let read = tokio::spawn(async move { store.read(id, pos, STORE_PAGE).await });
+        let read = match read.await {
+            Ok(r) => r,
+            Err(e) => Err(reprise_store::StoreError::Unavailable(format!(
+                "store read task failed: {e}"
+            ))),
+        };
+        match read {
+            Ok(entries) => {
+                st.metrics.released_reads.inc();
+                return Some(st.live.from_store(st.pos, &entries));
+            }
+            Err(e) => {
+                tracing::debug!(stream.id = %st.live.id, cause = %e, "reading released frames from the store failed; retrying");
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = st.stopped.as_mut() => return None,
+                }
+            }
         }
     }
 }
