@@ -1113,3 +1113,77 @@ async fn an_instance_recovers_from_redirections_during_a_migration() {
         "resume after the move",
     );
 }
+
+/// Redis Cluster's `ASK`, followed as specified: while a stream's slot
+/// stays half-migrated (its keys already on the importing master, the old
+/// one answering `ASK` for them), a fresh instance resumes the stream and
+/// follows it live, and the producing instance keeps appending — every
+/// command reaches the importing master with `ASKING` before it. (A client
+/// that sent the command back to the old master after `ASKING` would be
+/// redirected until it gave up: the resume would fail once
+/// `store.command_timeout` has passed, and the appends with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_migrated_slot_is_served_through_ask() {
+    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+    let masters = masters(&cluster).await;
+    let upstream = Upstream::start().await;
+    let url = cluster.url();
+    let args = ["--upstream", &upstream.url(), "--redis", &url];
+    let (producer, reader_side) =
+        tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+    let client = SseClient::new();
+    let mut s = produce(&upstream, &client, &producer.url(), 0, 3).await;
+    let sid = s.id();
+    // Let the writer store events 1-3 before the keys move.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let slot = key_slot(masters[0].port, &meta_key(&sid)).await;
+    let from = owner(&slot_owners(masters[0].port).await, slot);
+    let to = masters
+        .iter()
+        .find(|m| **m != from)
+        .expect("another master")
+        .clone();
+    begin_migration(slot, &from, &to).await;
+    assert!(
+        migrate_keys(slot, &from, &to).await > 0,
+        "the stream's keys moved"
+    );
+    // The slot stays half-migrated until the end of the test.
+    let mut resumed = client
+        .open_get(&format!("{}/_reprise/streams/{sid}", reader_side.url()))
+        .await;
+    assert_eq!(
+        resumed.status(),
+        200,
+        "a resume while the old master answers ASK"
+    );
+    assert_events(&resumed.next_events(3).await, &s.first, 0, 0, 3, "resume");
+    s.send_and_see(4..=6).await;
+    s.ctl.finish();
+    assert_eq!(s.origin.collect_until_end().await.len(), 0);
+    assert_events(
+        &resumed.collect_until_end().await,
+        &s.first,
+        0,
+        3,
+        6,
+        "resume, live",
+    );
+    // What the producer appended during the migration is on the importing
+    // master: a second fresh resume reads all of it.
+    let mut all = client
+        .open_get(&format!("{}/_reprise/streams/{sid}", reader_side.url()))
+        .await;
+    assert_events(
+        &all.collect_until_end().await,
+        &s.first,
+        0,
+        0,
+        6,
+        "full resume",
+    );
+    let on_to = stream_keys_on(to.port).await;
+    assert!(on_to.contains(&entries_key(&sid)), "{on_to:?}");
+    end_migration(slot, &to, &masters).await;
+}

@@ -9,14 +9,14 @@
 /// Version 3: producer leases, cancel requests, ending abandoned streams.
 /// Version 4: packed entries (field `p`, several events per Redis stream
 /// entry), which version 3 readers cannot decode.
-pub const LIBRARY_NAME: &str = "reprise_store_4";
+pub const LIBRARY_NAME: &str = "reprise_store_5";
 
-pub(super) const FN_APPEND: &str = "reprise_store_4_append";
-pub(super) const FN_NOTE_BINDING: &str = "reprise_store_4_note_binding";
-pub(super) const FN_END_BINDING: &str = "reprise_store_4_end_binding";
-pub(super) const FN_RENEW_LEASE: &str = "reprise_store_4_renew_lease";
-pub(super) const FN_REQUEST_CANCEL: &str = "reprise_store_4_request_cancel";
-pub(super) const FN_END_IF_ABANDONED: &str = "reprise_store_4_end_if_abandoned";
+pub(super) const FN_APPEND: &str = "reprise_store_5_append";
+pub(super) const FN_NOTE_BINDING: &str = "reprise_store_5_note_binding";
+pub(super) const FN_END_BINDING: &str = "reprise_store_5_end_binding";
+pub(super) const FN_RENEW_LEASE: &str = "reprise_store_5_renew_lease";
+pub(super) const FN_REQUEST_CANCEL: &str = "reprise_store_5_request_cancel";
+pub(super) const FN_END_IF_ABANDONED: &str = "reprise_store_5_end_if_abandoned";
 
 /// Deletes a key binding (KEYS[1]) only if it still holds ARGV[1], the
 /// stream id whose claim is given back.

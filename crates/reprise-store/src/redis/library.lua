@@ -1,14 +1,17 @@
-#!lua name=reprise_store_4
+#!lua name=reprise_store_5
 
 -- Append a batch of entries to a stream, atomically.
--- KEYS: metadata hash, entries stream, notification shard channel.
+-- KEYS: metadata hash, entries stream.
 -- ARGV: first seq, last covered seq, live TTL ms, retention ms, end record
---       JSON or '', then for each entry: its id, its field name, its value.
+--       JSON or '', notification shard channel (in the stream's slot; not a
+--       key, so that a half-migrated slot does not answer TRYAGAIN for a key
+--       that never exists), then for each entry: its id, its field name,
+--       its value.
 --       Entry ids are the last seq each entry covers (a pack's last event,
 --       a gap's `upto`); packs are built and unpacked by the relay.
 -- Returns the key binding pointing at the stream when the batch ends it.
 local function append(keys, args)
-  local meta, entries, channel = keys[1], keys[2], keys[3]
+  local meta, entries, channel = keys[1], keys[2], args[6]
   -- One lookup for both checks: every stream's metadata has an `id`.
   local state = redis.call('HMGET', meta, 'id', 'end')
   if not state[1] then
@@ -28,7 +31,7 @@ local function append(keys, args)
       ' but the last stored seq is ' .. stored)
   end
   local gaps = 0
-  for i = 6, #args, 3 do
+  for i = 7, #args, 3 do
     redis.call('XADD', entries, args[i], args[i + 1], args[i + 2])
     if args[i + 1] == 'g' then gaps = gaps + 1 end
   end
@@ -102,11 +105,11 @@ local function request_cancel(keys, args)
 end
 
 -- End a stream whose lease expired, with an End entry after the last one.
--- KEYS: metadata hash, entries stream, notification shard channel.
--- ARGV: now ms, retention ms, outcome JSON.
+-- KEYS: metadata hash, entries stream.
+-- ARGV: now ms, retention ms, outcome JSON, notification shard channel.
 -- Returns false if nothing was written, else {seq, key binding or ''}.
 local function end_if_abandoned(keys, args)
-  local meta, entries, channel = keys[1], keys[2], keys[3]
+  local meta, entries, channel = keys[1], keys[2], args[4]
   if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'end') == 1 then
     return false
   end
@@ -128,9 +131,9 @@ local function end_if_abandoned(keys, args)
   return {seq, redis.call('HGET', meta, 'k') or ''}
 end
 
-redis.register_function('reprise_store_4_append', append)
-redis.register_function('reprise_store_4_renew_lease', renew_lease)
-redis.register_function('reprise_store_4_request_cancel', request_cancel)
-redis.register_function('reprise_store_4_end_if_abandoned', end_if_abandoned)
-redis.register_function('reprise_store_4_note_binding', note_binding)
-redis.register_function('reprise_store_4_end_binding', end_binding)
+redis.register_function('reprise_store_5_append', append)
+redis.register_function('reprise_store_5_renew_lease', renew_lease)
+redis.register_function('reprise_store_5_request_cancel', request_cancel)
+redis.register_function('reprise_store_5_end_if_abandoned', end_if_abandoned)
+redis.register_function('reprise_store_5_note_binding', note_binding)
+redis.register_function('reprise_store_5_end_binding', end_binding)

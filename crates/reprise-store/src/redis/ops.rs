@@ -201,12 +201,13 @@ impl Store for RedisStore {
             }
             EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
         };
-        let mut args: Vec<Value> = Vec::with_capacity(5 + 3 * entries.len().min(PACK_MAX));
+        let mut args: Vec<Value> = Vec::with_capacity(6 + 3 * entries.len().min(PACK_MAX));
         args.push(first.seq.0.to_string().into());
         args.push(last.last_seq().0.to_string().into());
         args.push(self.live_ttl_ms().into());
         args.push(self.retention_ms().into());
         args.push(end_record.into());
+        args.push(k.channel.into());
         let mut rest = entries;
         while let Some(e) = rest.first() {
             // A run of events becomes one pack (up to PACK_MAX events) under
@@ -232,7 +233,7 @@ impl Store for RedisStore {
             args.push(value);
             rest = &rest[run.max(1)..];
         }
-        let keys = vec![k.meta, k.entries, k.channel];
+        let keys = vec![k.meta, k.entries];
         let binding = self
             .fcall(true, FN_APPEND, keys, args)
             .await
@@ -522,8 +523,9 @@ impl Store for RedisStore {
             now_ms.to_string().into(),
             self.retention_ms().into(),
             serde_json::to_string(outcome).map_err(corrupt)?.into(),
+            k.channel.into(),
         ];
-        let keys = vec![k.meta, k.entries, k.channel];
+        let keys = vec![k.meta, k.entries];
         let reply = self
             .fcall(true, FN_END_IF_ABANDONED, keys, args)
             .await

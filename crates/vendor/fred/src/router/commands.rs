@@ -267,6 +267,8 @@ async fn process_ask(
     command.respond_to_caller(Err(e));
     return Ok(());
   }
+  // Reprise patch: the write that was redirected did not fail; redirections are bounded by their own count.
+  command.attempts_remaining = command.attempts_remaining.saturating_add(1);
   let mut asking = Command::new_asking(slot);
   asking.cluster_node = Some(server.clone());
   asking.can_pipeline = true;
@@ -304,6 +306,8 @@ async fn process_moved(
     command.respond_to_caller(Err(e));
     return Ok(());
   }
+  // Reprise patch: the write that was redirected did not fail; redirections are bounded by their own count.
+  command.attempts_remaining = command.attempts_remaining.saturating_add(1);
 
   if let Err(error) = write_command_t!(inner, router, command) {
     _debug!(inner, "Error sending command after MOVED: {:?}", error);
