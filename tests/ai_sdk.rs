@@ -205,3 +205,142 @@ async fn a_broken_answer_ends_with_an_error_chunk() {
     assert_eq!(upstream.request_count(), 1);
     relay.stop().await;
 }
+
+/// The AI SDK's `stop()` in a resumable chat: the SDK aborts its request and
+/// the app POSTs `{api}/{chatId}/stop` (the route's `stop` template). The
+/// generation stops (the upstream sees its connection closed), the stream
+/// is recorded as cancelled, and the answer is `200` whether or not a
+/// stream was running, on any instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_posted_by_the_app_cancels_the_generation() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let (upstream, config, ctl) = app(&Backend::Redis(redis.url())).await;
+    let (relay, other) = tokio::join!(TestRelay::start(config.clone()), TestRelay::start(config));
+    let parts = parts();
+    let chat_id = "chat-stop-1";
+
+    let mut stopper = sdk(&["stop", &api(&relay), chat_id, "3"]);
+    for part in &parts[..5] {
+        push(&ctl, part).await;
+    }
+    assert_eq!(read_chunks(&mut stopper, 3).await, parts[..3]);
+    let stopped = stopper.finish().await;
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    assert_eq!(stopped[0]["kind"], "stopped");
+    assert_eq!(stopped[0]["status"], 200, "{stopped:?}");
+    assert_eq!(stopped[0]["body"]["outcome"], "cancelled", "{stopped:?}");
+    // The generation is aborted: Reprise closed the upstream connection.
+    reprise_tests::with_timeout("the upstream to see the stop", ctl.closed()).await;
+
+    // The stream is over: resuming gives null, on either instance.
+    for instance in [&relay, &other] {
+        let again = sdk(&["reconnect", &api(instance), chat_id]);
+        assert_eq!(again.finish().await, [json!({"kind": "null"})]);
+    }
+    // Stopping again, elsewhere, or a chat with no stream: 200 all the same.
+    let client = reprise_tests::SseClient::new();
+    for (instance, chat, outcome) in [
+        (&other, chat_id, "cancelled"),
+        (&relay, "chat-never", "none"),
+    ] {
+        let res = client
+            .post(&format!("{}/{chat}/stop", api(instance)), "")
+            .send()
+            .await
+            .expect("POST stop");
+        assert_eq!(res.status(), 200, "{chat}");
+        let body: Value = serde_json::from_str(&res.text().await.expect("body")).expect("JSON");
+        assert_eq!(body["outcome"], outcome, "{chat}: {body}");
+    }
+    assert_eq!(upstream.request_count(), 1, "stops never reach the app");
+    relay.stop().await;
+    other.stop().await;
+}
+
+/// `WorkflowChatTransport` (`@ai-sdk/workflow` on npm): its POST's
+/// connection fails mid-answer and it resumes by itself with
+/// `GET {api}/{runId}/stream?startIndex=<chunks it got>`; later readers start
+/// from an index or (negative) from the tail, which they resolve with
+/// `x-workflow-stream-tail-index`. Every chunk arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_transport_resumes_by_start_index() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let (reply, ctl) = Reply::controlled();
+    let upstream = Upstream::start().await;
+    let chat_id = "chat-workflow-1";
+    upstream.respond_once(
+        reply
+            .header("x-vercel-ai-ui-message-stream", "v1")
+            .header("x-workflow-run-id", chat_id),
+    );
+    let config = chat_config(&upstream.url(), &Backend::Redis(redis.url()));
+    let (relay, other) = tokio::join!(TestRelay::start(config.clone()), TestRelay::start(config));
+    let parts = parts();
+    let n = parts.len();
+
+    let mut sender = sdk(&["workflow-send", &api(&relay), chat_id, "4"]);
+    for part in &parts[..6] {
+        push(&ctl, part).await;
+    }
+    let post = sender.report().await;
+    assert_eq!(
+        (&post["method"], &post["status"]),
+        (&json!("POST"), &json!(200)),
+        "{post}"
+    );
+    assert_eq!(read_chunks(&mut sender, 4).await, parts[..4]);
+    let get = sender.report().await;
+    assert_eq!(get["kind"], "response", "{get}");
+    assert!(
+        get["url"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&format!("/api/chat/{chat_id}/stream?startIndex=4")),
+        "{get}"
+    );
+    assert_eq!(get["status"], 200, "{get}");
+    let tail: i64 = get["tail"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("a tail index");
+    assert!(
+        (4..=5).contains(&tail),
+        "events 1-5 at least were recorded: {get}"
+    );
+    let mut got = parts[..4].to_vec();
+    got.extend(read_chunks(&mut sender, 2).await);
+    for part in &parts[6..] {
+        push(&ctl, part).await;
+    }
+    ctl.send(event("[DONE]")).await;
+    ctl.finish();
+    let rest = sender.finish().await;
+    got.extend(chunks(&rest));
+    assert_eq!(got, parts, "every chunk exactly once, in order");
+    assert_eq!(rest.last(), Some(&json!({"kind": "end"})));
+
+    // Later readers, on the instance that did not record it (so the tail is
+    // read from the store): the last 3 events ([DONE] is the last), and
+    // from index 2. The tail index is that of [DONE]: n parts before it.
+    // (From an index inside a text part the transport would make up the
+    // missing `text-start` itself: its normalisation, not the wire.)
+    for (start, want) in [("-3", &parts[n - 2..]), ("2", &parts[2..])] {
+        let reports = sdk(&["workflow", &api(&other), chat_id, start])
+            .finish()
+            .await;
+        let response = &reports[0];
+        assert!(
+            response["url"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with(&format!("?startIndex={start}")),
+            "{response}"
+        );
+        assert_eq!(response["status"], 200, "{response}");
+        assert_eq!(response["tail"], json!(n.to_string()), "{response}");
+        assert_eq!(chunks(&reports), want, "startIndex={start}");
+    }
+    assert_eq!(upstream.request_count(), 1, "resumes never reach the app");
+    relay.stop().await;
+    other.stop().await;
+}

@@ -45,7 +45,7 @@ use tokio::sync::watch;
 const PROGRAM_BOUND: Duration = Duration::from_secs(90);
 
 /// At most this many blocks may be `no-run`.
-const MAX_NO_RUN: usize = 3;
+const MAX_NO_RUN: usize = 5;
 
 /// The answer every mock upstream streams, piece by piece: the line and
 /// paragraph separators and NEL are valid unescaped in JSON strings, and a
@@ -144,7 +144,9 @@ fn blocks() -> Vec<Block> {
 /// Which runner takes each block that runs: its section (heading prefix), its
 /// language, and a text only that block of the section contains.
 const RUNNERS: &[(&str, &str, &str)] = &[
-    ("Next.js", "sh", "/api/chat/chat-1/stream"),
+    ("Next.js", "sh", "/api/chat/chat-1/stream\""),
+    ("Next.js", "sh", "/api/chat/chat-1/stop"),
+    ("Next.js", "sh", "/api/chat/chat-1/stream?startIndex"),
     ("OpenAI", "python", "import openai"),
     ("OpenAI", "js", "from 'openai'"),
     ("Anthropic", "python", "import anthropic"),
@@ -847,6 +849,83 @@ async fn ollama_curl_block_reads_and_resumes() {
     assert_eq!(setup.upstream.request_count(), 1);
 }
 
+/// The POST that starts chat `chat-1`'s answer, as the AI SDK sends it.
+async fn start_chat_1(setup: &Setup) -> reqwest::Response {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", setup.relay.url()))
+        .header("content-type", "application/json")
+        .body(json!({"id": "chat-1", "messages": [], "trigger": "submit-message"}).to_string())
+        .send()
+        .await
+        .expect("the chat POST");
+    assert_eq!(response.status(), 200);
+    response
+}
+
+/// The Next.js section's stop block, run while the chat's answer streams:
+/// the generation stops (the upstream sees its connection closed) and the
+/// answer says so.
+#[tokio::test]
+async fn ai_sdk_stop_block_stops_the_generation() {
+    let toml = toml_block("Next.js");
+    let setup = Setup::start(Some(&toml)).await;
+    let control = controlled(&setup.upstream, Wire::AiSdk);
+    let groups = frames(Wire::AiSdk);
+    let response = start_chat_1(&setup).await;
+    push(&control, &groups[..CUT_AFTER]).await;
+    drop(response);
+    let program = Program::spawn(
+        &block("Next.js", "sh", "/api/chat/chat-1/stop"),
+        &setup.relay.url(),
+    );
+    let (status, printed) = program.finish().await;
+    assert!(status.success(), "the stop block failed ({status})");
+    let answer: Value = serde_json::from_str(printed.trim()).expect("a JSON answer");
+    assert_eq!(answer["outcome"], "cancelled", "{printed}");
+    control.closed().await;
+}
+
+/// The Next.js section's `startIndex` curl block, once the answer has
+/// ended: the last 5 events, and the tail index among the headers.
+#[tokio::test]
+async fn ai_sdk_start_index_block_gets_the_tail() {
+    let toml = toml_block("Next.js");
+    let setup = Setup::start(Some(&toml)).await;
+    let control = controlled(&setup.upstream, Wire::AiSdk);
+    let groups = frames(Wire::AiSdk);
+    let mut response = start_chat_1(&setup).await;
+    push(&control, &groups).await;
+    control.finish();
+    while response.chunk().await.expect("the answer").is_some() {}
+    let program = Program::spawn(
+        &block("Next.js", "sh", "/api/chat/chat-1/stream?startIndex"),
+        &setup.relay.url(),
+    );
+    let (status, printed) = program.finish().await;
+    assert!(status.success(), "the startIndex block failed ({status})");
+    let all: Vec<String> = groups
+        .iter()
+        .flatten()
+        .map(|frame| {
+            let text = std::str::from_utf8(frame).expect("UTF-8");
+            text.trim_end()
+                .strip_prefix("data: ")
+                .expect("a data line")
+                .to_owned()
+        })
+        .collect();
+    let tail = format!("x-workflow-stream-tail-index: {}", all.len() - 1);
+    assert!(
+        printed.lines().any(|l| l.trim_end() == tail),
+        "{tail:?} in {printed}"
+    );
+    let data: Vec<&str> = printed
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data, all[all.len() - 5..], "the last 5 events");
+}
+
 /// The Next.js section's curl block, run while the chat's answer streams:
 /// what a reconnecting `useChat` gets, the answer from its first part.
 #[tokio::test]
@@ -868,7 +947,7 @@ async fn ai_sdk_curl_block_replays_the_chat_answer() {
     // The page goes away mid-answer; Reprise goes on recording.
     drop(response);
     let mut program = Program::spawn(
-        &block("Next.js", "sh", "/api/chat/chat-1/stream"),
+        &block("Next.js", "sh", "/api/chat/chat-1/stream\""),
         &setup.forwarder.url(),
     );
     // The replay reaches curl while the answer is live (a resume after the

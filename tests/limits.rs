@@ -192,6 +192,7 @@ async fn embedded_store_limits_and_route_overrides() {
         upstream: upstream.url(),
         key: None,
         resume: None,
+        stop: None,
         record,
         caller: Default::default(),
         resume_auth: Default::default(),

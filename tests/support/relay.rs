@@ -30,6 +30,7 @@ pub fn config(upstream: &str, backend: &Backend) -> Config {
             upstream: upstream.into(),
             key: None,
             resume: None,
+            stop: None,
             record: true,
             caller: Default::default(),
             resume_auth: Default::default(),
@@ -47,7 +48,8 @@ pub fn config(upstream: &str, backend: &Backend) -> Config {
 }
 
 /// A config with the AI SDK chat route: `/api/chat`, key `{json = "/id"}`,
-/// resume template `/api/chat/{key}/stream`, plus a pass-through `/plain`.
+/// resume template `/api/chat/{key}/stream`, stop template
+/// `/api/chat/{key}/stop`, plus a pass-through `/plain`.
 pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
     let mut c = config(upstream, backend);
     c.routes = vec![
@@ -56,6 +58,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             upstream: upstream.into(),
             key: Some(KeySource::Json("/id".into())),
             resume: Some("/api/chat/{key}/stream".into()),
+            stop: Some("/api/chat/{key}/stop".into()),
             record: true,
             caller: Default::default(),
             resume_auth: Default::default(),
@@ -68,6 +71,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             upstream: upstream.into(),
             key: None,
             resume: None,
+            stop: None,
             record: false,
             caller: Default::default(),
             resume_auth: Default::default(),
@@ -80,6 +84,7 @@ pub fn chat_config(upstream: &str, backend: &Backend) -> Config {
             upstream: upstream.into(),
             key: None,
             resume: None,
+            stop: None,
             record: true,
             caller: Default::default(),
             resume_auth: Default::default(),

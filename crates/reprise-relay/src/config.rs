@@ -435,6 +435,11 @@ pub struct RouteConfig {
     /// Resume URL template containing `{key}`, e.g. `/api/chat/{key}/stream`.
     #[serde(default)]
     pub resume: Option<String>,
+    /// Stop URL template containing `{key}`, e.g. `/api/chat/{key}/stop`:
+    /// a `POST` there cancels the key's latest stream (the AI SDK's
+    /// convention for `stop()` in a resumable chat).
+    #[serde(default)]
+    pub stop: Option<String>,
     /// Record SSE responses (default true); `false` makes a plain pass-through route.
     #[serde(default = "default_true")]
     pub record: bool,
@@ -578,19 +583,20 @@ impl Config {
                     ));
                 }
             }
-            if let Some(t) = &r.resume {
+            for (name, template) in [("resume", &r.resume), ("stop", &r.stop)] {
+                let Some(t) = template else { continue };
                 if r.key.is_none() {
                     return bad(format!(
-                        "{at}.resume needs {at}.key: the template resumes a key's latest stream"
+                        "{at}.{name} needs {at}.key: the template names a key's latest stream"
                     ));
                 }
                 if !t.starts_with('/') || t.matches("{key}").count() != 1 {
                     return bad(format!(
-                        "{at}.resume must start with '/' and contain {{key}} exactly once: {t:?}"
+                        "{at}.{name} must start with '/' and contain {{key}} exactly once: {t:?}"
                     ));
                 }
                 if t.starts_with("/_reprise") {
-                    return bad(format!("{at}.resume: /_reprise is reserved"));
+                    return bad(format!("{at}.{name}: /_reprise is reserved"));
                 }
             }
         }

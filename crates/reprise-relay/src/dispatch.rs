@@ -1,22 +1,23 @@
 //! Dispatch, just below the server: every request enters [`handle`],
 //! which decides whether it is one of Reprise's own endpoints
 //! ([`admin`](crate::admin)), a resume ([`resume`](crate::resume): a route's
-//! resume template, or a Reprise `Last-Event-ID`), a cancel, or a request
-//! to [`forward`](crate::forward) upstream.
+//! resume template, or a Reprise `Last-Event-ID`), a cancel (`DELETE` on
+//! the resume template, `POST` on the stop template), or a request to
+//! [`forward`](crate::forward) upstream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Method, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use reprise_core::Cursor;
 
 use crate::admin;
-use crate::body::Body;
+use crate::body::{full, Body};
 use crate::error::RelayError;
 use crate::forward::forward;
 use crate::keys::route_key;
-use crate::resume::{self, Position, Via};
+use crate::resume::{self, Position, Via, TAIL_INDEX_HEADER};
 use crate::routes::{is_unsafe_path, Route};
 use crate::state::Relay;
 use crate::uri::query_param;
@@ -59,7 +60,14 @@ async fn dispatch(
             if req.method() == Method::DELETE {
                 return cancel_by_key(relay, &route, key, req.headers()).await;
             }
-            return resume_by_key(relay, &route, key, req.headers()).await;
+            let start = start_index(req.uri().query())?;
+            return resume_by_key(relay, &route, key, start, req.headers()).await;
+        }
+    }
+    if req.method() == Method::POST {
+        if let Some((route, key)) = relay.router.match_stop(&path) {
+            let route = route.clone();
+            return stop_by_key(relay, &route, key, req.headers()).await;
         }
     }
     let route = relay
@@ -97,32 +105,89 @@ fn reprise_cursor<B>(req: &Request<B>) -> Option<Cursor> {
     Cursor::parse(&q).ok()
 }
 
+/// The `startIndex` query parameter of a key resume (the AI SDK's
+/// `WorkflowChatTransport`): events to skip, or with a minus sign how many
+/// of the latest to send.
+fn start_index(query: Option<&str>) -> Result<Option<i64>, RelayError> {
+    let Some(raw) = query.and_then(|q| query_param(q, "startIndex")) else {
+        return Ok(None);
+    };
+    raw.parse::<i64>()
+        .map(Some)
+        .map_err(|_| RelayError::BadRequest {
+            code: "invalid_start_index",
+            message: format!("startIndex must be an integer, got {raw:?}"),
+        })
+}
+
 async fn resume_by_key(
+    relay: &Arc<Relay>,
+    route: &Arc<Route>,
+    key: String,
+    start: Option<i64>,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, RelayError> {
+    let key = route_key(relay, route, headers, key);
+    let (pos, via) = match start {
+        None => (Position::Beginning, Via::Key),
+        Some(n) if n >= 0 => (
+            Position::StartIndex(reprise_core::Seq(n as u64)),
+            Via::KeyIndex,
+        ),
+        Some(n) => (Position::FromTail(n.unsigned_abs()), Via::KeyIndex),
+    };
+    match relay.store.resolve_key(&key).await? {
+        Some(stream) => {
+            resume::resume(relay, stream, pos, via, headers, route.signals.fixed()).await
+        }
+        None => {
+            relay.metrics.resume("key", "no_content");
+            let mut resp = Response::new(crate::body::empty());
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            if via == Via::KeyIndex {
+                // Nothing recorded for this key: no chunk, index -1.
+                resp.headers_mut()
+                    .insert(TAIL_INDEX_HEADER, HeaderValue::from_static("-1"));
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// `POST` on a stop template: cancel the key's latest stream if it runs.
+/// Answers `200` whether or not one was running (the AI SDK's convention:
+/// `stop()` calls it without knowing); the body says what happened. Who
+/// may stop is decided as for `DELETE`; for anyone else, and for a key
+/// with no stream, the answer is the same `{"outcome":"none"}`.
+async fn stop_by_key(
     relay: &Arc<Relay>,
     route: &Arc<Route>,
     key: String,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, RelayError> {
     let key = route_key(relay, route, headers, key);
-    match relay.store.resolve_key(&key).await? {
-        Some(stream) => {
-            resume::resume(
-                relay,
-                stream,
-                Position::Beginning,
-                Via::Key,
-                headers,
-                route.signals.fixed(),
-            )
-            .await
-        }
+    let cancelled = match relay.store.resolve_key(&key).await? {
+        Some(stream) => match crate::cancel::cancel(relay, stream, headers).await {
+            Ok(resp) => Some(resp),
+            Err(RelayError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let mut resp = match cancelled {
+        Some(resp) => resp,
         None => {
-            relay.metrics.resume("key", "no_content");
-            let mut resp = Response::new(crate::body::empty());
-            *resp.status_mut() = http::StatusCode::NO_CONTENT;
-            Ok(resp)
+            let mut resp = Response::new(full(r#"{"outcome":"none"}"#));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
         }
-    }
+    };
+    // `202 cancel_requested` (another instance produces it) is a 200 here.
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
 }
 
 /// `DELETE` on a resume template: cancel the key's latest stream.

@@ -248,6 +248,7 @@ mod tests {
             upstream: "http://127.0.0.1:1".into(),
             key: None,
             resume: None,
+            stop: None,
             record: true,
             caller: Default::default(),
             resume_auth: Default::default(),

@@ -6,6 +6,7 @@
 //! | position at or past the end, nothing left        | `204` |
 //! | `<stream>.end` cursor                            | `204` |
 //! | key resume of a finished stream or unbound key    | `204` |
+//! | key resume with `startIndex` past a finished end  | `204` |
 //! | unknown stream on `/_reprise/streams/{id}`        | `404` |
 //! | unknown stream or other epoch via `Last-Event-ID` | `200` + `history_lost` signal |
 //! | otherwise                                         | `200`, replay after the position, then live |
@@ -31,6 +32,11 @@ use crate::stream::reader;
 /// Response header carrying the stream id.
 pub const STREAM_ID_HEADER: &str = "reprise-stream-id";
 
+/// Response header of a key resume with `startIndex`: the index (from 0) of
+/// the stream's last event when the answer started, `-1` if none (the AI
+/// SDK's `WorkflowChatTransport` resolves a negative `startIndex` with it).
+pub const TAIL_INDEX_HEADER: &str = "x-workflow-stream-tail-index";
+
 /// How the client asked to resume (it changes the "unknown stream" answer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -38,8 +44,12 @@ pub enum Via {
     LastEventId,
     /// `GET /_reprise/streams/{id}`.
     StreamsEndpoint,
-    /// The route's `resume` template, by key.
+    /// The route's `resume` template, by key: the whole stream, or `204`
+    /// once it has finished (the AI SDK's `DefaultChatTransport`).
     Key,
+    /// The route's `resume` template with `startIndex`: from that index,
+    /// finished or not, with [`TAIL_INDEX_HEADER`].
+    KeyIndex,
     /// A request whose `Idempotency-Key` names a stream already started: the
     /// whole stream, finished or not.
     Idempotent,
@@ -52,6 +62,8 @@ pub enum Position {
     Cursor(Cursor),
     /// After the first N entries.
     StartIndex(Seq),
+    /// The last N events (from the start if there are fewer).
+    FromTail(u64),
     /// From the first entry.
     Beginning,
 }
@@ -91,7 +103,7 @@ pub async fn resume(
     let kind = match via {
         Via::LastEventId => "last_event_id",
         Via::StreamsEndpoint => "stream_id",
-        Via::Key => "key",
+        Via::Key | Via::KeyIndex => "key",
         Via::Idempotent => "idempotent",
     };
     relay.metrics.resume(kind, outcome);
@@ -155,7 +167,16 @@ async fn answer(
         }
         Position::Cursor(Cursor::End(_)) => return Ok((no_content(stream), NO_CONTENT)),
         Position::StartIndex(n) => n,
-        Position::Beginning => Seq::ZERO,
+        Position::FromTail(_) | Position::Beginning => Seq::ZERO,
+    };
+    // The last event now, for `startIndex` (only then: it may read the store).
+    let tail = match via {
+        Via::KeyIndex => Some(last_event(relay, stream, &known).await?),
+        _ => None,
+    };
+    let after = match (pos, tail) {
+        (Position::FromTail(n), Some(last)) => Seq(last.0.saturating_sub(n)),
+        _ => after,
     };
     if let Some((end_seq, outcome)) = &known.end {
         // A normal end sends nothing for its terminal entry; a failure sends its signal.
@@ -165,7 +186,9 @@ async fn answer(
             end_seq.0
         };
         if via == Via::Key || after.0 >= last_visible {
-            return Ok((no_content(stream), NO_CONTENT));
+            let mut resp = no_content(stream);
+            add_tail_index(&mut resp, tail);
+            return Ok((resp, NO_CONTENT));
         }
     }
     let (live, guard) = match (known.held, known.meta) {
@@ -197,7 +220,36 @@ async fn answer(
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     }
     sse_headers(h, stream);
+    add_tail_index(&mut resp, tail);
     Ok((resp, "ok"))
+}
+
+/// The seq of the stream's last event (not its end) as known now: from
+/// this instance's log, else from the store.
+async fn last_event(relay: &Relay, stream: StreamId, known: &Known) -> Result<Seq, RelayError> {
+    if let Some((end, _)) = &known.end {
+        return Ok(Seq(end.0.saturating_sub(1)));
+    }
+    if let Some((live, _)) = &known.held {
+        // Ended since `known` was taken: its last frame is the end.
+        return Ok(match live.end() {
+            Some((end, _)) => Seq(end.0.saturating_sub(1)),
+            None => live.last_seq(),
+        });
+    }
+    Ok(relay.store.last_seq(stream).await?)
+}
+
+/// [`TAIL_INDEX_HEADER`]: event seqs count from 1, indexes from 0.
+fn add_tail_index(resp: &mut Response<Body>, last_event: Option<Seq>) {
+    if let Some(last) = last_event {
+        let index = last.0 as i64 - 1;
+        if let Ok(v) = HeaderValue::from_str(&index.to_string()) {
+            let h = resp.headers_mut();
+            h.insert(HeaderName::from_static(TAIL_INDEX_HEADER), v);
+            expose(h, TAIL_INDEX_HEADER);
+        }
+    }
 }
 
 /// The answer for a stream that does not exist (or is not the caller's).
@@ -212,7 +264,7 @@ fn unknown(
             code: "stream_not_found",
             message: "no such stream (unknown, or expired after its retention)".into(),
         }),
-        Via::Key | Via::Idempotent => Ok((no_content(stream), NO_CONTENT)),
+        Via::Key | Via::KeyIndex | Via::Idempotent => Ok((no_content(stream), NO_CONTENT)),
     }
 }
 
@@ -225,26 +277,30 @@ pub fn sse_headers(h: &mut http::HeaderMap, stream: StreamId) {
     if let Ok(v) = HeaderValue::from_str(&stream.to_string()) {
         h.insert(HeaderName::from_static(STREAM_ID_HEADER), v);
     }
-    if h.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
-        let exposed = match h
-            .get(header::ACCESS_CONTROL_EXPOSE_HEADERS)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) if !prev.to_ascii_lowercase().contains(STREAM_ID_HEADER) => {
-                format!("{prev}, {STREAM_ID_HEADER}")
-            }
-            Some(prev) => prev.to_string(),
-            None => STREAM_ID_HEADER.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&exposed) {
-            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
-        }
-    }
+    expose(h, STREAM_ID_HEADER);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(
         HeaderName::from_static("x-accel-buffering"),
         HeaderValue::from_static("no"),
     );
+}
+
+/// Where the upstream allows cross-origin reads, lets scripts read `name` too.
+fn expose(h: &mut http::HeaderMap, name: &str) {
+    if !h.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        return;
+    }
+    let exposed = match h
+        .get(header::ACCESS_CONTROL_EXPOSE_HEADERS)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) if !prev.to_ascii_lowercase().contains(name) => format!("{prev}, {name}"),
+        Some(prev) => prev.to_string(),
+        None => name.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&exposed) {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+    }
 }
 
 fn no_content(stream: StreamId) -> Response<Body> {

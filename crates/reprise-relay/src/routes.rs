@@ -3,7 +3,8 @@
 //! Routes are path prefixes matched on segment boundaries (`/api/chat`
 //! matches `/api/chat` and `/api/chat/x`, not `/api/chatty`); the longest
 //! prefix wins. A route's `resume` template (`/api/chat/{key}/stream`) is
-//! matched before prefixes, for GET and DELETE only.
+//! matched before prefixes, for GET and DELETE only; its `stop` template
+//! (`/api/chat/{key}/stop`) for POST only.
 
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ pub struct Route {
     pub base_path: Option<String>,
     pub key: Option<KeySource>,
     pub resume: Option<ResumeTemplate>,
+    /// `POST` here cancels the key's latest stream.
+    pub stop: Option<ResumeTemplate>,
     pub record: bool,
     pub caller: CallerConfig,
     pub resume_auth: ResumeAuth,
@@ -108,6 +111,10 @@ impl Router {
                 }
                 None => None,
             };
+            let stop = match &c.stop {
+                Some(t) => Some(ResumeTemplate::parse(t).ok_or_else(|| err("stop has no {key}"))?),
+                None => None,
+            };
             routes.push(Arc::new(Route {
                 path: normalize_prefix(&c.path).to_string(),
                 scheme,
@@ -115,6 +122,7 @@ impl Router {
                 base_path,
                 key: c.key.clone(),
                 resume,
+                stop,
                 record: c.record,
                 caller: c.caller.clone(),
                 resume_auth: c.resume_auth,
@@ -141,6 +149,13 @@ impl Router {
         self.routes
             .iter()
             .find_map(|r| Some((r, r.resume.as_ref()?.match_path(path)?)))
+    }
+
+    /// The route whose stop template matches `path`, with the key.
+    pub fn match_stop(&self, path: &str) -> Option<(&Arc<Route>, String)> {
+        self.routes
+            .iter()
+            .find_map(|r| Some((r, r.stop.as_ref()?.match_path(path)?)))
     }
 }
 
@@ -209,6 +224,7 @@ mod tests {
             upstream: upstream.into(),
             key: resume.map(|_| KeySource::Json("/id".into())),
             resume: resume.map(String::from),
+            stop: None,
             record: true,
             caller: Default::default(),
             resume_auth: Default::default(),

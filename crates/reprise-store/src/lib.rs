@@ -231,6 +231,23 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
+    /// The last seq the stream's stored entries cover (`Seq::ZERO` if none).
+    /// The default pages through [`Store::read`].
+    async fn last_seq(&self, stream: StreamId) -> Result<Seq, StoreError> {
+        const PAGE: usize = 1000;
+        let mut last = Seq::ZERO;
+        loop {
+            let page = self.read(stream, last, PAGE).await?;
+            match page.last() {
+                Some(e) => last = e.last_seq(),
+                None => return Ok(last),
+            }
+            if page.len() < PAGE {
+                return Ok(last);
+            }
+        }
+    }
+
     /// Point `key` at `stream` (the latest stream for a key wins).
     async fn bind_key(&self, key: &KeyRef, stream: StreamId) -> Result<(), StoreError>;
 
