@@ -66,8 +66,13 @@ impl Router {
         let slot = fred::util::redis_keyslot(key.as_bytes());
         let deadline = Instant::now() + self.timeout;
         let mut delay = Duration::from_millis(5);
+        let mut opts = opts.clone();
         loop {
-            let e = match self.send(opts, slot, cmds).await {
+            // Each try gets what is left of the bound, so that the whole run
+            // (redirections fred follows included) stays within it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            opts.timeout = Some(opts.timeout.map_or(left, |t| t.min(left)));
+            let e = match self.send(&opts, slot, cmds).await {
                 Ok(values) => return Ok(values),
                 Err(e) => e,
             };
