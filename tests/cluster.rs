@@ -1039,26 +1039,42 @@ async fn live_tail_follows_a_moved_slot() {
     );
 }
 
-/// Store calls that meet the half-way state of a migration (the stream's
-/// keys already on the new master, the old one answering `ASK`) do no
-/// lasting harm: once the slot has moved, the instance that made them is
-/// ready again and serves the stream from the store.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_recovers_from_redirections_during_a_migration() {
-    const DURING: usize = 8;
-    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
-    let masters = masters(&cluster).await;
-    let upstream = Upstream::start().await;
-    let url = cluster.url();
-    let args = ["--upstream", &upstream.url(), "--redis", &url];
-    let (producer, reader_side) =
-        tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
-    let client = SseClient::new();
-    let mut s = produce(&upstream, &client, &producer.url(), 0, 3).await;
-    let sid = s.id();
-    let resume_url = format!("{}/_reprise/streams/{sid}", reader_side.url());
+/// A three-master cluster, a mock upstream and two Reprise processes over
+/// them: one records, the other reads.
+struct TwoInstances {
+    _cluster: RedisCluster,
+    masters: Vec<Master>,
+    upstream: Upstream,
+    producer: RelayProcess,
+    reader_side: RelayProcess,
+    client: SseClient,
+}
 
-    let slot = key_slot(masters[0].port, &meta_key(&sid)).await;
+impl TwoInstances {
+    async fn start() -> TwoInstances {
+        let cluster = RedisCluster::start().await.expect("start a Redis cluster");
+        let masters = masters(&cluster).await;
+        let upstream = Upstream::start().await;
+        let url = cluster.url();
+        let args = ["--upstream", &upstream.url(), "--redis", &url];
+        let (producer, reader_side) =
+            tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+        TwoInstances {
+            _cluster: cluster,
+            masters,
+            upstream,
+            producer,
+            reader_side,
+            client: SseClient::new(),
+        }
+    }
+}
+
+/// Starts moving stream `sid`'s slot to another master and moves its keys
+/// there, leaving the slot half-migrated (the old master answers `ASK`).
+/// Returns the slot, the keys moved and the importing master.
+async fn move_keys_of(masters: &[Master], sid: &str) -> (i64, usize, Master) {
+    let slot = key_slot(masters[0].port, &meta_key(sid)).await;
     let from = owner(&slot_owners(masters[0].port).await, slot);
     let to = masters
         .iter()
@@ -1066,7 +1082,24 @@ async fn an_instance_recovers_from_redirections_during_a_migration() {
         .expect("another master")
         .clone();
     begin_migration(slot, &from, &to).await;
-    migrate_keys(slot, &from, &to).await;
+    let moved = migrate_keys(slot, &from, &to).await;
+    (slot, moved, to)
+}
+
+/// Store calls that meet the half-way state of a migration (the stream's
+/// keys already on the new master, the old one answering `ASK`) do no
+/// lasting harm: once the slot has moved, the instance that made them is
+/// ready again and serves the stream from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_recovers_from_redirections_during_a_migration() {
+    const DURING: usize = 8;
+    let t = TwoInstances::start().await;
+    let (masters, client, reader_side) = (&t.masters, &t.client, &t.reader_side);
+    let mut s = produce(&t.upstream, client, &t.producer.url(), 0, 3).await;
+    let sid = s.id();
+    let resume_url = format!("{}/_reprise/streams/{sid}", reader_side.url());
+
+    let (slot, _, to) = move_keys_of(masters, &sid).await;
     // Resumes that read the stream's metadata from the store now; how they
     // are answered is `topology_change_with_readers_resuming`'s concern.
     let during = (0..DURING).map(|_| async {
@@ -1081,7 +1114,7 @@ async fn an_instance_recovers_from_redirections_during_a_migration() {
         futures::future::join_all(during),
     )
     .await;
-    end_migration(slot, &to, &masters).await;
+    end_migration(slot, &to, masters).await;
     s.send_and_see(4..=5).await;
     s.ctl.finish();
     assert_eq!(s.origin.collect_until_end().await.len(), 0);
@@ -1124,31 +1157,15 @@ async fn an_instance_recovers_from_redirections_during_a_migration() {
 /// `store.command_timeout` has passed, and the appends with it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_migrated_slot_is_served_through_ask() {
-    let cluster = RedisCluster::start().await.expect("start a Redis cluster");
-    let masters = masters(&cluster).await;
-    let upstream = Upstream::start().await;
-    let url = cluster.url();
-    let args = ["--upstream", &upstream.url(), "--redis", &url];
-    let (producer, reader_side) =
-        tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
-    let client = SseClient::new();
-    let mut s = produce(&upstream, &client, &producer.url(), 0, 3).await;
+    let t = TwoInstances::start().await;
+    let (masters, client, reader_side) = (&t.masters, &t.client, &t.reader_side);
+    let mut s = produce(&t.upstream, client, &t.producer.url(), 0, 3).await;
     let sid = s.id();
     // Let the writer store events 1-3 before the keys move.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let slot = key_slot(masters[0].port, &meta_key(&sid)).await;
-    let from = owner(&slot_owners(masters[0].port).await, slot);
-    let to = masters
-        .iter()
-        .find(|m| **m != from)
-        .expect("another master")
-        .clone();
-    begin_migration(slot, &from, &to).await;
-    assert!(
-        migrate_keys(slot, &from, &to).await > 0,
-        "the stream's keys moved"
-    );
+    let (slot, moved, to) = move_keys_of(masters, &sid).await;
+    assert!(moved > 0, "the stream's keys moved");
     // The slot stays half-migrated until the end of the test.
     let mut resumed = client
         .open_get(&format!("{}/_reprise/streams/{sid}", reader_side.url()))
@@ -1185,5 +1202,5 @@ async fn a_half_migrated_slot_is_served_through_ask() {
     );
     let on_to = stream_keys_on(to.port).await;
     assert!(on_to.contains(&entries_key(&sid)), "{on_to:?}");
-    end_migration(slot, &to, &masters).await;
+    end_migration(slot, &to, masters).await;
 }

@@ -849,6 +849,21 @@ async fn ollama_curl_block_reads_and_resumes() {
     assert_eq!(setup.upstream.request_count(), 1);
 }
 
+/// What follows `data: ` in each of the AI SDK frames of `groups`.
+fn data_lines(groups: &[Vec<Bytes>]) -> Vec<String> {
+    groups
+        .iter()
+        .flatten()
+        .map(|frame| {
+            let text = std::str::from_utf8(frame).expect("UTF-8");
+            text.trim_end()
+                .strip_prefix("data: ")
+                .expect("a data line")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// The POST that starts chat `chat-1`'s answer, as the AI SDK sends it.
 async fn start_chat_1(setup: &Setup) -> reqwest::Response {
     let response = reqwest::Client::new()
@@ -903,17 +918,7 @@ async fn ai_sdk_start_index_block_gets_the_tail() {
     );
     let (status, printed) = program.finish().await;
     assert!(status.success(), "the startIndex block failed ({status})");
-    let all: Vec<String> = groups
-        .iter()
-        .flatten()
-        .map(|frame| {
-            let text = std::str::from_utf8(frame).expect("UTF-8");
-            text.trim_end()
-                .strip_prefix("data: ")
-                .expect("a data line")
-                .to_owned()
-        })
-        .collect();
+    let all = data_lines(&groups);
     let tail = format!("x-workflow-stream-tail-index: {}", all.len() - 1);
     assert!(
         printed.lines().any(|l| l.trim_end() == tail),
@@ -935,14 +940,7 @@ async fn ai_sdk_curl_block_replays_the_chat_answer() {
     let control = controlled(&setup.upstream, Wire::AiSdk);
     let groups = frames(Wire::AiSdk);
     // The page's POST, as the AI SDK sends it (chat id `chat-1`).
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/chat", setup.relay.url()))
-        .header("content-type", "application/json")
-        .body(json!({"id": "chat-1", "messages": [], "trigger": "submit-message"}).to_string())
-        .send()
-        .await
-        .expect("the chat POST");
-    assert_eq!(response.status(), 200);
+    let response = start_chat_1(&setup).await;
     push(&control, &groups[..CUT_AFTER]).await;
     // The page goes away mid-answer; Reprise goes on recording.
     drop(response);
@@ -962,17 +960,7 @@ async fn ai_sdk_curl_block_replays_the_chat_answer() {
         .lines()
         .filter_map(|line| line.strip_prefix("data: "))
         .collect();
-    let expected: Vec<String> = groups
-        .iter()
-        .flatten()
-        .map(|frame| {
-            let text = std::str::from_utf8(frame).expect("UTF-8");
-            text.trim_end()
-                .strip_prefix("data: ")
-                .expect("a data line")
-                .to_owned()
-        })
-        .collect();
+    let expected = data_lines(&groups);
     assert_eq!(data, expected, "every part from `start`, once, in order");
     assert_eq!(setup.upstream.nth_request(1).await.path(), "/api/chat");
     assert_eq!(setup.upstream.request_count(), 1);

@@ -39,24 +39,30 @@ import { WorkflowChatTransport } from '@ai-sdk/workflow';
 
 const emit = (report) => process.stdout.write(`${JSON.stringify(report)}\n`);
 
-async function send(api, chatId, abortAfter) {
+// sendMessages with one user message, as useChat's sendMessage does; reads
+// and reports `n` chunks, then aborts the request (a tab closing, stop()).
+async function sendThenAbort(api, chatId, text, n) {
   const transport = new DefaultChatTransport({ api });
   const abort = new AbortController();
   const stream = await transport.sendMessages({
     chatId,
     trigger: 'submit-message',
     messageId: undefined,
-    messages: [{ id: 'user-1', role: 'user', parts: [{ type: 'text', text: 'Tell me about resumable streams.' }] }],
+    messages: [{ id: 'user-1', role: 'user', parts: [{ type: 'text', text }] }],
     abortSignal: abort.signal,
   });
   const reader = stream.getReader();
-  for (let n = 0; n < abortAfter; n++) {
+  for (let i = 0; i < n; i++) {
     const { done, value } = await reader.read();
-    if (done) throw new Error(`the stream ended after ${n} chunks, before the abort`);
+    if (done) throw new Error(`the stream ended after ${i} chunks, before the abort`);
     emit({ kind: 'chunk', chunk: value });
   }
   abort.abort();
   await reader.cancel().catch(() => {});
+}
+
+async function send(api, chatId, abortAfter) {
+  await sendThenAbort(api, chatId, 'Tell me about resumable streams.', abortAfter);
   emit({ kind: 'aborted' });
 }
 
@@ -83,24 +89,8 @@ async function reconnect(api, chatId) {
 }
 
 async function stop(api, chatId, after) {
-  const transport = new DefaultChatTransport({ api });
-  const abort = new AbortController();
-  const stream = await transport.sendMessages({
-    chatId,
-    trigger: 'submit-message',
-    messageId: undefined,
-    messages: [{ id: 'user-1', role: 'user', parts: [{ type: 'text', text: 'Write a long essay.' }] }],
-    abortSignal: abort.signal,
-  });
-  const reader = stream.getReader();
-  for (let n = 0; n < after; n++) {
-    const { done, value } = await reader.read();
-    if (done) throw new Error(`the stream ended after ${n} chunks, before stop()`);
-    emit({ kind: 'chunk', chunk: value });
-  }
   // stop(): the SDK aborts its request; the app tells the server.
-  abort.abort();
-  await reader.cancel().catch(() => {});
+  await sendThenAbort(api, chatId, 'Write a long essay.', after);
   const res = await fetch(`${api}/${encodeURIComponent(chatId)}/stop`, { method: 'POST' });
   emit({ kind: 'stopped', status: res.status, body: await res.json() });
 }

@@ -165,18 +165,9 @@ async fn stop_by_key(
     key: String,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, RelayError> {
-    let key = route_key(relay, route, headers, key);
-    let cancelled = match relay.store.resolve_key(&key).await? {
-        Some(stream) => match crate::cancel::cancel(relay, stream, headers).await {
-            Ok(resp) => Some(resp),
-            Err(RelayError::NotFound { .. }) => None,
-            Err(e) => return Err(e),
-        },
-        None => None,
-    };
-    let mut resp = match cancelled {
-        Some(resp) => resp,
-        None => {
+    let mut resp = match cancel_by_key(relay, route, key, headers).await {
+        Ok(resp) => resp,
+        Err(RelayError::NotFound { .. }) => {
             let mut resp = Response::new(full(r#"{"outcome":"none"}"#));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -184,6 +175,7 @@ async fn stop_by_key(
             );
             resp
         }
+        Err(e) => return Err(e),
     };
     // `202 cancel_requested` (another instance produces it) is a 200 here.
     *resp.status_mut() = StatusCode::OK;
