@@ -1,9 +1,11 @@
 //! The load benchmark of issue 7: Reprise next to a direct connection and
-//! nginx, under chat, firehose, resume-storm and idle loads, in one run.
+//! nginx, under chat, firehose, resume-storm, idle and open-streams loads,
+//! in one run.
 //!
 //! ```text
 //! cargo bench -p reprise-benches --bench load -- [--quick] [--scenario NAME[,NAME..]]
 //!     [--columns direct,pass,redis,embedded,nginx] [--perf DIR] [--no-build]
+//!     [--charts DIR]
 //! ```
 //!
 //! One run starts everything it measures, each on a free loopback port: the
@@ -13,8 +15,14 @@
 //! CPU time and peak RSS belong to that configuration alone, and nginx as a
 //! plain `proxy_pass` when installed (installed with apt-get if missing and
 //! root). The load generator (`load/client.rs`) checks every event of every
-//! stream and prints one Markdown table per scenario. It prints figures; it
-//! asserts nothing about them.
+//! stream and prints one Markdown table per scenario, followed by the
+//! targets of issue 14 that apply with this run's figures (met / not met). It
+//! prints figures; it asserts nothing about them.
+//!
+//! It also draws SVG charts (`load/charts.rs`) into `--charts DIR` (default
+//! `target/bench-charts`; a relative DIR is taken from the workspace root):
+//! per load scenario the latency distribution and the CPU per event of every
+//! column, and for the open-streams scenario the RSS per open stream.
 //!
 //! `REPRISE_BIN=path` measures that binary instead of building
 //! `target/release/reprise` (e.g. a build of an exact commit).
@@ -25,12 +33,16 @@
 #![forbid(unsafe_code)]
 
 // The crate root sits beside its modules' folder, hence the paths.
+#[path = "load/charts.rs"]
+mod charts;
 #[path = "load/client.rs"]
 mod client;
 #[path = "load/procs.rs"]
 mod procs;
 #[path = "load/report.rs"]
 mod report;
+#[path = "load/targets.rs"]
+mod targets;
 #[path = "load/upstream.rs"]
 mod upstream;
 
@@ -56,7 +68,14 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-const SCENARIOS: [&str; 5] = ["chat", "chat-1000", "firehose", "resume-storm", "idle"];
+const SCENARIOS: [&str; 6] = [
+    "chat",
+    "chat-1000",
+    "firehose",
+    "resume-storm",
+    "idle",
+    "open",
+];
 
 /// nginx's `worker_connections` and `worker_rlimit_nofile`.
 const NGINX_CONNS: u64 = 19_500;
@@ -90,6 +109,11 @@ impl Col {
         Col::Nginx,
     ];
 
+    /// Position in [`Col::ALL`] (its colour in the charts).
+    fn index(self) -> usize {
+        Col::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+
     fn key(self) -> &'static str {
         match self {
             Col::Direct => "direct",
@@ -116,12 +140,14 @@ struct Args {
     scenarios: Vec<String>,
     cols: Vec<Col>,
     perf: Option<PathBuf>,
+    /// Where the SVG charts go (`None`: the default under `target/`).
+    charts: Option<PathBuf>,
     build: bool,
     /// As given, for the "reproduce with" line.
     raw: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench -p reprise-benches --bench load -- [--quick] [--scenario chat,chat-1000,firehose,resume-storm,idle] [--columns direct,pass,redis,embedded,nginx] [--perf DIR] [--no-build]";
+const USAGE: &str = "usage: cargo bench -p reprise-benches --bench load -- [--quick] [--scenario chat,chat-1000,firehose,resume-storm,idle,open] [--columns direct,pass,redis,embedded,nginx] [--perf DIR] [--charts DIR] [--no-build]";
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
@@ -129,6 +155,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         scenarios: SCENARIOS.iter().map(|s| s.to_string()).collect(),
         cols: Col::ALL.to_vec(),
         perf: None,
+        charts: None,
         build: true,
         raw: Vec::new(),
     };
@@ -177,6 +204,12 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--perf" => {
                 let v = value()?;
                 a.perf = Some(PathBuf::from(&v));
+                a.raw.extend([arg.clone(), v]);
+                continue;
+            }
+            "--charts" => {
+                let v = value()?;
+                a.charts = Some(PathBuf::from(&v));
                 a.raw.extend([arg.clone(), v]);
                 continue;
             }
@@ -266,6 +299,8 @@ struct Sizes {
     idle_streams: usize,
     idle_readers_per_stream: usize,
     idle_proxied: usize,
+    /// Open recorded streams (idle after their first event).
+    open_streams: usize,
 }
 
 impl Sizes {
@@ -295,6 +330,7 @@ impl Sizes {
                 idle_streams: 10,
                 idle_readers_per_stream: 50,
                 idle_proxied: 500,
+                open_streams: 300,
             }
         } else {
             Sizes {
@@ -313,6 +349,7 @@ impl Sizes {
                 idle_streams: 100,
                 idle_readers_per_stream: 100,
                 idle_proxied: MAX_PROXIED_IDLE,
+                open_streams: 2_000,
             }
         }
     }
@@ -322,6 +359,8 @@ impl Sizes {
 
 struct Bench {
     args: Args,
+    /// Where the SVG charts are written.
+    charts: PathBuf,
     dir: tempfile::TempDir,
     reprise_bin: PathBuf,
     up_addr: SocketAddr,
@@ -460,6 +499,17 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(dir) = &args.perf {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    // target/<profile>/deps/load-<hash> → target/bench-charts
+    let charts = match &args.charts {
+        Some(d) => root.join(d),
+        None => exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .map(|t| t.join("bench-charts"))
+            .ok_or("cannot locate the target directory")?,
+    };
+    std::fs::create_dir_all(&charts).map_err(|e| format!("{}: {e}", charts.display()))?;
 
     let started = Instant::now();
     let dir = tempfile::Builder::new()
@@ -533,8 +583,11 @@ fn run(args: Args) -> Result<(), String> {
     println!("- upstream: mock LLM server (hyper, own process), one write per event; load generator: hyper HTTP/1.1 clients on 2 tokio threads, one connection per stream");
     println!("- all of them share this machine; CPU figures are utime+stime deltas from /proc/<pid>/stat over the measured window, per event received by the clients");
 
+    println!("- charts (SVG): {}", charts.display());
+
     let mut bench = Bench {
         args,
+        charts,
         dir,
         reprise_bin,
         up_addr,
@@ -558,6 +611,7 @@ fn run(args: Args) -> Result<(), String> {
                 sizes.idle_readers_per_stream,
                 sizes.idle_proxied,
             ),
+            "open" => bench.open(sizes.open_streams),
             _ => continue,
         };
         table.print();
@@ -785,7 +839,69 @@ impl Bench {
                 results.push((col, m));
             }
         }
-        load_table(title, spec, &results)
+        let mut t = load_table(title, spec, &results);
+        targets::load(&mut t, spec.name, &results);
+        self.load_charts(&mut t, spec.name, title, &results);
+        t
+    }
+
+    /// The scenario's latency and CPU charts; their paths go under the table.
+    fn load_charts(
+        &self,
+        t: &mut Table,
+        name: &str,
+        title: &str,
+        results: &[(Col, Result<Measure, String>)],
+    ) {
+        let ok: Vec<(Col, &Measure)> = results
+            .iter()
+            .filter_map(|(c, r)| Some((*c, r.as_ref().ok()?)))
+            .filter(|(_, m)| m.totals.events > 0)
+            .collect();
+        let curves: Vec<charts::Curve> = ok
+            .iter()
+            .map(|(c, m)| charts::Curve {
+                name: c.title(),
+                color: charts::color(c.index()),
+                sorted_us: &m.totals.lat_us,
+            })
+            .collect();
+        let bars: Vec<charts::Bar> = ok
+            .iter()
+            .filter(|(c, _)| *c != Col::Direct)
+            .map(|(c, m)| charts::Bar {
+                name: c.title(),
+                color: charts::color(c.index()),
+                parts: vec![
+                    per_event_us(m.delta.proxy, m.totals.events),
+                    if *c == Col::Redis {
+                        per_event_us(m.delta.redis, m.totals.events)
+                    } else {
+                        0.0
+                    },
+                ],
+            })
+            .collect();
+        let lat = self.charts.join(format!("{name}-latency.svg"));
+        let cpu = self.charts.join(format!("{name}-cpu.svg"));
+        let written = [
+            charts::latency(
+                &lat,
+                &format!("{title}: per-event latency (upstream send → client receive)"),
+                &curves,
+            )
+            .map(|()| lat),
+            charts::bars(
+                &cpu,
+                &format!("{title}: CPU per event"),
+                "CPU µs per event",
+                &["proxy", "Redis"],
+                &bars,
+                None,
+            )
+            .map(|()| cpu),
+        ];
+        chart_note(t, written);
     }
 
     fn load_column(&mut self, spec: &LoadSpec, col: Col) -> Result<Measure, String> {
@@ -1114,6 +1230,164 @@ impl Bench {
     }
 }
 
+// ------------------------------------------------ open recorded streams
+
+/// Releases every held upstream stream when dropped, so that a scenario
+/// that fails half-way leaves nothing held for the next one.
+struct ReleaseOnDrop(SocketAddr);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let _ = procs::http_request(self.0, "POST", "/release");
+    }
+}
+
+impl Bench {
+    /// Many streams open at once, each idle after its first event: what an
+    /// open stream costs in memory, Reprise (recording or not) against nginx.
+    fn open(&mut self, streams: usize) -> Table {
+        let mut results = Vec::new();
+        for col in Col::ALL {
+            // Direct has no proxy whose memory to measure.
+            if col == Col::Direct || !self.args.cols.contains(&col) {
+                continue;
+            }
+            progress(format!("open: {}", col.title()));
+            results.push((col, self.open_column(col, streams)));
+        }
+        let mut t = open_table(streams, &results);
+        targets::open(&mut t, &results);
+        let bars: Vec<charts::Bar> = results
+            .iter()
+            .filter_map(|(c, r)| {
+                Some(charts::Bar {
+                    name: c.title(),
+                    color: charts::color(c.index()),
+                    parts: vec![r.as_ref().ok()?.rss_per_stream_kib()?],
+                })
+            })
+            .collect();
+        let nginx = results
+            .iter()
+            .find(|(c, _)| *c == Col::Nginx)
+            .and_then(|(_, r)| r.as_ref().ok()?.rss_per_stream_kib());
+        let path = self.charts.join("open-rss.svg");
+        let drawn = charts::bars(
+            &path,
+            &format!(
+                "open: RSS per open stream, {} streams idle after their first event",
+                thousands(streams as u64)
+            ),
+            "KiB per open stream",
+            &["RSS"],
+            &bars,
+            nginx.map(|n| (1.5 * n, "target: 1.5 × nginx".to_string())),
+        )
+        .map(|()| path);
+        chart_note(&mut t, [drawn]);
+        t
+    }
+
+    fn open_column(&mut self, col: Col, streams: usize) -> Result<OpenMeasure, String> {
+        let u = self.setup(col)?;
+        self.warm_up(&u, 150)?;
+        let rss = || u.mem_pid.and_then(|p| procs::status_kib(p, "VmRSS"));
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_before = rss();
+        let release = ReleaseOnDrop(self.up_addr);
+        let sem = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+        let first = Arc::new(AtomicUsize::new(0));
+        let a = self.snap(&u);
+        let mut tasks = Vec::with_capacity(streams);
+        for k in 0..streams {
+            // Event 0 at once, then nothing until the release; event 1 after.
+            let job = Job {
+                addr: u.addr,
+                path: format!("/sse?hold_at=1&n=2&size=150&tag={k}"),
+                tag: k as u64,
+                n: 2,
+                deadline: Duration::from_secs(600),
+            };
+            let permit = self
+                .rt
+                .block_on(sem.clone().acquire_owned())
+                .map_err(|e| e.to_string())?;
+            let hooks = Hooks {
+                permit: Some(permit),
+                first_event: Some(first.clone()),
+                ..Hooks::default()
+            };
+            let src = client::source_ip(k);
+            tasks.push(
+                self.rt
+                    .spawn(async move { client::run_stream(&job, src, true, hooks).await }),
+            );
+        }
+        // Until every stream has its first event, or has ended without it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ended = tasks.iter().filter(|t| t.is_finished()).count();
+            if first.load(Ordering::Relaxed) + ended >= streams || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let b = self.snap(&u);
+        let first_events = first.load(Ordering::Relaxed);
+        // Let the proxy settle (buffers returned, writers idle) before reading RSS.
+        std::thread::sleep(Duration::from_secs(1));
+        let rss_with = rss();
+        let hwm_kib = u.mem_pid.and_then(|p| procs::status_kib(p, "VmHWM"));
+        drop(release);
+        let results: Vec<StreamResult> = self.rt.block_on(async {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap_or_else(|e| StreamResult {
+                    error: Some(format!("client task failed: {e}")),
+                    ..StreamResult::default()
+                }));
+            }
+            out
+        });
+        Ok(OpenMeasure {
+            streams,
+            first_events,
+            opening: Self::delta(&a, &b),
+            rss_before,
+            rss_with,
+            hwm_kib,
+            totals: Totals::of(results),
+        })
+    }
+}
+
+/// The open-streams scenario's figures for one column.
+pub struct OpenMeasure {
+    streams: usize,
+    /// Streams whose first event arrived while all were open.
+    first_events: usize,
+    /// From the first connect to the last first event.
+    opening: Delta,
+    rss_before: Option<u64>,
+    rss_with: Option<u64>,
+    /// Peak RSS with the streams open.
+    hwm_kib: Option<u64>,
+    /// Every stream, after the release (two events each).
+    totals: Totals,
+}
+
+impl OpenMeasure {
+    /// (RSS with every stream open − RSS before) / streams, in KiB; only
+    /// when every stream got its first event.
+    fn rss_per_stream_kib(&self) -> Option<f64> {
+        if self.streams == 0 || self.first_events < self.streams {
+            return None;
+        }
+        let (a, b) = (self.rss_before?, self.rss_with?);
+        Some(b.saturating_sub(a) as f64 / self.streams as f64)
+    }
+}
+
 /// The recorded stream's id, if it was recorded whole.
 fn check_recording(r: &StreamResult) -> Result<String, String> {
     if let Some(e) = &r.error {
@@ -1435,6 +1709,18 @@ fn storm_table(
     t
 }
 
+/// A note under the table naming the charts written (or why not).
+fn chart_note(t: &mut Table, written: impl IntoIterator<Item = Result<PathBuf, String>>) {
+    let v: Vec<String> = written
+        .into_iter()
+        .map(|r| match r {
+            Ok(p) => format!("`{}`", p.display()),
+            Err(e) => format!("not drawn ({e})"),
+        })
+        .collect();
+    t.note(format!("Charts: {}.", v.join(", ")));
+}
+
 fn per_event_us(cpu: Duration, events: u64) -> f64 {
     if events == 0 {
         return 0.0;
@@ -1458,6 +1744,118 @@ struct IdleMeasure {
     /// From the release to the last stream's end.
     release: Delta,
     hwm_kib: Option<u64>,
+}
+
+fn open_table(streams: usize, results: &[(Col, Result<OpenMeasure, String>)]) -> Table {
+    let mut t = Table::new(
+        format!(
+            "open — {} streams open at once, each upstream idle after its first event (150 bytes), connection kept open; then one more event each",
+            thousands(streams as u64)
+        ),
+        columns(),
+    );
+    let nginx = results
+        .iter()
+        .find(|(c, _)| *c == Col::Nginx)
+        .and_then(|(_, r)| r.as_ref().ok()?.rss_per_stream_kib());
+    t.row(
+        "streams open with their first event",
+        cells(results, |_, m| {
+            format!(
+                "{}/{}",
+                thousands(m.first_events as u64),
+                thousands(m.streams as u64)
+            )
+        }),
+    );
+    t.row(
+        "all first events in after (s)",
+        cells(results, |_, m| {
+            format!("{:.1}", m.opening.wall.as_secs_f64())
+        }),
+    );
+    t.row(
+        "time to first event p50 / p99 (ms)",
+        cells(results, |_, m| ms2(&m.totals.ttfe_us)),
+    );
+    t.row(
+        "proxy RSS before (MiB)",
+        cells(results, |_, m| mib(m.rss_before)),
+    );
+    t.row(
+        "proxy RSS with the streams open (MiB)",
+        cells(results, |_, m| mib(m.rss_with)),
+    );
+    t.row(
+        "RSS per open stream (KiB)",
+        cells(results, |_, m| {
+            m.rss_per_stream_kib()
+                .map_or(NA.into(), |k| format!("{k:.1}"))
+        }),
+    );
+    t.row(
+        "RSS per open stream ÷ nginx's",
+        cells(results, |_, m| match (m.rss_per_stream_kib(), nginx) {
+            (Some(k), Some(n)) if n > 0.0 => format!("{:.2}×", k / n),
+            _ => NA.into(),
+        }),
+    );
+    t.row(
+        "proxy CPU while opening (ms)",
+        cells(results, |_, m| {
+            format!("{:.0}", m.opening.proxy.as_secs_f64() * 1e3)
+        }),
+    );
+    t.row(
+        "Redis CPU while opening (ms)",
+        cells(results, |c, m| {
+            if c == Col::Redis {
+                format!("{:.0}", m.opening.redis.as_secs_f64() * 1e3)
+            } else {
+                NA.into()
+            }
+        }),
+    );
+    t.row(
+        "SYNs dropped while opening (machine-wide)",
+        cells(results, |_, m| thousands(m.opening.overflows)),
+    );
+    t.row(
+        "proxy peak RSS, VmHWM (MiB)",
+        cells(results, |_, m| mib(m.hwm_kib)),
+    );
+    t.row(
+        "after the release: streams complete",
+        cells(results, |_, m| {
+            format!(
+                "{}/{}",
+                thousands(m.totals.complete),
+                thousands(m.totals.streams)
+            )
+        }),
+    );
+    t.row(
+        "lost / duplicated",
+        cells(results, |_, m| {
+            format!("{} / {}", m.totals.lost, m.totals.dup)
+        }),
+    );
+    t.row(
+        "machine CPU busy while opening (other processes)",
+        cells(results, |_, m| {
+            format!("{:.0}% ({:.0}%)", m.opening.busy, m.opening.others)
+        }),
+    );
+    t.note("RSS per open stream = (the proxy's VmRSS with every stream open and its first event received, 1 s after the last first event − VmRSS before the first connect) / streams; nginx: its worker. At most 256 connections are being opened at once. Direct has no proxy (–). RSS per stream is given only when every stream got its first event.");
+    for (col, r) in results {
+        if let Ok(m) = r {
+            if let Some(e) = m.totals.error_summary() {
+                t.note(format!("**{}** stream errors: {e}", col.title()));
+            }
+        }
+    }
+    error_notes(&mut t, results);
+    t
 }
 
 fn idle_table(

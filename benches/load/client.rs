@@ -69,6 +69,8 @@ pub struct Hooks {
     pub connected: Option<Arc<AtomicUsize>>,
     /// Held until the response headers are in (bounds concurrent connects).
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Counts clients whose first event is in.
+    pub first_event: Option<Arc<AtomicUsize>>,
 }
 
 /// Source address for the `i`-th connection.
@@ -147,6 +149,9 @@ pub async fn run_stream(job: &Job, src: IpAddr, latency: bool, mut hooks: Hooks)
             }
             if before == 0 && r.events > 0 {
                 r.ttfe_us = Some(elapsed_us(started));
+                if let Some(c) = &hooks.first_event {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         Ok(())

@@ -9,6 +9,8 @@ pub struct Table {
     columns: Vec<String>,
     rows: Vec<(String, Vec<String>)>,
     notes: Vec<String>,
+    /// Target lines (issue 14), printed as a list after the notes.
+    targets: Vec<String>,
 }
 
 impl Table {
@@ -18,6 +20,7 @@ impl Table {
             columns,
             rows: Vec::new(),
             notes: Vec::new(),
+            targets: Vec::new(),
         }
     }
 
@@ -27,6 +30,11 @@ impl Table {
 
     pub fn note(&mut self, note: impl Into<String>) {
         self.notes.push(note.into());
+    }
+
+    /// A target with this run's figures: `chat: … 57.9 vs nginx 20.5: not met`.
+    pub fn target(&mut self, line: impl Into<String>) {
+        self.targets.push(line.into());
     }
 
     pub fn print(&self) {
@@ -80,6 +88,12 @@ impl Table {
         }
         for n in &self.notes {
             println!("\n{n}");
+        }
+        if !self.targets.is_empty() {
+            println!("\nTargets of issue 14 with this run's figures:\n");
+            for t in &self.targets {
+                println!("- {t}");
+            }
         }
     }
 }

@@ -10,7 +10,10 @@
 //! - `interval_us`: time between events (event `k` is due `k × interval`
 //!   after the request; 0 = as fast as the connection takes them);
 //! - `tag`: a number echoed in every event, so clients detect crossed streams;
-//! - `hold=1`: send the headers, then nothing until `POST /release`.
+//! - `hold=1`: send the headers, then nothing until `POST /release`;
+//! - `hold_at=K`: send the headers and the first `K` events, then nothing
+//!   until `POST /release` (the connection stays open: an answer that
+//!   paused after its first token).
 //!
 //! Each event is `data: {"s":TAG,"i":INDEX,"t":SEND_TIME_US,"p":"xxx…"}`
 //! followed by a blank line; `t` is microseconds since the Unix epoch, taken
@@ -101,18 +104,24 @@ fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/sse") => {
             let q = req.uri().query().unwrap_or("");
-            let param = |name: &str| -> u64 {
+            let param_opt = |name: &str| -> Option<u64> {
                 q.split('&')
                     .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
+            };
+            let param = |name: &str| param_opt(name).unwrap_or(0);
+            // `hold=1` is `hold_at=0`.
+            let hold_at = if param("hold") == 1 {
+                Some(0)
+            } else {
+                param_opt("hold_at")
             };
             let gen = Gen {
                 tag: param("tag"),
                 n: param("n"),
                 size: param("size") as usize,
                 interval: Duration::from_micros(param("interval_us")),
-                hold: (param("hold") == 1).then(|| state.current()),
+                hold: hold_at.map(|at| (at, state.current())),
                 next: 0,
                 start: tokio::time::Instant::now(),
             };
@@ -147,7 +156,8 @@ struct Gen {
     n: u64,
     size: usize,
     interval: Duration,
-    hold: Option<CancellationToken>,
+    /// Wait for this release token before sending the event of this index.
+    hold: Option<(u64, CancellationToken)>,
     next: u64,
     start: tokio::time::Instant,
 }
@@ -157,9 +167,15 @@ impl Gen {
         if self.next >= self.n {
             return None;
         }
-        if let Some(token) = self.hold.take() {
-            token.cancelled().await;
-            self.start = tokio::time::Instant::now();
+        if self.hold.as_ref().is_some_and(|(at, _)| *at == self.next) {
+            if let Some((_, token)) = self.hold.take() {
+                token.cancelled().await;
+            }
+            // The pace restarts from the release.
+            let now = tokio::time::Instant::now();
+            self.start = now
+                .checked_sub(self.interval * self.next as u32)
+                .unwrap_or(now);
         }
         if !self.interval.is_zero() {
             let due = self.start + self.interval * self.next as u32;
