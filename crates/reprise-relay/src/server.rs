@@ -33,6 +33,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after the stop.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a serving thread's runtime waits for its blocking tasks once
+/// the drain is over.
+const SIBLING_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// The sockets the relay serves.
 pub struct Listeners {
     /// Streams, resumes and cancels; also the operational endpoints
@@ -198,6 +201,7 @@ fn serve_sibling(
             return;
         }
     };
+    let drain_over = finished.clone();
     runtime.block_on(async move {
         let listener = match listener
             .set_nonblocking(true)
@@ -211,10 +215,20 @@ fn serve_sibling(
         };
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         accept_loop(&relay, listener, &builder, &graceful).await;
-        graceful.shutdown().await;
-        let _ = closed.send(());
-        finished.cancelled().await;
+        // Connections that outlive the drain's bound do not hold the thread.
+        let close = async move {
+            graceful.shutdown().await;
+            let _ = closed.send(());
+            finished.cancelled().await;
+        };
+        tokio::select! {
+            () = close => {}
+            () = drain_over.cancelled() => {}
+        }
     });
+    // Tasks still running are dropped; a blocking task (a DNS lookup) is
+    // not waited for long.
+    runtime.shutdown_timeout(SIBLING_STOP_TIMEOUT);
 }
 
 /// The HTTP/1 and HTTP/2 settings of client connections.
