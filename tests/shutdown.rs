@@ -97,3 +97,59 @@ async fn sigterm_finishes_or_interrupts_streams_and_a_new_process_resumes_them()
     );
     assert_eq!(events[2].json()["reprise"]["code"], "interrupted");
 }
+
+/// A relay serving a second listener on a thread (and runtime) of its own
+/// (`Listeners::siblings`, what `threads` > 1 gives the binary): a stream
+/// started through it records, resumes through the first listener (another
+/// thread), and the graceful shutdown waits for it to finish before `run`
+/// returns. Without sibling serving, the second listener refuses the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_served_by_a_sibling_thread_records_resumes_and_drains() {
+    use reprise_tests::relay::{config, Backend};
+    reprise_tests::init_tracing();
+    let upstream = Upstream::start().await;
+    let mut cfg = config(&upstream.url(), &Backend::Memory);
+    cfg.timeouts.shutdown_grace = std::time::Duration::from_secs(30);
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sibling = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (public_addr, sibling_addr) = (public.local_addr().unwrap(), sibling.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    let relay = tokio::spawn(async move {
+        let loaded = cfg.validate().expect("valid config");
+        let listeners = reprise_relay::Listeners {
+            public,
+            admin: None,
+            siblings: vec![sibling],
+        };
+        reprise_relay::run_listeners(cfg, &loaded, listeners, token, || {}).await
+    });
+    let client = SseClient::new();
+    let stream = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("http://{sibling_addr}/s")).await;
+    let id = origin.header("reprise-stream-id").unwrap().to_string();
+    stream.send(numbered_event(1)).await;
+    assert_eq!(origin.next_event().await.data, numbered_event_data(1));
+    // The first listener's thread reads the log the sibling's producer fills.
+    let mut resumed = client
+        .open_get(&format!("http://{public_addr}/_reprise/streams/{id}"))
+        .await;
+    assert_eq!(resumed.next_event().await.data, numbered_event_data(1));
+
+    shutdown.cancel();
+    // The drain lets the sibling's recording finish.
+    stream.send(numbered_event(2)).await;
+    stream.finish();
+    assert_eq!(
+        data(&origin.collect_until_end().await),
+        vec![numbered_event_data(2)]
+    );
+    assert_eq!(
+        data(&resumed.collect_until_end().await),
+        vec![numbered_event_data(2)]
+    );
+    reprise_tests::with_timeout("the relay to stop", relay)
+        .await
+        .expect("relay task")
+        .expect("relay ran");
+}

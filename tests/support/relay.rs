@@ -148,6 +148,7 @@ impl TestRelay {
             let listeners = reprise_relay::Listeners {
                 public: listener,
                 admin,
+                siblings: Vec::new(),
             };
             let started = match config.validate() {
                 Ok(loaded) => {

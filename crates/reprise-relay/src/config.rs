@@ -89,6 +89,8 @@ pub struct Overrides {
     pub redis: Option<String>,
     /// `--upstream URL`: one route `/` replacing the file's routes.
     pub upstream: Option<String>,
+    /// `--threads N` (over `$REPRISE_THREADS`, over the file).
+    pub threads: Option<usize>,
 }
 
 /// Errors found while loading or validating a configuration.
@@ -126,6 +128,10 @@ pub struct Config {
     /// `X-Forwarded-Host` and `Forwarded` headers are believed; from any
     /// other peer they are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Threads serving connections, each with its own single-threaded
+    /// runtime and its own listener on `listen` (`SO_REUSEPORT`), so that a
+    /// stream's connections and tasks stay on one thread. 0: one per core.
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -141,6 +147,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             routes: Vec::new(),
             trusted_proxies: Vec::new(),
+            threads: 0,
         }
     }
 }
@@ -481,6 +488,15 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
+    /// How many threads serve connections: `threads`, or one per core
+    /// (the available parallelism) when it is 0.
+    pub fn serving_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     pub fn from_file(path: &str) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_string(),
@@ -524,6 +540,14 @@ impl Config {
             .or_else(|| env("REDIS_URL").map(Secret::new));
         if config.auth.secret.is_none() {
             config.auth.secret = env("REPRISE_AUTH_SECRET").map(Secret::new);
+        }
+        if let Some(n) = over.threads {
+            config.threads = n;
+        } else if let Some(v) = env("REPRISE_THREADS") {
+            config.threads = v
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("REPRISE_THREADS {v:?}: {e}")))?;
         }
         if let Some(upstream) = &over.upstream {
             config.routes = vec![RouteConfig::new("/", upstream)?];
@@ -599,6 +623,9 @@ impl Config {
                     return bad(format!("{at}.{name}: /_reprise is reserved"));
                 }
             }
+        }
+        if self.threads > 1024 {
+            return bad(format!("threads must be at most 1024: {}", self.threads));
         }
         let l = &self.limits;
         if l.max_line.as_u64() < 1024 || l.max_event.as_u64() < 1024 {
@@ -868,6 +895,40 @@ mod tests {
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].upstream, "http://127.0.0.1:9");
         assert_eq!(c.auth.secret.as_ref().map(Secret::expose), Some("s"));
+    }
+
+    #[test]
+    fn threads_come_from_the_flag_then_the_environment_then_the_file() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = Overrides::default();
+        let c = Config::load(&none, env(&[])).unwrap();
+        assert_eq!(c.threads, 0);
+        assert!(c.serving_threads() >= 1, "0 means one per core");
+        let c = Config::load(&none, env(&[("REPRISE_THREADS", "3")])).unwrap();
+        assert_eq!(c.serving_threads(), 3);
+        let flag = Overrides {
+            threads: Some(1),
+            ..Overrides::default()
+        };
+        let c = Config::load(&flag, env(&[("REPRISE_THREADS", "3")])).unwrap();
+        assert_eq!(c.serving_threads(), 1);
+        assert!(matches!(
+            Config::load(&none, env(&[("REPRISE_THREADS", "many")])),
+            Err(ConfigError::Invalid(_))
+        ));
+        let mut c =
+            Config::from_toml("threads = 2\n[[routes]]\npath = \"/\"\nupstream = \"http://u\"\n")
+                .unwrap();
+        assert_eq!(c.serving_threads(), 2);
+        c.threads = 5000;
+        assert!(c.validate().is_err(), "more than 1024 threads");
     }
 
     #[test]

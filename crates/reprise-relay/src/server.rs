@@ -33,6 +33,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after the stop.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a serving thread's runtime waits for its blocking tasks once
+/// the drain is over.
+const SIBLING_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// The sockets the relay serves.
 pub struct Listeners {
     /// Streams, resumes and cancels; also the operational endpoints
@@ -41,6 +44,12 @@ pub struct Listeners {
     /// `admin_listen`: when set, the operational endpoints are served here
     /// only (plain HTTP) and answered `404` on `public`.
     pub admin: Option<TcpListener>,
+    /// More listeners on `public`'s address (bound with `SO_REUSEPORT`, so
+    /// that the kernel spreads connections over them), each served by a
+    /// single-threaded runtime on a thread of its own: a connection, its
+    /// upstream connection, its producer and its writer then stay on one
+    /// thread. `public` is served on the caller's runtime.
+    pub siblings: Vec<std::net::TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
@@ -48,6 +57,7 @@ impl From<TcpListener> for Listeners {
         Listeners {
             public,
             admin: None,
+            siblings: Vec::new(),
         }
     }
 }
@@ -120,6 +130,7 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
     let Listeners {
         public: listener,
         admin,
+        siblings,
     } = listeners;
     if let Some(admin) = admin {
         relay.admin_listener.store(true, Ordering::SeqCst);
@@ -129,6 +140,99 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
             .tasks()
             .spawn(crate::admin::serve_listener(r, admin).instrument(tracing::info_span!("admin")));
     }
+    let builder = connection_builder(&relay);
+    if let Ok(addr) = listener.local_addr() {
+        let scheme = if relay.tls.is_some() { "https" } else { "http" };
+        let threads = 1 + siblings.len();
+        tracing::info!(%addr, scheme, threads, store = relay.store.kind(), routes = relay.config.routes.len(), "listening");
+    }
+    // Fired once the drain is over: the sibling threads then end.
+    let finished = CancellationToken::new();
+    let mut siblings_closed = Vec::new();
+    let mut threads = Vec::new();
+    if !siblings.is_empty() {
+        crate::upstream::use_thread_pools();
+    }
+    for (i, sibling) in siblings.into_iter().enumerate() {
+        let (closed, closed_rx) = tokio::sync::oneshot::channel();
+        let (relay, builder, finished) = (relay.clone(), builder.clone(), finished.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("reprise-{}", i + 1))
+            .spawn(move || serve_sibling(relay, sibling, builder, closed, finished));
+        match spawned {
+            Ok(t) => {
+                threads.push(t);
+                siblings_closed.push(closed_rx);
+            }
+            // Its listener is closed with the closure: the kernel sends its
+            // connections to the other listeners.
+            Err(e) => tracing::error!(cause = %e, "cannot start a serving thread"),
+        }
+    }
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    accept_loop(&relay, listener, &builder, &graceful).await;
+    shut_down(relay, graceful, siblings_closed).await;
+    finished.cancel();
+    for t in threads {
+        // The siblings' runtimes drop what is left of their tasks; bounded
+        // by the drain's close bound, which has passed.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+}
+
+/// A sibling listener's thread: its own single-threaded runtime accepts and
+/// serves its connections until phase 1, closes them gracefully (then
+/// tells `closed`), and keeps running their tasks until `finished`.
+fn serve_sibling(
+    relay: Arc<Relay>,
+    listener: std::net::TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    closed: tokio::sync::oneshot::Sender<()>,
+    finished: CancellationToken,
+) {
+    crate::upstream::use_thread_pools();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot start a serving thread's runtime");
+            return;
+        }
+    };
+    let drain_over = finished.clone();
+    runtime.block_on(async move {
+        let listener = match listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot serve a sibling listener");
+                return;
+            }
+        };
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        accept_loop(&relay, listener, &builder, &graceful).await;
+        // Connections that outlive the drain's bound do not hold the thread.
+        let close = async move {
+            graceful.shutdown().await;
+            let _ = closed.send(());
+            finished.cancelled().await;
+        };
+        tokio::select! {
+            () = close => {}
+            () = drain_over.cancelled() => {}
+        }
+    });
+    // Tasks still running are dropped; a blocking task (a DNS lookup) is
+    // not waited for long.
+    runtime.shutdown_timeout(SIBLING_STOP_TIMEOUT);
+}
+
+/// The HTTP/1 and HTTP/2 settings of client connections.
+fn connection_builder(relay: &Relay) -> auto::Builder<TokioExecutor> {
     let limits = &relay.config.limits;
     // Request heads over `limits.max_request_headers` (bytes) or
     // `max_request_header_count` (fields, HTTP/1 only) are answered 431 by
@@ -146,12 +250,18 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
     builder
         .http2()
         .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    builder
+}
+
+/// Accepts and serves connections on `listener` (on the current runtime)
+/// until phase 1 of the shutdown.
+async fn accept_loop(
+    relay: &Arc<Relay>,
+    listener: TcpListener,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
     let tls = relay.tls.clone();
-    if let Ok(addr) = listener.local_addr() {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, store = relay.store.kind(), routes = relay.config.routes.len(), "listening");
-    }
     loop {
         let (io, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -247,11 +357,15 @@ pub async fn serve_listeners(relay: Arc<Relay>, listeners: Listeners) {
             .instrument(span),
         );
     }
-    drop(listener);
-    shut_down(relay, graceful).await;
 }
 
-async fn shut_down(relay: Arc<Relay>, graceful: hyper_util::server::graceful::GracefulShutdown) {
+/// Phases 2 to 4 of the shutdown, once the accept loops ended; `siblings`
+/// tell when the sibling threads' connections closed.
+async fn shut_down(
+    relay: Arc<Relay>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    siblings: Vec<tokio::sync::oneshot::Receiver<()>>,
+) {
     let in_flight = relay.hub.len();
     tracing::info!(in_flight, grace = ?relay.config.timeouts.shutdown_grace, "shutting down");
     // Connections stop taking new requests; responses in progress continue.
@@ -265,6 +379,9 @@ async fn shut_down(relay: Arc<Relay>, graceful: hyper_util::server::graceful::Gr
         .shutdown
         .drain(bounds, async {
             let _ = connections.await;
+            for closed in siblings {
+                let _ = closed.await;
+            }
         })
         .await;
     tracing::info!("stopped");

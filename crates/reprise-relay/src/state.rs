@@ -131,7 +131,8 @@ impl Relay {
     }
 
     /// The client that reaches `route`'s upstream (trusting its `ca_file`).
-    pub fn client_for(&self, route: &Route) -> &HttpClient {
+    /// On a thread serving its own runtime, a client with this thread's pools.
+    pub fn client_for(&self, route: &Route) -> HttpClient {
         self.clients.for_route(route)
     }
 

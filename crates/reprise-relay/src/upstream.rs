@@ -1,8 +1,10 @@
 //! The client side: the HTTP(S) client Reprise uses to reach upstreams, and
 //! the header rules of a reverse proxy (RFC 9110 §7.6).
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper_rustls::HttpsConnector;
@@ -18,14 +20,71 @@ use crate::tls::{self, TlsError};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
+thread_local! {
+    /// The upstream clients of a thread that serves connections on its own
+    /// runtime (see [`use_thread_pools`]): `(Clients::id, set)`. Their
+    /// connections (and the tasks driving them) stay on this thread.
+    static THREAD_SET: RefCell<Option<(u64, ClientSet)>> = const { RefCell::new(None) };
+    /// Whether this thread keeps its own upstream connection pools.
+    static THREAD_POOLS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Tells [`Clients::for_route`] to hand out, on this thread, clients with
+/// pools of this thread's own: for a thread running a single-threaded
+/// runtime, so that an upstream connection is never driven by (nor handed
+/// over to) another thread.
+pub fn use_thread_pools() {
+    THREAD_POOLS.with(|p| p.set(true));
+}
+
 /// The upstream clients: one per distinct set of trusted roots. Routes
 /// without `ca_file` share the default client (the system's roots); routes
 /// naming the same CA file share that file's client, and its connection pool.
+/// On a thread that called [`use_thread_pools`], a set of clients (and
+/// pools) of that thread's own.
 pub struct Clients {
+    /// Tells apart the sets of several relays on one thread (tests).
+    id: u64,
+    timeouts: TimeoutsConfig,
+    /// The CA files' client configs, by file.
+    cas: HashMap<PathBuf, rustls::ClientConfig>,
+    /// Route path (normalized, as in [`Route::path`]) → its CA file.
+    route_cas: HashMap<String, PathBuf>,
+    /// The set shared by every other thread.
+    shared: ClientSet,
+}
+
+/// One client per distinct set of trusted roots.
+#[derive(Clone)]
+struct ClientSet {
     default: HttpClient,
-    /// Route path (normalized, as in [`Route::path`]) → client, for the
-    /// routes with a `ca_file`.
+    /// Route path → client, for the routes with a `ca_file`.
     by_route: HashMap<String, HttpClient>,
+}
+
+impl ClientSet {
+    fn build(
+        clients_cas: &HashMap<PathBuf, rustls::ClientConfig>,
+        route_cas: &HashMap<String, PathBuf>,
+        timeouts: &TimeoutsConfig,
+    ) -> ClientSet {
+        let by_ca: HashMap<&PathBuf, HttpClient> = clients_cas
+            .iter()
+            .map(|(path, tls)| (path, client_with_tls(timeouts, tls.clone())))
+            .collect();
+        let by_route = route_cas
+            .iter()
+            .filter_map(|(route, ca)| Some((route.clone(), by_ca.get(ca)?.clone())))
+            .collect();
+        ClientSet {
+            default: build_client(timeouts),
+            by_route,
+        }
+    }
+
+    fn for_route(&self, route: &Route) -> &HttpClient {
+        self.by_route.get(&route.path).unwrap_or(&self.default)
+    }
 }
 
 impl Clients {
@@ -37,36 +96,50 @@ impl Clients {
         timeouts: &TimeoutsConfig,
         cas: &HashMap<PathBuf, rustls::ClientConfig>,
     ) -> Result<Clients, TlsError> {
-        let default = build_client(timeouts);
-        let mut by_ca: HashMap<PathBuf, HttpClient> = HashMap::new();
-        let mut by_route = HashMap::new();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let mut used = HashMap::new();
+        let mut route_cas = HashMap::new();
         for r in routes {
             let Some(ca) = &r.ca_file else { continue };
-            let client = match by_ca.get(ca) {
-                Some(c) => c.clone(),
-                None => {
-                    let tls = cas
-                        .get(ca)
-                        .cloned()
-                        .ok_or_else(|| TlsError::new(ca, "not loaded by validation"))?;
-                    let c = client_with_tls(timeouts, tls);
-                    by_ca.insert(ca.clone(), c.clone());
-                    c
-                }
-            };
-            by_route.insert(normalize_prefix(&r.path).to_string(), client);
+            let tls = cas
+                .get(ca)
+                .cloned()
+                .ok_or_else(|| TlsError::new(ca, "not loaded by validation"))?;
+            used.insert(ca.clone(), tls);
+            route_cas.insert(normalize_prefix(&r.path).to_string(), ca.clone());
         }
-        Ok(Clients { default, by_route })
+        let shared = ClientSet::build(&used, &route_cas, timeouts);
+        Ok(Clients {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            timeouts: timeouts.clone(),
+            cas: used,
+            route_cas,
+            shared,
+        })
     }
 
-    /// The client that reaches `route`'s upstream.
-    pub fn for_route(&self, route: &Route) -> &HttpClient {
-        self.by_route.get(&route.path).unwrap_or(&self.default)
+    /// The client that reaches `route`'s upstream (a cheap handle).
+    pub fn for_route(&self, route: &Route) -> HttpClient {
+        if !THREAD_POOLS.with(Cell::get) {
+            return self.shared.for_route(route).clone();
+        }
+        THREAD_SET.with(|set| {
+            let mut set = set.borrow_mut();
+            match &*set {
+                Some((id, s)) if *id == self.id => s.for_route(route).clone(),
+                _ => {
+                    let s = ClientSet::build(&self.cas, &self.route_cas, &self.timeouts);
+                    let client = s.for_route(route).clone();
+                    *set = Some((self.id, s));
+                    client
+                }
+            }
+        })
     }
 
-    /// The client of routes without `ca_file`.
+    /// The client of routes without `ca_file` (the shared one).
     pub fn default_client(&self) -> &HttpClient {
-        &self.default
+        &self.shared.default
     }
 }
 

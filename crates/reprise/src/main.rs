@@ -45,6 +45,12 @@ struct Cli {
     #[arg(long)]
     check_config: bool,
 
+    /// Threads serving connections, each with its own runtime and listener
+    /// (0: one per core). Falls back to $REPRISE_THREADS, then the config
+    /// file's `threads`.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Log output format.
     #[arg(long, value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -107,9 +113,14 @@ fn main() -> ExitCode {
                 r.limits
             );
         }
+        println!("threads = {}", config.serving_threads());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread's runtime serves one listener (and runs the store's
+    // connections, the admin listener and the signal handlers); the server
+    // starts one more thread, with a runtime of its own, per sibling
+    // listener (see `serve`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -138,13 +149,23 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
         admin_listen: cli.admin_listen,
         redis: cli.redis.clone(),
         upstream: cli.upstream.clone(),
+        threads: cli.threads,
     };
     Config::load(&over, |name| std::env::var(name).ok())
 }
 
 async fn serve(config: Config, tls: LoadedTls) -> anyhow::Result<()> {
-    let listener = listen(config.listen)
+    let threads = config.serving_threads();
+    // One listener per serving thread, all on `listen` (`SO_REUSEPORT`; the
+    // kernel spreads connections over them).
+    let reuse_port = threads > 1;
+    let listener = listen(config.listen, reuse_port)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let bound = listener.local_addr()?;
+    let siblings = (1..threads)
+        .map(|_| listen(bound, true).and_then(|l| l.into_std()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bound} again (SO_REUSEPORT): {e}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     start_watchdog();
@@ -165,7 +186,7 @@ async fn serve(config: Config, tls: LoadedTls) -> anyhow::Result<()> {
     };
     let admin = match config.admin_listen {
         Some(addr) => Some(
-            listen(addr)
+            listen(addr, false)
                 .map_err(|e| anyhow::anyhow!("cannot listen on admin_listen {addr}: {e}"))?,
         ),
         None => None,
@@ -173,6 +194,7 @@ async fn serve(config: Config, tls: LoadedTls) -> anyhow::Result<()> {
     let listeners = reprise_relay::Listeners {
         public: listener,
         admin,
+        siblings,
     };
     reprise_relay::server::run_listeners(config, &tls, listeners, shutdown, ready).await?;
     Ok(())
@@ -208,14 +230,18 @@ fn start_watchdog() {
 }
 
 /// Binds the listener with a deep accept queue (4096; tokio's default of
-/// 128 drops connections when a thousand clients reconnect at once).
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// 128 drops connections when a thousand clients reconnect at once), with
+/// `SO_REUSEPORT` if `reuse_port` (one listener per serving thread).
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(4096)
 }
