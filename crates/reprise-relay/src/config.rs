@@ -122,6 +122,8 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
+    /// `[durable]`: the Durable Streams server (docs/durable.md).
+    pub durable: DurableConfig,
     /// Peers (CIDRs) whose `X-Forwarded-For`, `X-Forwarded-Proto`,
     /// `X-Forwarded-Host` and `Forwarded` headers are believed; from any
     /// other peer they are replaced.
@@ -140,6 +142,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             auth: AuthConfig::default(),
             routes: Vec::new(),
+            durable: DurableConfig::default(),
             trusted_proxies: Vec::new(),
         }
     }
@@ -335,6 +338,43 @@ pub struct AuthConfig {
     pub secret: Option<Secret>,
 }
 
+/// `[durable]`: the Durable Streams server (docs/durable.md): streams that
+/// a writer creates and appends to over HTTP, read by offset.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DurableConfig {
+    /// Serve the protocol at all.
+    pub enabled: bool,
+    /// Where streams are mounted: `{path}/{name}`.
+    pub path: String,
+    /// How long a long-poll read waits for data before `204`.
+    #[serde(with = "humantime_serde")]
+    pub long_poll_timeout: Duration,
+    /// Bearer token of writers (and readers); falls back to
+    /// `REPRISE_DURABLE_WRITE_TOKEN`.
+    pub write_token: Option<Secret>,
+    /// Bearer token of readers; falls back to `REPRISE_DURABLE_READ_TOKEN`.
+    pub read_token: Option<Secret>,
+    /// Writes need no token.
+    pub anonymous_writes: bool,
+    /// Reads need no token.
+    pub anonymous_reads: bool,
+}
+
+impl Default for DurableConfig {
+    fn default() -> Self {
+        DurableConfig {
+            enabled: false,
+            path: "/v1/stream".into(),
+            long_poll_timeout: Duration::from_secs(20),
+            write_token: None,
+            read_token: None,
+            anonymous_writes: false,
+            anonymous_reads: false,
+        }
+    }
+}
+
 /// `routes[].caller`: what identifies a caller on a route.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -525,6 +565,12 @@ impl Config {
         if config.auth.secret.is_none() {
             config.auth.secret = env("REPRISE_AUTH_SECRET").map(Secret::new);
         }
+        if config.durable.write_token.is_none() {
+            config.durable.write_token = env("REPRISE_DURABLE_WRITE_TOKEN").map(Secret::new);
+        }
+        if config.durable.read_token.is_none() {
+            config.durable.read_token = env("REPRISE_DURABLE_READ_TOKEN").map(Secret::new);
+        }
         if let Some(upstream) = &over.upstream {
             config.routes = vec![RouteConfig::new("/", upstream)?];
         }
@@ -543,7 +589,20 @@ impl Config {
                 self.listen
             ));
         }
-        if self.routes.is_empty() {
+        if self.durable.enabled {
+            let d = &self.durable;
+            if !d.path.starts_with('/') || d.path.ends_with('/') || d.path.starts_with("/_reprise")
+            {
+                return bad(format!(
+                    "durable.path must start with '/', not end with '/' and not be under /_reprise: {:?}",
+                    d.path
+                ));
+            }
+            if d.long_poll_timeout.is_zero() {
+                return bad("durable.long_poll_timeout must be positive".into());
+            }
+        }
+        if self.routes.is_empty() && !self.durable.enabled {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
         }
         let mut seen = std::collections::HashSet::new();
