@@ -32,16 +32,18 @@ fn durable_config(backend: &Backend, anonymous: bool) -> Config {
     c.durable.anonymous_reads = anonymous;
     c.durable.anonymous_writes = anonymous;
     c.durable.write_token = Some(Secret::new(WRITE_TOKEN));
+    c.auth.secret = Some(Secret::new("durable-test-secret"));
     c.streams.tail_poll_interval = Duration::from_millis(200);
     c.timeouts.shutdown_grace = Duration::from_secs(5);
     c
 }
 
-fn reader(url: &str, offset: &str) -> NodeScript {
+/// The real client reading `url` from `offset`, with `token` if not empty.
+fn reader(url: &str, offset: &str, token: &str) -> NodeScript {
     node_script(
         "durable_reader.mjs",
         "@durable-streams/client",
-        &[url, offset, WRITE_TOKEN],
+        &[url, offset, token],
         &[],
     )
 }
@@ -90,10 +92,17 @@ async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_of
         .await
         .expect("put");
     assert_eq!(created.status(), 201);
+    // The URL the worker hands to readers: signed, no token needed.
+    let read_url = created
+        .headers()
+        .get("stream-read-url")
+        .and_then(|v| v.to_str().ok())
+        .expect("Stream-Read-URL on the create answer")
+        .to_string();
 
     // Live: each append reaches the reader before the next is made.
     let mut got = Vec::new();
-    let mut first = reader(&url, "-1");
+    let mut first = reader(&url, "-1", WRITE_TOKEN);
     let mut offset = String::new();
     for i in 0..5 {
         append(&http, &url, &json!({"n": i})).await;
@@ -106,8 +115,9 @@ async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_of
     for i in 5..10 {
         append(&http, &url, &json!({"n": i})).await;
     }
-    // Resumed from the last offset it saw: the missed items, then live ones.
-    let mut second = reader(&url, &offset);
+    // Resumed from the last offset it saw, through the signed read URL:
+    // the missed items, then live ones.
+    let mut second = reader(&read_url, &offset, "");
     for _ in 5..10 {
         got.push(item(&mut second).await.0);
     }
@@ -165,6 +175,30 @@ async fn reads_need_a_token_unless_anonymous() {
         .expect("get");
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.text().await.expect("body"), "secret");
+    // A pre-signed read URL reads without a token; altered or for another
+    // stream, it does not; it never writes.
+    let read_url = created
+        .headers()
+        .get("stream-read-url")
+        .and_then(|v| v.to_str().ok())
+        .expect("Stream-Read-URL")
+        .to_string();
+    let signed = http.get(&read_url).send().await.expect("get");
+    assert_eq!(signed.status(), 200);
+    assert_eq!(signed.text().await.expect("body"), "secret");
+    let (_, query) = read_url.split_once('?').expect("query");
+    let other = format!("{}/v1/stream/other?{query}", relay.url());
+    assert_eq!(http.get(&other).send().await.expect("get").status(), 401);
+    let tampered = read_url.replace("expires=", "expires=1");
+    assert_eq!(http.get(&tampered).send().await.expect("get").status(), 401);
+    let write = http
+        .post(&read_url)
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(write.status(), 401);
     relay.stop().await;
 }
 

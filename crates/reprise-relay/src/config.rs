@@ -359,6 +359,10 @@ pub struct DurableConfig {
     pub anonymous_writes: bool,
     /// Reads need no token.
     pub anonymous_reads: bool,
+    /// How long a pre-signed read URL (`Stream-Read-URL`, signed under
+    /// `auth.secret`) stays valid.
+    #[serde(with = "humantime_serde")]
+    pub read_url_ttl: Duration,
 }
 
 impl Default for DurableConfig {
@@ -371,6 +375,7 @@ impl Default for DurableConfig {
             read_token: None,
             anonymous_writes: false,
             anonymous_reads: false,
+            read_url_ttl: Duration::from_secs(3600),
         }
     }
 }

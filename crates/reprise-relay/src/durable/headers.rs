@@ -27,7 +27,7 @@ pub fn security(h: &mut HeaderMap) {
         "access-control-expose-headers",
         HeaderValue::from_static(
             "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, \
-             Stream-TTL, Stream-Expires-At, ETag, Location, Content-Type, \
+             Stream-TTL, Stream-Expires-At, ETag, Location, Content-Type, Stream-Read-URL, \
              Producer-Epoch, Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq",
         ),
     );

@@ -64,22 +64,32 @@ async fn serve(
         Method::PUT | Method::POST | Method::DELETE => Need::Write,
         _ => return Err(DsError::MethodNotAllowed),
     };
-    access::check(config, req.headers(), need)?;
+    let now = crate::clock::now_ms();
+    let query = req.uri().query().unwrap_or("");
+    if !(need == Need::Read && access::signed_read(&relay.config, query, name, now)) {
+        access::check(config, req.headers(), need)?;
+    }
     let (parts, body) = req.into_parts();
-    match method {
+    let location = location(relay, &parts);
+    let read_url = access::read_url(&relay.config, &location, name, now);
+    let mut resp = match method {
         Method::PUT => {
             let body = read_body(relay, body).await?;
-            let location = location(relay, &parts);
-            write::create(relay, name, &location, &parts.headers, body).await
+            write::create(relay, name, &location, &parts.headers, body).await?
         }
         Method::POST => {
             let body = read_body(relay, body).await?;
-            write::append(relay, name, &parts.headers, body).await
+            write::append(relay, name, &parts.headers, body).await?
         }
-        Method::DELETE => write::delete(relay, name).await,
-        Method::HEAD => read::head(relay, name).await,
-        _ => get(relay, name, &parts).await,
+        Method::DELETE => return write::delete(relay, name).await,
+        Method::HEAD => return read::head(relay, name).await,
+        _ => return get(relay, name, &parts).await,
+    };
+    // The writer hands this to its readers.
+    if let Some(url) = read_url {
+        headers::set(resp.headers_mut(), "stream-read-url", &url);
     }
+    Ok(resp)
 }
 
 async fn get(
