@@ -74,6 +74,33 @@ async fn item(script: &mut NodeScript) -> (Value, String) {
 async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_offset() {
     let relay = TestRelay::start(durable_config(&Backend::Memory, false)).await;
     let url = format!("{}/v1/stream/answers/run-1", relay.url());
+    worker_and_reader(&url, &url).await;
+    relay.stop().await;
+}
+
+/// The same over Redis with two instances: the worker writes through one,
+/// the reader reads (live, then resumed) through the other.
+#[tokio::test]
+async fn a_reader_on_another_instance_follows_the_worker_over_redis() {
+    let redis = RedisServer::start().await.expect("redis-server");
+    let backend = Backend::Redis(redis.url());
+    let writer = TestRelay::start(durable_config(&backend, false)).await;
+    let reader_side = TestRelay::start(durable_config(&backend, false)).await;
+    let path = "/v1/stream/answers/run-2";
+    worker_and_reader(
+        &format!("{}{path}", writer.url()),
+        &format!("{}{path}", reader_side.url()),
+    )
+    .await;
+    writer.stop().await;
+    reader_side.stop().await;
+}
+
+/// A worker appends 15 JSON items to `write_url` and closes; a real client
+/// reads `read_url` live over SSE, is cut off after 5, and resumes from its
+/// last offset (through the signed read URL) while the worker goes on.
+async fn worker_and_reader(write_url: &str, read_url_base: &str) {
+    let url = write_url.to_string();
     let http = reqwest::Client::new();
 
     // Without the write token, nothing is created.
@@ -102,7 +129,7 @@ async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_of
 
     // Live: each append reaches the reader before the next is made.
     let mut got = Vec::new();
-    let mut first = reader(&url, "-1", WRITE_TOKEN);
+    let mut first = reader(read_url_base, "-1", WRITE_TOKEN);
     let mut offset = String::new();
     for i in 0..5 {
         append(&http, &url, &json!({"n": i})).await;
@@ -115,9 +142,11 @@ async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_of
     for i in 5..10 {
         append(&http, &url, &json!({"n": i})).await;
     }
-    // Resumed from the last offset it saw, through the signed read URL:
-    // the missed items, then live ones.
-    let mut second = reader(&read_url, &offset, "");
+    // Resumed from the last offset it saw, through the signed read URL
+    // (on the reader's instance): the missed items, then live ones.
+    let (_, signature) = read_url.split_once('?').expect("signed URL query");
+    let signed = format!("{read_url_base}?{signature}");
+    let mut second = reader(&signed, &offset, "");
     for _ in 5..10 {
         got.push(item(&mut second).await.0);
     }
@@ -141,7 +170,6 @@ async fn a_worker_appends_while_a_client_reads_live_is_cut_off_and_resumes_by_of
     );
     let want: Vec<Value> = (0..15).map(|i| json!({"n": i})).collect();
     assert_eq!(got, want, "every item exactly once, in order");
-    relay.stop().await;
 }
 
 #[tokio::test]
