@@ -124,6 +124,8 @@ pub struct Config {
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
+    /// `[durable]`: the Durable Streams server (docs/durable.md).
+    pub durable: DurableConfig,
     /// Peers (CIDRs) whose `X-Forwarded-For`, `X-Forwarded-Proto`,
     /// `X-Forwarded-Host` and `Forwarded` headers are believed; from any
     /// other peer they are replaced.
@@ -146,6 +148,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             auth: AuthConfig::default(),
             routes: Vec::new(),
+            durable: DurableConfig::default(),
             trusted_proxies: Vec::new(),
             threads: 0,
         }
@@ -340,6 +343,48 @@ pub struct AuthConfig {
     /// HMAC key for caller identities; the same on every instance. Falls
     /// back to `REPRISE_AUTH_SECRET`, else a built-in key (with a warning).
     pub secret: Option<Secret>,
+}
+
+/// `[durable]`: the Durable Streams server (docs/durable.md): streams that
+/// a writer creates and appends to over HTTP, read by offset.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DurableConfig {
+    /// Serve the protocol at all.
+    pub enabled: bool,
+    /// Where streams are mounted: `{path}/{name}`.
+    pub path: String,
+    /// How long a long-poll read waits for data before `204`.
+    #[serde(with = "humantime_serde")]
+    pub long_poll_timeout: Duration,
+    /// Bearer token of writers (and readers); falls back to
+    /// `REPRISE_DURABLE_WRITE_TOKEN`.
+    pub write_token: Option<Secret>,
+    /// Bearer token of readers; falls back to `REPRISE_DURABLE_READ_TOKEN`.
+    pub read_token: Option<Secret>,
+    /// Writes need no token.
+    pub anonymous_writes: bool,
+    /// Reads need no token.
+    pub anonymous_reads: bool,
+    /// How long a pre-signed read URL (`Stream-Read-URL`, signed under
+    /// `auth.secret`) stays valid.
+    #[serde(with = "humantime_serde")]
+    pub read_url_ttl: Duration,
+}
+
+impl Default for DurableConfig {
+    fn default() -> Self {
+        DurableConfig {
+            enabled: false,
+            path: "/v1/stream".into(),
+            long_poll_timeout: Duration::from_secs(20),
+            write_token: None,
+            read_token: None,
+            anonymous_writes: false,
+            anonymous_reads: false,
+            read_url_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `routes[].caller`: what identifies a caller on a route.
@@ -549,6 +594,12 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::Invalid(format!("REPRISE_THREADS {v:?}: {e}")))?;
         }
+        if config.durable.write_token.is_none() {
+            config.durable.write_token = env("REPRISE_DURABLE_WRITE_TOKEN").map(Secret::new);
+        }
+        if config.durable.read_token.is_none() {
+            config.durable.read_token = env("REPRISE_DURABLE_READ_TOKEN").map(Secret::new);
+        }
         if let Some(upstream) = &over.upstream {
             config.routes = vec![RouteConfig::new("/", upstream)?];
         }
@@ -567,7 +618,20 @@ impl Config {
                 self.listen
             ));
         }
-        if self.routes.is_empty() {
+        if self.durable.enabled {
+            let d = &self.durable;
+            if !d.path.starts_with('/') || d.path.ends_with('/') || d.path.starts_with("/_reprise")
+            {
+                return bad(format!(
+                    "durable.path must start with '/', not end with '/' and not be under /_reprise: {:?}",
+                    d.path
+                ));
+            }
+            if d.long_poll_timeout.is_zero() {
+                return bad("durable.long_poll_timeout must be positive".into());
+            }
+        }
+        if self.routes.is_empty() && !self.durable.enabled {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());
         }
         let mut seen = std::collections::HashSet::new();

@@ -48,6 +48,16 @@ async fn dispatch(
     if path == "/_reprise" || path.starts_with("/_reprise/") {
         return admin::handle(relay, req).await;
     }
+    if let Some(name) = crate::durable::stream_name(relay, &path) {
+        if is_unsafe_path(&path) {
+            return Err(RelayError::BadRequest {
+                code: "invalid_path",
+                message: "paths with '.' or '..' segments or encoded slashes are refused".into(),
+            });
+        }
+        let name = name.to_string();
+        return Ok(crate::durable::handle(relay, req, name).await);
+    }
     if is_unsafe_path(&path) {
         return Err(RelayError::BadRequest {
             code: "invalid_path",

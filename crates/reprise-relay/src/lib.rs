@@ -7,7 +7,7 @@
 //!   runs the shutdown sequence;
 //! - [`dispatch`]: decides what a request is: own endpoint, resume, cancel,
 //!   or a request to forward;
-//! - the handlers: [`forward`] (upstream, and the start of a recording),
+//! - the handlers: [`durable`] (the Durable Streams server), [`forward`] (upstream, and the start of a recording),
 //!   [`resume`] (200, 204, 404, history lost), [`cancel`], [`admin`]
 //!   (`/_reprise/...`); with [`idempotency`] and [`keys`] (route keys);
 //! - [`stream`]: moving streams: the recorder (producer, writer), readers,
@@ -29,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod dispatch;
+pub mod durable;
 pub mod error;
 pub mod forward;
 pub mod forwarded;
