@@ -12,6 +12,15 @@ use serde_json::json;
 /// lease, and the chat route with a resume template.
 /// The file lives as long as the returned directory.
 fn config_file(redis: &RedisCluster, upstream: &Upstream) -> (tempfile::TempDir, String) {
+    config_file_with(redis, upstream, "")
+}
+
+/// [`config_file`] with more `[streams]` settings.
+fn config_file_with(
+    redis: &RedisCluster,
+    upstream: &Upstream,
+    streams: &str,
+) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reprise.toml");
     std::fs::write(
@@ -22,6 +31,7 @@ redis_url = "{redis}"
 [streams]
 lease = "1500ms"
 tail_poll_interval = "200ms"
+{streams}
 [[routes]]
 path = "/api/chat"
 upstream = "{up}"
@@ -38,6 +48,67 @@ upstream = "{up}"
     .unwrap();
     let path = path.to_string_lossy().to_string();
     (dir, path)
+}
+
+/// A client that read, from the producing instance's memory, events its
+/// store never got (SIGKILL within `store_linger`) resumes on another
+/// instance from the last of them: it is past the `producer_lost` end
+/// recorded there, and must still get that signal, not a silent end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_past_what_was_stored_gets_producer_lost_elsewhere() {
+    let redis = RedisCluster::start().await.expect("start a Redis cluster");
+    let upstream = Upstream::start().await;
+    let (_dir, cfg) = config_file_with(&redis, &upstream, r#"store_linger = "2s""#);
+    let args = ["--config", cfg.as_str()];
+    let (mut a, b) = tokio::join!(RelayProcess::start(&args), RelayProcess::start(&args));
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("{}/gen", a.url())).await;
+    let stream_id = origin.header("reprise-stream-id").unwrap().to_string();
+    for i in 1..=2 {
+        ctl.send(numbered_event(i)).await;
+    }
+    origin.next_events(2).await;
+    // Stored (one linger later): a reader on B sees them.
+    let mut on_b = client
+        .open_get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .await;
+    assert_eq!(data(&on_b.next_events(2).await), numbered(1..=2));
+    // 3 and 4 reach the client from A's memory; A dies well within the
+    // linger, before storing them.
+    for i in 3..=4 {
+        ctl.send(numbered_event(i)).await;
+    }
+    let seen = origin.next_events(2).await;
+    a.kill().await;
+    assert_eq!(data(&seen), numbered(3..=4));
+    let last_id = seen[1].id.clone();
+
+    // The live reader on B ends with the signal.
+    let rest = on_b.collect_until_end().await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
+    // The cut-off client resumes on B from event 4, which B never had.
+    let mut resumed = open_sse(
+        client
+            .get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+            .header("last-event-id", &last_id),
+    )
+    .await;
+    assert_eq!(resumed.status(), 200);
+    let rest = resumed.collect_until_end().await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].event, "reprise-error");
+    assert_eq!(rest[0].json()["reprise"]["code"], "producer_lost");
+    // Its id is the stream's end: resuming from it is the end.
+    assert_eq!(rest[0].id, format!("{stream_id}.end"));
+    let after_signal = client
+        .get(&format!("{}/_reprise/streams/{stream_id}", b.url()))
+        .header("last-event-id", &rest[0].id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after_signal.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

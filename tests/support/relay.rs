@@ -237,6 +237,10 @@ pub fn binary() -> PathBuf {
 pub struct RelayProcess {
     child: tokio::process::Child,
     addr: SocketAddr,
+    /// What it was started with, to start it again ([`RelayProcess::restart`]).
+    args: Vec<String>,
+    log: Option<std::path::PathBuf>,
+    level: Option<String>,
 }
 
 impl RelayProcess {
@@ -259,7 +263,34 @@ impl RelayProcess {
     ) -> RelayProcess {
         let port = free_port().expect("free port");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let child = tokio::process::Command::new(binary())
+        let mut p = RelayProcess {
+            child: Self::spawn_child(addr, args, log, level),
+            addr,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: log.map(Into::into),
+            level: level.map(Into::into),
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    /// SIGKILLs the process (if it still runs) and starts it again on the
+    /// same address with the same arguments; waits until it is ready. Its
+    /// log, if any, is appended to.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Self::spawn_child(self.addr, &args, self.log.as_deref(), self.level.as_deref());
+        self.wait_ready().await;
+    }
+
+    fn spawn_child(
+        addr: SocketAddr,
+        args: &[&str],
+        log: Option<&std::path::Path>,
+        level: Option<&str>,
+    ) -> tokio::process::Child {
+        tokio::process::Command::new(binary())
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)
@@ -273,16 +304,19 @@ impl RelayProcess {
                 }),
             )
             .stderr(match log {
-                Some(path) => Stdio::from(std::fs::File::create(path).expect("create log file")),
+                Some(path) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .expect("open log file"),
+                ),
                 None => Stdio::inherit(),
             })
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn reprise");
-        let mut p = RelayProcess { child, addr };
-        p.wait_ready().await;
-        p
+            .expect("spawn reprise")
     }
 
     async fn wait_ready(&mut self) {

@@ -185,12 +185,21 @@ async fn answer(
         } else {
             end_seq.0
         };
-        if via == Via::Key || after.0 >= last_visible {
+        if via == Via::Key || (outcome.is_completed() && after.0 >= last_visible) {
             let mut resp = no_content(stream);
             add_tail_index(&mut resp, tail);
             return Ok((resp, NO_CONTENT));
         }
     }
+    // At or past a failure's end (only an event id gets here: the signal's
+    // own id is `.end`): the client saw events the store lost with their
+    // producer. It gets the signal, read from just before the end.
+    let after = match &known.end {
+        Some((end_seq, outcome)) if !outcome.is_completed() && after >= *end_seq => {
+            Seq(end_seq.0 - 1)
+        }
+        _ => after,
+    };
     let (live, guard) = match (known.held, known.meta) {
         (Some(held), _) => held,
         (None, Some(meta)) => relay.hub.open(&meta, relay.loader_ctx()),

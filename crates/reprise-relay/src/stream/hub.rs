@@ -328,7 +328,26 @@ async fn load(hub: Arc<Hub>, live: Arc<LiveStream>, ctx: LoaderCtx) {
                 if empty_polls % 10 == 0 {
                     match ctx.store.meta(live.id).await {
                         Ok(None) => missing_checks += 1,
-                        _ => missing_checks = 0,
+                        // Ended in the store at or before what this log
+                        // holds: the store lost the log's last entries (a
+                        // failover to a replica that lacked them) and the
+                        // end landed behind them. The readers get the
+                        // end's signal, never a silent stall.
+                        Ok(Some(meta)) => {
+                            missing_checks = 0;
+                            if let Some((end_seq, outcome)) = meta.end {
+                                if end_seq <= after {
+                                    tracing::warn!(
+                                        end = end_seq.0,
+                                        held = after.0,
+                                        "the stream ended in the store behind what this instance read; ending readers"
+                                    );
+                                    live.finish(outcome);
+                                    break;
+                                }
+                            }
+                        }
+                        Err(_) => missing_checks = 0,
                     }
                     if missing_checks >= 3 {
                         live.finish(Outcome::Failed {

@@ -428,9 +428,13 @@ impl LiveStream {
             .signal(|| *self.signals.get_or_init(|| Dialect::Reprise), sig, at)
     }
 
+    /// The terminal frame. A failure's signal carries the `<stream>.end`
+    /// id, not its seq's: so a reader positioned at an event id at or past
+    /// the end has not seen the signal (it saw events the store lost with
+    /// their producer) and still gets it; one that saw it resumes with `.end`.
     fn end_frame(&self, seq: Seq, outcome: Outcome) -> Frame {
         let wire = match outcome.signal() {
-            Some(sig) => self.signal_wire(sig, Cursor::At(self.wire.event_id(seq))),
+            Some(sig) => self.signal_wire(sig, Cursor::End(self.id)),
             None => Bytes::new(),
         };
         Frame {
@@ -522,6 +526,20 @@ impl LiveStream {
         }
         let start = st.index_after(after);
         if start >= st.frames.len() {
+            // Past a failure's end: the reader saw events this log (or the
+            // store it was loaded from) does not hold; it still gets the
+            // signal, never a silent end.
+            if let Some(end) = st.frames.last().filter(|f| f.is_final() && !f.wire.is_empty()) {
+                if st.ended {
+                    return Collected {
+                        chunk: Some(end.wire.clone()),
+                        last: after,
+                        ended: true,
+                        frames: 1,
+                        released: false,
+                    };
+                }
+            }
             return Collected {
                 chunk: None,
                 last: after,
@@ -579,6 +597,17 @@ impl LiveStream {
         for e in entries {
             let covers = e.last_seq();
             if covers <= last {
+                // A failure's end behind the reader: it saw events the store
+                // lost; it still gets the signal (see `end_frame`).
+                if let EntryBody::End(outcome) = &e.body {
+                    if !outcome.is_completed() {
+                        let frame = self.end_frame(e.seq, outcome.clone());
+                        buf.put_slice(&frame.wire);
+                        frames += 1;
+                        ended = true;
+                        break;
+                    }
+                }
                 continue;
             }
             let frame = if e.seq > last.next() {
