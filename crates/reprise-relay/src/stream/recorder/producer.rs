@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use reprise_core::sse::Limits;
@@ -92,8 +92,17 @@ impl Batch {
         if self.spans.is_empty() {
             return None;
         }
-        // The frames keep this memory; the buffer goes on with what is left.
-        let block = self.buf.split().freeze();
+        let block = if self.buf.len() * 2 < self.buf.capacity() {
+            // Mostly unused room (a chat token in a `BATCH_RESERVE` buffer):
+            // the log keeps an exact copy and the buffer is freed, so that a
+            // stream waiting for its next event holds only its frames.
+            let block = Bytes::copy_from_slice(&self.buf);
+            self.buf = BytesMut::new();
+            block
+        } else {
+            // The frames keep this memory; the buffer goes on with what is left.
+            self.buf.split().freeze()
+        };
         let bytes: usize = self.spans.iter().map(|s| s.fields.len()).sum();
         let (_, unstored) = live.push_block(self.first, &block, &self.spans)?;
         Some((self.spans.len() as u64, bytes as u64, unstored))
