@@ -1984,6 +1984,31 @@ mod redis_only {
                 }),
             ),
             (
+                "append_checked",
+                Box::pin({
+                    let st = store.clone();
+                    async move {
+                        st.append_checked(s, &events(2..=2), &producer("p", 0, 0))
+                            .await
+                            .map(drop)
+                    }
+                }),
+            ),
+            (
+                "sliding_expiry",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.sliding_expiry(s, 0, 1000, true).await.map(drop) }
+                }),
+            ),
+            (
+                "last_seq",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.last_seq(s).await.map(drop) }
+                }),
+            ),
+            (
                 "ping",
                 Box::pin({
                     let st = store.clone();
