@@ -3,9 +3,10 @@
 //! appends (`tests/js/durable_reader.mjs`), and the protocol's conformance
 //! suite (`@durable-streams/server-conformance-tests`, run by vitest from
 //! `tests/js/durable_conformance.test.mjs`) against Reprise on the embedded
-//! store and on Redis.
+//! store, on Redis and on a Redis Cluster; and an idempotent producer's
+//! retries through two instances.
 //!
-//! The suite is not all green yet: the conformance tests assert the exact
+//! The suite is not all green (forks are not implemented): the conformance tests assert the exact
 //! set of suite tests that pass (`tests/fixtures/durable/passing.txt`), so
 //! that a regression fails and a newly passing test must be added there.
 
