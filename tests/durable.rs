@@ -6,9 +6,10 @@
 //! store, on Redis and on a Redis Cluster; and an idempotent producer's
 //! retries through two instances.
 //!
-//! The suite is not all green (forks are not implemented): the conformance tests assert the exact
-//! set of suite tests that pass (`tests/fixtures/durable/passing.txt`), so
-//! that a regression fails and a newly passing test must be added there.
+//! The suite is not all green (forks are not implemented): the conformance
+//! tests assert the exact set of suite tests that pass
+//! (`tests/fixtures/durable/passing.txt`), so that a regression fails and a
+//! newly passing test must be added there.
 
 #[path = "js/node.rs"]
 mod node;
