@@ -104,8 +104,8 @@ async fn bench_store(name: &str, store: &dyn Store) {
                 assert_eq!(got, Seq(n));
             }
             cells.push(format!(
-                "{:.3} ms",
-                start.elapsed().as_secs_f64() * 1e3 / f64::from(LOOKUPS)
+                "{:.1} µs",
+                start.elapsed().as_secs_f64() * 1e6 / f64::from(LOOKUPS)
             ));
         }
         println!("| {n} | {} |", cells.join(" | "));
