@@ -3,11 +3,13 @@
 //! appends (`tests/js/durable_reader.mjs`), and the protocol's conformance
 //! suite (`@durable-streams/server-conformance-tests`, run by vitest from
 //! `tests/js/durable_conformance.test.mjs`) against Reprise on the embedded
-//! store and on Redis.
+//! store, on Redis and on a Redis Cluster; and an idempotent producer's
+//! retries through two instances.
 //!
-//! The suite is not all green yet: the conformance tests assert the exact
-//! set of suite tests that pass (`tests/fixtures/durable/passing.txt`), so
-//! that a regression fails and a newly passing test must be added there.
+//! The suite is not all green (forks are not implemented): the conformance
+//! tests assert the exact set of suite tests that pass
+//! (`tests/fixtures/durable/passing.txt`), so that a regression fails and a
+//! newly passing test must be added there.
 
 #[path = "js/node.rs"]
 mod node;
@@ -344,4 +346,80 @@ async fn conformance_suite_on_a_redis_cluster() {
     let run = run_suite(&relay.url()).await;
     check("a Redis Cluster", &run);
     relay.stop().await;
+}
+
+/// An idempotent producer's retries, sent at once through two instances on
+/// one Redis: exactly one is stored (`200`), the others are answered as
+/// duplicates (`204`); a zombie epoch is fenced (`403`) and a `Stream-Seq`
+/// regression refused (`409`) whichever instance it reaches.
+#[tokio::test]
+async fn producer_retries_through_two_instances_are_stored_once() {
+    let redis = RedisServer::start().await.expect("redis-server");
+    let backend = Backend::Redis(redis.url());
+    let a = TestRelay::start(durable_config(&backend, false)).await;
+    let b = TestRelay::start(durable_config(&backend, false)).await;
+    let path = "/v1/stream/jobs/producer-1";
+    let (url_a, url_b) = (format!("{}{path}", a.url()), format!("{}{path}", b.url()));
+    let http = reqwest::Client::new();
+    let created = http
+        .put(&url_a)
+        .bearer_auth(WRITE_TOKEN)
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(created.status(), 201);
+    let post = |url: &str, epoch: u64, seq: u64, body: &str| {
+        http.post(url)
+            .bearer_auth(WRITE_TOKEN)
+            .header("content-type", "text/plain")
+            .header("producer-id", "worker-7")
+            .header("producer-epoch", epoch.to_string())
+            .header("producer-seq", seq.to_string())
+            .body(body.to_string())
+            .send()
+    };
+    let sends = (0..10).map(|i| post(if i % 2 == 0 { &url_a } else { &url_b }, 0, 0, "once"));
+    let statuses: Vec<u16> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.expect("post").status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 204),
+        "{statuses:?}"
+    );
+    // A new epoch fences the old one, on the other instance too.
+    assert_eq!(post(&url_b, 1, 0, "new").await.expect("post").status(), 200);
+    let zombie = post(&url_a, 0, 1, "zombie").await.expect("post");
+    assert_eq!(zombie.status(), 403);
+    assert_eq!(zombie.headers()["producer-epoch"], "1");
+    // Stream-Seq must grow, whichever instance checks it.
+    let seq = |url: &str, v: &str| {
+        http.post(url)
+            .bearer_auth(WRITE_TOKEN)
+            .header("content-type", "text/plain")
+            .header("stream-seq", v)
+            .body(format!("seq {v}"))
+            .send()
+    };
+    assert_eq!(seq(&url_a, "0002").await.expect("post").status(), 204);
+    assert_eq!(seq(&url_b, "0001").await.expect("post").status(), 409);
+    let body = http
+        .get(&url_b)
+        .bearer_auth(WRITE_TOKEN)
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(body, "oncenewseq 0002");
+    a.stop().await;
+    b.stop().await;
 }

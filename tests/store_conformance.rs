@@ -18,8 +18,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use reprise_core::{Dialect, Epoch, FailReason, Outcome, Seq, StreamId};
 use reprise_store::{
-    Entry, EntryBody, KeyRef, MemoryLimits, MemoryStore, RedisOptions, RedisStore, Store,
-    StoreError, StoreOptions, StreamMeta, Watcher,
+    Checked, Entry, EntryBody, KeyRef, MemoryLimits, MemoryStore, ProducerClaim, RedisOptions,
+    RedisStore, Store, StoreError, StoreOptions, StreamMeta, Watcher, WriterChecks,
 };
 use reprise_tests::redis::{free_port, raw_command, RedisCluster, RedisServer};
 use reprise_tests::{init_tracing, with_timeout_of};
@@ -201,6 +201,26 @@ fn end(seq: u64, outcome: Outcome) -> Entry {
     Entry {
         seq: Seq(seq),
         body: EntryBody::End(outcome),
+    }
+}
+
+/// Writer checks of producer `id` at `epoch`, `seq`.
+fn producer(id: &str, epoch: u64, seq: u64) -> WriterChecks {
+    WriterChecks {
+        producer: Some(ProducerClaim {
+            id: id.into(),
+            epoch,
+            seq,
+        }),
+        stream_seq: None,
+    }
+}
+
+/// Writer checks of `Stream-Seq` `v`.
+fn stream_seq(v: &str) -> WriterChecks {
+    WriterChecks {
+        producer: None,
+        stream_seq: Some(v.into()),
     }
 }
 
@@ -1393,6 +1413,280 @@ mod cases {
         assert_eq!(f.store.resolve_key(&key).await.unwrap(), Some(next));
     }
 
+    pub async fn checked_appends_follow_the_producer_rules(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let (a, b) = (&f.store, &f.peer);
+        let ok = Checked::Appended;
+        // A new producer starts at seq 0; a retry (through another
+        // instance) is a duplicate and writes nothing.
+        let first = a
+            .append_checked(s, &events(1..=1), &producer("p", 0, 1))
+            .await;
+        assert_eq!(
+            first.unwrap(),
+            Checked::SeqGap {
+                expected: 0,
+                received: 1
+            }
+        );
+        assert_eq!(
+            a.append_checked(s, &events(1..=2), &producer("p", 0, 0))
+                .await
+                .unwrap(),
+            ok
+        );
+        let retry = b
+            .append_checked(s, &events(3..=3), &producer("p", 0, 0))
+            .await;
+        assert_eq!(
+            retry.unwrap(),
+            Checked::Duplicate {
+                last_seq: 0,
+                closed: false
+            }
+        );
+        // Seqs follow one by one.
+        let skipped = b
+            .append_checked(s, &events(3..=3), &producer("p", 0, 2))
+            .await;
+        assert_eq!(
+            skipped.unwrap(),
+            Checked::SeqGap {
+                expected: 1,
+                received: 2
+            }
+        );
+        assert_eq!(
+            b.append_checked(s, &events(3..=3), &producer("p", 0, 1))
+                .await
+                .unwrap(),
+            ok
+        );
+        // A batch that does not follow the tail conflicts and records
+        // nothing: the same claim at the right place is then accepted.
+        let misplaced = a
+            .append_checked(s, &events(9..=9), &producer("p", 0, 2))
+            .await;
+        assert!(
+            matches!(misplaced, Err(StoreError::Conflict { .. })),
+            "{misplaced:?}"
+        );
+        assert_eq!(
+            a.append_checked(s, &events(4..=4), &producer("p", 0, 2))
+                .await
+                .unwrap(),
+            ok
+        );
+        // A new epoch starts at 0 and fences the old one.
+        let bad_epoch = a
+            .append_checked(s, &events(5..=5), &producer("p", 1, 3))
+            .await;
+        assert_eq!(bad_epoch.unwrap(), Checked::NewEpochNeedsSeqZero);
+        assert_eq!(
+            b.append_checked(s, &events(5..=5), &producer("p", 1, 0))
+                .await
+                .unwrap(),
+            ok
+        );
+        let zombie = a
+            .append_checked(s, &events(6..=6), &producer("p", 0, 3))
+            .await;
+        assert_eq!(zombie.unwrap(), Checked::StaleEpoch { current: 1 });
+        // Producers are independent; refusals wrote nothing.
+        assert_eq!(
+            a.append_checked(s, &events(6..=6), &producer("q", 7, 0))
+                .await
+                .unwrap(),
+            ok
+        );
+        assert_eq!(
+            seqs(&b.read(s, Seq::ZERO, 100).await.unwrap()),
+            (1..=6).collect::<Vec<_>>()
+        );
+
+        // Stream-Seq sorts bytewise ("B" < "a"), strictly increasing.
+        assert_eq!(
+            a.append_checked(s, &events(7..=7), &stream_seq("a"))
+                .await
+                .unwrap(),
+            ok
+        );
+        for stale in ["a", "B", ""] {
+            let r = b
+                .append_checked(s, &events(8..=8), &stream_seq(stale))
+                .await;
+            assert_eq!(
+                r.unwrap(),
+                Checked::StreamSeqRegressed,
+                "Stream-Seq {stale:?}"
+            );
+        }
+        assert_eq!(
+            b.append_checked(s, &events(8..=8), &stream_seq("aa"))
+                .await
+                .unwrap(),
+            ok
+        );
+        // The producer check comes first: a retry with a stale Stream-Seq
+        // is still a duplicate.
+        let both = WriterChecks {
+            stream_seq: Some("aa".into()),
+            ..producer("q", 7, 0)
+        };
+        let dup = a.append_checked(s, &events(9..=9), &both).await.unwrap();
+        assert_eq!(
+            dup,
+            Checked::Duplicate {
+                last_seq: 0,
+                closed: false
+            }
+        );
+
+        // Closing with a claim: its retry is a duplicate of a closed
+        // stream, anything else finds it ended.
+        let close = [end(9, Outcome::Completed)];
+        assert_eq!(
+            a.append_checked(s, &close, &producer("q", 7, 1))
+                .await
+                .unwrap(),
+            ok
+        );
+        let again = b
+            .append_checked(s, &[end(10, Outcome::Completed)], &producer("q", 7, 1))
+            .await;
+        assert_eq!(
+            again.unwrap(),
+            Checked::Duplicate {
+                last_seq: 1,
+                closed: true
+            }
+        );
+        for other in [
+            producer("q", 7, 2),
+            producer("p", 1, 1),
+            WriterChecks::default(),
+        ] {
+            let r = b.append_checked(s, &events(10..=10), &other).await;
+            assert_eq!(r.unwrap(), Checked::Ended, "{other:?}");
+        }
+        assert_eq!(b.last_seq(s).await.unwrap(), Seq(9));
+        // An unknown stream conflicts, as for append.
+        let unknown = a
+            .append_checked(StreamId::random(), &events(1..=1), &producer("p", 0, 0))
+            .await;
+        assert!(
+            matches!(unknown, Err(StoreError::Conflict { .. })),
+            "{unknown:?}"
+        );
+    }
+
+    pub async fn concurrent_retries_of_one_claim_append_once(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let st = if i % 2 == 0 {
+                    f.store.clone()
+                } else {
+                    f.peer.clone()
+                };
+                tokio::spawn(async move {
+                    st.append_checked(s, &events(1..=1), &producer("p", 0, 0))
+                        .await
+                })
+            })
+            .collect();
+        let results: Vec<Checked> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.expect("task").expect("append_checked"))
+            .collect();
+        let appended = results.iter().filter(|r| **r == Checked::Appended).count();
+        assert_eq!(appended, 1, "{results:?}");
+        let dup = Checked::Duplicate {
+            last_seq: 0,
+            closed: false,
+        };
+        assert!(
+            results.iter().all(|r| *r == Checked::Appended || *r == dup),
+            "{results:?}"
+        );
+        assert_eq!(
+            seqs(&f.store.read(s, Seq::ZERO, 100).await.unwrap()),
+            vec![1]
+        );
+    }
+
+    pub async fn sliding_expiry_slides_with_touches(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let id = StreamId::random();
+        let created = 1_000_000;
+        f.store
+            .create(&StreamMeta {
+                created_ms: created,
+                ..sample_meta(id)
+            })
+            .await
+            .unwrap();
+        let (a, b) = (&f.store, &f.peer);
+        // The window starts at creation; a look without touch leaves it.
+        assert!(a
+            .sliding_expiry(id, created + 900, 1000, false)
+            .await
+            .unwrap());
+        assert!(!b
+            .sliding_expiry(id, created + 1000, 1000, false)
+            .await
+            .unwrap());
+        // A touch moves it, for every instance.
+        assert!(a
+            .sliding_expiry(id, created + 500, 1000, true)
+            .await
+            .unwrap());
+        assert!(b
+            .sliding_expiry(id, created + 1499, 1000, false)
+            .await
+            .unwrap());
+        assert!(!b
+            .sliding_expiry(id, created + 1500, 1000, false)
+            .await
+            .unwrap());
+        // Once past, a touch does not bring it back.
+        assert!(!a
+            .sliding_expiry(id, created + 1600, 1000, true)
+            .await
+            .unwrap());
+        assert!(!a
+            .sliding_expiry(id, created + 1600, 1000, false)
+            .await
+            .unwrap());
+        assert!(!a
+            .sliding_expiry(StreamId::random(), created, 1000, true)
+            .await
+            .unwrap());
+    }
+
+    pub async fn last_seq_is_the_last_covered_seq(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = new_stream(&*f.store).await;
+        assert_eq!(f.store.last_seq(s).await.unwrap(), Seq::ZERO);
+        // Many events (packed on Redis), then a gap, then the end.
+        f.store.append(s, &events(1..=1500)).await.unwrap();
+        assert_eq!(f.peer.last_seq(s).await.unwrap(), Seq(1500));
+        f.store.append(s, &[gap(1501, 1510)]).await.unwrap();
+        assert_eq!(f.peer.last_seq(s).await.unwrap(), Seq(1510));
+        f.store
+            .append(s, &[end(1511, Outcome::Completed)])
+            .await
+            .unwrap();
+        assert_eq!(f.store.last_seq(s).await.unwrap(), Seq(1511));
+        assert_eq!(
+            f.store.last_seq(StreamId::random()).await.unwrap(),
+            Seq::ZERO
+        );
+    }
+
     pub async fn ping_answers(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let rtt = f.store.ping().await.unwrap();
@@ -1459,6 +1753,10 @@ conformance!(
     concurrent_claims_one_wins,
     release_key_drops_only_its_own_claim,
     claim_key_respects_expiry,
+    checked_appends_follow_the_producer_rules,
+    concurrent_retries_of_one_claim_append_once,
+    sliding_expiry_slides_with_touches,
+    last_seq_is_the_last_covered_seq,
     ping_answers,
 );
 
@@ -1537,6 +1835,30 @@ async fn every_key_has_a_ttl(backend: Backend) {
             .unwrap(),
         Some(Seq(1))
     );
+    // Durable Streams writer state, and writer checks or touches of unknown
+    // streams (which must create no keys).
+    let checked = f
+        .store
+        .append_checked(live, &events(6..=6), &producer("p", 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(checked, Checked::Appended);
+    assert!(f
+        .store
+        .sliding_expiry(live, now_ms(), 60_000, true)
+        .await
+        .unwrap());
+    let ghost = StreamId::random();
+    let refused = f
+        .store
+        .append_checked(ghost, &events(1..=1), &producer("p", 0, 0))
+        .await;
+    assert!(refused.is_err());
+    assert!(!f
+        .store
+        .sliding_expiry(ghost, now_ms(), 60_000, true)
+        .await
+        .unwrap());
     // Watching, cancel requests and leases of unknown streams create no keys.
     let _w = f.store.watch(live).await.unwrap();
     assert!(!f.store.request_cancel(StreamId::random()).await.unwrap());
@@ -1563,6 +1885,7 @@ async fn every_key_has_a_ttl(backend: Backend) {
     let mut expected = vec![
         format!("{prefix}{{{live}}}:m"),
         format!("{prefix}{{{live}}}:e"),
+        format!("{prefix}{{{live}}}:w"),
         format!("{prefix}{{{done}}}:m"),
         format!("{prefix}{{{done}}}:e"),
         format!("{prefix}{{{abandoned}}}:m"),
@@ -1658,6 +1981,31 @@ mod redis_only {
                             .await
                             .map(drop)
                     }
+                }),
+            ),
+            (
+                "append_checked",
+                Box::pin({
+                    let st = store.clone();
+                    async move {
+                        st.append_checked(s, &events(2..=2), &producer("p", 0, 0))
+                            .await
+                            .map(drop)
+                    }
+                }),
+            ),
+            (
+                "sliding_expiry",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.sliding_expiry(s, 0, 1000, true).await.map(drop) }
+                }),
+            ),
+            (
+                "last_seq",
+                Box::pin({
+                    let st = store.clone();
+                    async move { st.last_seq(s).await.map(drop) }
                 }),
             ),
             (

@@ -242,6 +242,23 @@ mod tests {
         async fn append(&self, _: StreamId, _: &[Entry]) -> Result<(), StoreError> {
             Err(unused())
         }
+        async fn append_checked(
+            &self,
+            _: StreamId,
+            _: &[Entry],
+            _: &reprise_store::WriterChecks,
+        ) -> Result<reprise_store::Checked, StoreError> {
+            Err(unused())
+        }
+        async fn sliding_expiry(
+            &self,
+            _: StreamId,
+            _: u64,
+            _: u64,
+            _: bool,
+        ) -> Result<bool, StoreError> {
+            Err(unused())
+        }
         async fn meta(&self, _: StreamId) -> Result<Option<StreamMeta>, StoreError> {
             Err(unused())
         }

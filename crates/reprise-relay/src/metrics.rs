@@ -356,6 +356,34 @@ impl Store for InstrumentedStore {
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
         timed!(self, "meta", self.inner.meta(stream))
     }
+    async fn append_checked(
+        &self,
+        stream: StreamId,
+        entries: &[Entry],
+        checks: &reprise_store::WriterChecks,
+    ) -> Result<reprise_store::Checked, StoreError> {
+        timed!(
+            self,
+            "append_checked",
+            self.inner.append_checked(stream, entries, checks)
+        )
+    }
+    async fn sliding_expiry(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        window_ms: u64,
+        touch: bool,
+    ) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "sliding_expiry",
+            self.inner.sliding_expiry(stream, now_ms, window_ms, touch)
+        )
+    }
+    async fn last_seq(&self, stream: StreamId) -> Result<Seq, StoreError> {
+        timed!(self, "last_seq", self.inner.last_seq(stream))
+    }
     async fn read(
         &self,
         stream: StreamId,

@@ -29,10 +29,12 @@ use reprise_core::{Dialect, Epoch, Outcome, Seq, StreamId};
 pub mod limits;
 pub mod memory;
 pub mod redis;
+pub mod writers;
 
 pub use limits::{Admission, LimitKind, Limiter, MemoryLimiter, RateLimits};
 pub use memory::{MemoryLimits, MemoryStore};
 pub use redis::{RedisOptions, RedisStore};
+pub use writers::{Checked, ProducerClaim, WriterChecks};
 
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -231,8 +233,40 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
+    /// [`Store::append`] of `entries` if the stream's writer state lets
+    /// `checks` through (see [`writers`]: idempotent producers and
+    /// `Stream-Seq`), checked and written atomically (one Redis function
+    /// call in the stream's slot, so also between Reprise instances). In
+    /// order: an ended stream answers [`Checked::Ended`] (or
+    /// [`Checked::Duplicate`] for a retry of the claim that ended it), then
+    /// the producer rule, then `Stream-Seq`; a refusal writes nothing. Then
+    /// the batch must follow the last stored entry as for
+    /// [`Store::append`] (else [`StoreError::Conflict`]); once written, the
+    /// producer's seq, the `Stream-Seq` and, if the batch ends the stream,
+    /// the claim that ended it are recorded. The writer state lives and
+    /// expires with the stream.
+    async fn append_checked(
+        &self,
+        stream: StreamId,
+        entries: &[Entry],
+        checks: &WriterChecks,
+    ) -> Result<Checked, StoreError>;
+
+    /// A sliding expiry of `window_ms` after the stream's last access (its
+    /// creation if never accessed): `false` if the stream is unknown or its
+    /// window passed before `now_ms`; else `true`, and with `touch` the last
+    /// access becomes `now_ms`. Atomic, shared by every instance.
+    async fn sliding_expiry(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        window_ms: u64,
+        touch: bool,
+    ) -> Result<bool, StoreError>;
+
     /// The last seq the stream's stored entries cover (`Seq::ZERO` if none).
-    /// The default pages through [`Store::read`].
+    /// The default pages through [`Store::read`]; both backends answer it
+    /// directly (Redis: the top entry id; embedded: the last entry).
     async fn last_seq(&self, stream: StreamId) -> Result<Seq, StoreError> {
         const PAGE: usize = 1000;
         let mut last = Seq::ZERO;

@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use reprise_core::{Dialect, Outcome, Seq, StreamId};
 
+use crate::writers::{Checked, WriterChecks, Writers};
 use crate::{
     Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
 };
@@ -95,6 +96,8 @@ struct StreamState {
     /// Set when the record was dropped from the map (expired, evicted or
     /// replaced): a writer holding an old handle must not resurrect it.
     removed: bool,
+    /// Producer and `Stream-Seq` state ([`Store::append_checked`]).
+    writers: Writers,
 }
 
 impl StreamState {
@@ -425,51 +428,18 @@ impl Drop for WatchGuard {
     }
 }
 
-#[async_trait]
-impl Store for MemoryStore {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
-    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
-        let s = &self.shared;
-        let bytes = meta_bytes(meta);
-        s.reserve(bytes)?;
-        let now = Instant::now();
-        let expires_at = now + s.live_ttl();
-        let state = StreamState {
-            meta: meta.clone(),
-            entries: Vec::new(),
-            bytes,
-            expires_at,
-            bound_key: None,
-            removed: false,
-        };
-        // Creating an id that exists replaces the record, entries included.
-        s.remove_if(meta.id, |_| true);
-        let previous = s
-            .streams
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(meta.id, Arc::new(Mutex::new(state)));
-        if let Some(prev) = previous {
-            // Lost a race with another create of the same id: account for it.
-            let mut st = lock(&prev);
-            if !st.removed {
-                st.removed = true;
-                let freed = std::mem::take(&mut st.bytes);
-                drop(st);
-                s.release(freed);
-            }
-        }
-        lock(&s.queues).live.push_back((expires_at, meta.id));
-        Ok(())
-    }
-
-    async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+impl MemoryStore {
+    /// [`Store::append`], and with `checks` [`Store::append_checked`]: the
+    /// checks and the append under the stream's lock.
+    fn append_inner(
+        &self,
+        stream: StreamId,
+        entries: &[Entry],
+        checks: Option<&WriterChecks>,
+    ) -> Result<Checked, StoreError> {
         let s = &self.shared;
         let Some(last) = entries.last() else {
-            return Ok(());
+            return Ok(Checked::Appended);
         };
         validate_batch(stream, entries)?;
         let bytes: usize = entries.iter().map(entry_bytes).sum();
@@ -484,6 +454,15 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut st = lock(&handle);
         let stored = st.entries.last().map_or(0, |e| e.last_seq().0);
+        let refused = match checks {
+            Some(c) if st.alive(now) => st.writers.check(c, st.meta.end.is_some()),
+            _ => None,
+        };
+        if let Some(refused) = refused {
+            drop(st);
+            s.release(bytes);
+            return Ok(refused);
+        }
         let check = if !st.alive(now) {
             Err(conflict("unknown or expired stream".into()))
         } else if st.meta.end.is_some() {
@@ -510,12 +489,101 @@ impl Store for MemoryStore {
         {
             st.meta.lost_history = true;
         }
+        let closing = matches!(last.body, EntryBody::End(_));
+        if let Some(c) = checks {
+            st.writers.commit(c, closing);
+        }
         if let EntryBody::End(outcome) = &last.body {
             s.finish(stream, &mut st, last.seq, outcome);
         }
         drop(st);
         s.notify(stream, last.last_seq());
+        Ok(Checked::Appended)
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        let s = &self.shared;
+        let bytes = meta_bytes(meta);
+        s.reserve(bytes)?;
+        let now = Instant::now();
+        let expires_at = now + s.live_ttl();
+        let state = StreamState {
+            meta: meta.clone(),
+            entries: Vec::new(),
+            bytes,
+            expires_at,
+            bound_key: None,
+            removed: false,
+            writers: Writers::default(),
+        };
+        // Creating an id that exists replaces the record, entries included.
+        s.remove_if(meta.id, |_| true);
+        let previous = s
+            .streams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(meta.id, Arc::new(Mutex::new(state)));
+        if let Some(prev) = previous {
+            // Lost a race with another create of the same id: account for it.
+            let mut st = lock(&prev);
+            if !st.removed {
+                st.removed = true;
+                let freed = std::mem::take(&mut st.bytes);
+                drop(st);
+                s.release(freed);
+            }
+        }
+        lock(&s.queues).live.push_back((expires_at, meta.id));
         Ok(())
+    }
+
+    async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
+        self.append_inner(stream, entries, None).map(|_| ())
+    }
+
+    async fn append_checked(
+        &self,
+        stream: StreamId,
+        entries: &[Entry],
+        checks: &WriterChecks,
+    ) -> Result<Checked, StoreError> {
+        self.append_inner(stream, entries, Some(checks))
+    }
+
+    async fn sliding_expiry(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        window_ms: u64,
+        touch: bool,
+    ) -> Result<bool, StoreError> {
+        let Some(handle) = self.shared.alive(stream) else {
+            return Ok(false);
+        };
+        let mut st = lock(&handle);
+        let last = st.writers.accessed_ms.unwrap_or(st.meta.created_ms);
+        if last.saturating_add(window_ms) <= now_ms {
+            return Ok(false);
+        }
+        if touch {
+            st.writers.accessed_ms = Some(now_ms.max(last));
+        }
+        Ok(true)
+    }
+
+    async fn last_seq(&self, stream: StreamId) -> Result<Seq, StoreError> {
+        let Some(handle) = self.shared.alive(stream) else {
+            return Ok(Seq::ZERO);
+        };
+        let st = lock(&handle);
+        Ok(st.entries.last().map_or(Seq::ZERO, Entry::last_seq))
     }
 
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {

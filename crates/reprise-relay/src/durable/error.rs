@@ -22,6 +22,14 @@ pub enum DsError {
     /// `closed` when the stream is closed (answered with `Stream-Closed: true`).
     #[error("{message}")]
     Conflict { message: String, closed: bool },
+    /// An idempotent producer's epoch is older than the stream knows (a
+    /// zombie writer): `403` with the current `Producer-Epoch`.
+    #[error("stale producer epoch")]
+    StaleEpoch { current: u64 },
+    /// An idempotent producer skipped seqs: `409` with
+    /// `Producer-Expected-Seq` and `Producer-Received-Seq`.
+    #[error("producer sequence gap")]
+    SeqGap { expected: u64, received: u64 },
     /// The body is larger than `limits.max_request_body`.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -45,7 +53,8 @@ impl DsError {
             DsError::BadRequest(_) => StatusCode::BAD_REQUEST,
             DsError::Unauthorized => StatusCode::UNAUTHORIZED,
             DsError::NotFound => StatusCode::NOT_FOUND,
-            DsError::Conflict { .. } => StatusCode::CONFLICT,
+            DsError::Conflict { .. } | DsError::SeqGap { .. } => StatusCode::CONFLICT,
+            DsError::StaleEpoch { .. } => StatusCode::FORBIDDEN,
             DsError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             DsError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DsError::Relay(e) => return relay_error(e),
@@ -57,8 +66,18 @@ impl DsError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let DsError::Conflict { closed: true, .. } = self {
-            h.insert("stream-closed", HeaderValue::from_static("true"));
+        match self {
+            DsError::Conflict { closed: true, .. } => {
+                h.insert("stream-closed", HeaderValue::from_static("true"));
+            }
+            DsError::StaleEpoch { current } => {
+                h.insert("producer-epoch", HeaderValue::from(current));
+            }
+            DsError::SeqGap { expected, received } => {
+                h.insert("producer-expected-seq", HeaderValue::from(expected));
+                h.insert("producer-received-seq", HeaderValue::from(received));
+            }
+            _ => {}
         }
         if status == StatusCode::UNAUTHORIZED {
             h.insert(

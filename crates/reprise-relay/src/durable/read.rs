@@ -97,7 +97,9 @@ fn expiry_headers(h: &mut HeaderMap, f: &Found, now_ms: u64) {
 pub async fn head(relay: &Relay, name: &str) -> Result<Response<Body>, DsError> {
     let store = relay.store.as_ref();
     let now = crate::clock::now_ms();
-    let f = record::find(store, name, now)
+    // HEAD does not extend a Stream-TTL (the protocol's reference server
+    // does not either).
+    let f = record::peek(store, name, now)
         .await?
         .ok_or(DsError::NotFound)?;
     let last = record::tail(store, &f).await?;

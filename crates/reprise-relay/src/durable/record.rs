@@ -6,7 +6,9 @@
 //! [`Store`](reprise_store::Store) trait. Used by the read and write handlers.
 
 use reprise_core::{Epoch, Outcome, Seq, StreamId};
-use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
+use reprise_store::{
+    Checked, Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta, WriterChecks,
+};
 
 use super::error::DsError;
 
@@ -56,23 +58,15 @@ pub struct Found {
 }
 
 impl Found {
-    /// Milliseconds since the Unix epoch after which the stream is gone.
-    pub fn expires_ms(&self) -> Option<u64> {
-        let by_ttl = self
-            .settings
-            .ttl_secs
-            .map(|t| self.created_ms.saturating_add(t.saturating_mul(1000)));
-        let by_date = self
-            .settings
+    /// `Stream-Expires-At` in milliseconds since the Unix epoch. (A
+    /// `Stream-TTL` slides: the store keeps the last access, see [`find`].)
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        self.settings
             .expires_at
             .as_deref()
             .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64);
-        match (by_ttl, by_date) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            .map(|d| d.as_millis() as u64)
     }
 
     pub fn closed(&self) -> bool {
@@ -101,15 +95,35 @@ fn settings_of(meta: &StreamMeta) -> Settings {
     }
 }
 
-/// The stream named `name`, if it exists and has not expired.
+/// The stream named `name`, if it exists and has not expired; an access
+/// that extends a `Stream-TTL` (reads and writes do, the protocol says).
 pub async fn find(store: &dyn Store, name: &str, now_ms: u64) -> Result<Option<Found>, DsError> {
+    lookup(store, name, now_ms, true).await
+}
+
+/// [`find`] without extending a `Stream-TTL` (`HEAD`, create, delete).
+pub async fn peek(store: &dyn Store, name: &str, now_ms: u64) -> Result<Option<Found>, DsError> {
+    lookup(store, name, now_ms, false).await
+}
+
+async fn lookup(
+    store: &dyn Store,
+    name: &str,
+    now_ms: u64,
+    touch: bool,
+) -> Result<Option<Found>, DsError> {
     let Some(id) = store.resolve_key(&key(name)).await? else {
         return Ok(None);
     };
-    found(store, id, now_ms).await
+    found(store, id, now_ms, touch).await
 }
 
-async fn found(store: &dyn Store, id: StreamId, now_ms: u64) -> Result<Option<Found>, DsError> {
+async fn found(
+    store: &dyn Store,
+    id: StreamId,
+    now_ms: u64,
+    touch: bool,
+) -> Result<Option<Found>, DsError> {
     let Some(meta) = store.meta(id).await? else {
         return Ok(None);
     };
@@ -122,8 +136,14 @@ async fn found(store: &dyn Store, id: StreamId, now_ms: u64) -> Result<Option<Fo
         created_ms: meta.created_ms,
         closed_at: meta.end.map(|(seq, _)| seq),
     };
-    if f.expires_ms().is_some_and(|e| e <= now_ms) {
+    if f.expires_at_ms().is_some_and(|e| e <= now_ms) {
         return Ok(None);
+    }
+    if let Some(ttl) = f.settings.ttl_secs {
+        let window = ttl.saturating_mul(1000);
+        if !store.sliding_expiry(id, now_ms, window, touch).await? {
+            return Ok(None);
+        }
     }
     Ok(Some(f))
 }
@@ -143,7 +163,7 @@ pub async fn create(
     settings: &Settings,
     now_ms: u64,
 ) -> Result<Created, DsError> {
-    if let Some(f) = find(store, name, now_ms).await? {
+    if let Some(f) = peek(store, name, now_ms).await? {
         return Ok(Created::Existing(f));
     }
     let id = StreamId::random();
@@ -177,7 +197,7 @@ pub async fn create(
         match store.claim_key(&k, id).await? {
             None => break,
             Some(other) if other == id => break,
-            Some(other) => match found(store, other, now_ms).await? {
+            Some(other) => match found(store, other, now_ms, false).await? {
                 Some(f) => return Ok(Created::Existing(f)),
                 None => {
                     store.release_key(&k, other).await?;
@@ -199,7 +219,14 @@ pub async fn delete(store: &dyn Store, name: &str, f: &Found) -> Result<(), DsEr
     store.release_key(&key(name), f.id).await?;
     if !f.closed() {
         // Best effort: a concurrent close may have ended it already.
-        let _ = append(store, f.id, &[], Some(Outcome::Cancelled)).await;
+        let _ = append(
+            store,
+            f.id,
+            &[],
+            Some(Outcome::Cancelled),
+            &WriterChecks::default(),
+        )
+        .await;
     }
     Ok(())
 }
@@ -226,22 +253,31 @@ pub enum Appended {
     Stored(Seq),
     /// The stream was closed before (nothing written); its last message.
     WasClosed(Seq),
+    /// A retry of an idempotent producer's append (nothing written): its
+    /// highest accepted seq, and the last message if the stream is closed
+    /// (by that very append).
+    Duplicate {
+        producer_seq: u64,
+        closed_at: Option<Seq>,
+    },
+    /// A writer check refused it (nothing written): a stale producer
+    /// epoch, a producer seq gap, a `Stream-Seq` regression.
+    Refused(Checked),
 }
 
 /// Appends `messages` after the stream's last entry, and the `End` entry
-/// if `close` is given, as one batch; retries when another writer got in
-/// first.
+/// if `close` is given, as one batch, if the writer `checks` pass (checked
+/// and written atomically by the store); retries when another writer got
+/// in first.
 pub async fn append(
     store: &dyn Store,
     id: StreamId,
     messages: &[bytes::Bytes],
     close: Option<Outcome>,
+    checks: &WriterChecks,
 ) -> Result<Appended, DsError> {
     for _ in 0..APPEND_ATTEMPTS {
         let last = store.last_seq(id).await?;
-        if let Some((end, _)) = store.meta(id).await?.and_then(|m| m.end) {
-            return Ok(Appended::WasClosed(Seq(end.0.saturating_sub(1))));
-        }
         let mut seq = last;
         let mut entries = Vec::with_capacity(messages.len() + 1);
         for m in messages {
@@ -260,8 +296,20 @@ pub async fn append(
         if entries.is_empty() {
             return Ok(Appended::Stored(last));
         }
-        match store.append(id, &entries).await {
-            Ok(()) => return Ok(Appended::Stored(seq)),
+        match store.append_checked(id, &entries, checks).await {
+            Ok(Checked::Appended) => return Ok(Appended::Stored(seq)),
+            Ok(Checked::Ended) => return Ok(Appended::WasClosed(closed_tail(store, id).await?)),
+            Ok(Checked::Duplicate { last_seq, closed }) => {
+                let closed_at = match closed {
+                    true => Some(closed_tail(store, id).await?),
+                    false => None,
+                };
+                return Ok(Appended::Duplicate {
+                    producer_seq: last_seq,
+                    closed_at,
+                });
+            }
+            Ok(refused) => return Ok(Appended::Refused(refused)),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -270,4 +318,10 @@ pub async fn append(
         message: "too many concurrent appends".into(),
         closed: false,
     })
+}
+
+/// The last message of a closed stream (the seq before its `End`).
+async fn closed_tail(store: &dyn Store, id: StreamId) -> Result<Seq, DsError> {
+    let end = store.meta(id).await?.and_then(|m| m.end);
+    Ok(Seq(end.map_or(0, |(seq, _)| seq.0.saturating_sub(1))))
 }

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use reprise_core::{Outcome, Seq};
+use reprise_store::{Checked, ProducerClaim, WriterChecks};
 
 use super::error::DsError;
 use super::headers::{self, CLOSED, NEXT_OFFSET};
@@ -113,10 +114,12 @@ pub async fn create(
             let last = if msgs.is_empty() && !close {
                 Seq::ZERO
             } else {
-                match record::append(store, f.id, &msgs, close.then_some(Outcome::Completed))
-                    .await?
-                {
+                let checks = WriterChecks::default();
+                let outcome = close.then_some(Outcome::Completed);
+                match record::append(store, f.id, &msgs, outcome, &checks).await? {
                     Appended::Stored(s) | Appended::WasClosed(s) => s,
+                    // No checks, so neither can happen.
+                    Appended::Duplicate { .. } | Appended::Refused(_) => Seq::ZERO,
                 }
             };
             (StatusCode::CREATED, f, last)
@@ -136,14 +139,59 @@ pub async fn create(
     Ok(resp)
 }
 
+/// Largest `Producer-Epoch` / `Producer-Seq` (JavaScript's safe integers,
+/// as the protocol's clients count).
+const MAX_PRODUCER_NUMBER: u64 = (1 << 53) - 1;
+
+/// The writer checks of an append's headers: `Producer-Id`,
+/// `Producer-Epoch` and `Producer-Seq` (all three or none), `Stream-Seq`.
+fn writer_checks(h: &HeaderMap) -> Result<WriterChecks, DsError> {
+    let id = header(h, "producer-id");
+    let epoch = header(h, "producer-epoch");
+    let seq = header(h, "producer-seq");
+    let number = |name: &str, v: &str| {
+        let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| ok && *n <= MAX_PRODUCER_NUMBER)
+            .ok_or_else(|| {
+                DsError::BadRequest(format!("invalid {name}: must be a non-negative integer"))
+            })
+    };
+    let producer = match (id, epoch, seq) {
+        (None, None, None) => None,
+        (Some(id), Some(epoch), Some(seq)) => {
+            if id.is_empty() {
+                return Err(DsError::BadRequest("invalid Producer-Id: empty".into()));
+            }
+            Some(ProducerClaim {
+                id: id.to_string(),
+                epoch: number("Producer-Epoch", epoch)?,
+                seq: number("Producer-Seq", seq)?,
+            })
+        }
+        _ => {
+            return Err(DsError::BadRequest(
+                "Producer-Id, Producer-Epoch and Producer-Seq go together".into(),
+            ))
+        }
+    };
+    Ok(WriterChecks {
+        producer,
+        stream_seq: header(h, "stream-seq").map(str::to_string),
+    })
+}
+
 /// `POST {path}/{name}`: append the body (and close with
-/// `Stream-Closed: true`); `204` with the new tail offset.
+/// `Stream-Closed: true`); `204` with the new tail offset (`200` with
+/// `Producer-Epoch` and `Producer-Seq` for an idempotent producer's data).
 pub async fn append(
     relay: &Relay,
     name: &str,
     h: &HeaderMap,
     body: Bytes,
 ) -> Result<Response<Body>, DsError> {
+    let checks = writer_checks(h)?;
     let store = relay.store.as_ref();
     let now = crate::clock::now_ms();
     let f = record::find(store, name, now)
@@ -172,11 +220,24 @@ pub async fn append(
     if msgs.is_empty() && !close {
         return Err(DsError::BadRequest("empty JSON array".into()));
     }
-    let outcome = record::append(store, f.id, &msgs, close.then_some(Outcome::Completed)).await?;
-    let last = match outcome {
-        Appended::Stored(s) => s,
-        // Closing a closed stream again is idempotent; appending is not.
-        Appended::WasClosed(s) if msgs.is_empty() => s,
+    let outcome = close.then_some(Outcome::Completed);
+    let appended = record::append(store, f.id, &msgs, outcome, &checks).await?;
+    let producer = checks.producer.as_ref();
+    let (status, last, closed, producer_seq) = match appended {
+        Appended::Stored(s) => {
+            // The reference server answers a producer's append `200`, its
+            // close-only `204`.
+            let status = match producer {
+                Some(_) if !msgs.is_empty() => StatusCode::OK,
+                _ => StatusCode::NO_CONTENT,
+            };
+            (status, Some(s), close, producer.map(|p| p.seq))
+        }
+        // Closing a closed stream again is idempotent; appending is not,
+        // nor is a producer's close that did not close it.
+        Appended::WasClosed(s) if msgs.is_empty() && producer.is_none() => {
+            (StatusCode::NO_CONTENT, Some(s), true, None)
+        }
         Appended::WasClosed(s) => {
             let mut resp = DsError::Conflict {
                 message: "stream is closed".into(),
@@ -186,13 +247,45 @@ pub async fn append(
             headers::set(resp.headers_mut(), NEXT_OFFSET, &offset::format(s));
             return Ok(resp);
         }
+        Appended::Duplicate {
+            producer_seq,
+            closed_at,
+        } => (
+            StatusCode::NO_CONTENT,
+            closed_at,
+            closed_at.is_some(),
+            Some(producer_seq),
+        ),
+        Appended::Refused(Checked::StaleEpoch { current }) => {
+            return Err(DsError::StaleEpoch { current })
+        }
+        Appended::Refused(Checked::NewEpochNeedsSeqZero) => {
+            return Err(DsError::BadRequest(
+                "a new Producer-Epoch must start at Producer-Seq 0".into(),
+            ))
+        }
+        Appended::Refused(Checked::SeqGap { expected, received }) => {
+            return Err(DsError::SeqGap { expected, received })
+        }
+        Appended::Refused(_) => {
+            return Err(DsError::Conflict {
+                message: "Stream-Seq does not follow the last one".into(),
+                closed: false,
+            })
+        }
     };
     let mut resp = Response::new(empty());
-    *resp.status_mut() = StatusCode::NO_CONTENT;
+    *resp.status_mut() = status;
     let rh = resp.headers_mut();
-    headers::set(rh, NEXT_OFFSET, &offset::format(last));
-    if close || matches!(outcome, Appended::WasClosed(_)) {
+    if let Some(last) = last {
+        headers::set(rh, NEXT_OFFSET, &offset::format(last));
+    }
+    if closed {
         rh.insert(CLOSED, HeaderValue::from_static("true"));
+    }
+    if let (Some(p), Some(seq)) = (producer, producer_seq) {
+        headers::set(rh, "producer-epoch", &p.epoch.to_string());
+        headers::set(rh, "producer-seq", &seq.to_string());
     }
     Ok(resp)
 }
@@ -200,7 +293,7 @@ pub async fn append(
 /// `DELETE {path}/{name}`: `204`, or `404`.
 pub async fn delete(relay: &Relay, name: &str) -> Result<Response<Body>, DsError> {
     let store = relay.store.as_ref();
-    let f = record::find(store, name, crate::clock::now_ms())
+    let f = record::peek(store, name, crate::clock::now_ms())
         .await?
         .ok_or(DsError::NotFound)?;
     record::delete(store, name, &f).await?;

@@ -427,6 +427,25 @@ mod tests {
         async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
             self.inner.append(stream, entries).await
         }
+        async fn append_checked(
+            &self,
+            stream: StreamId,
+            entries: &[Entry],
+            checks: &reprise_store::WriterChecks,
+        ) -> Result<reprise_store::Checked, StoreError> {
+            self.inner.append_checked(stream, entries, checks).await
+        }
+        async fn sliding_expiry(
+            &self,
+            stream: StreamId,
+            now_ms: u64,
+            window_ms: u64,
+            touch: bool,
+        ) -> Result<bool, StoreError> {
+            self.inner
+                .sliding_expiry(stream, now_ms, window_ms, touch)
+                .await
+        }
         async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
             if self.stalled.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;

@@ -24,6 +24,8 @@ pub(super) struct StreamKeys {
     pub(super) meta: String,
     pub(super) entries: String,
     pub(super) channel: String,
+    /// Durable Streams writer state (`checked_append`, `sliding_expiry`).
+    pub(super) writers: String,
 }
 
 pub(super) fn stream_keys(prefix: &str, stream: StreamId) -> StreamKeys {
@@ -31,6 +33,7 @@ pub(super) fn stream_keys(prefix: &str, stream: StreamId) -> StreamKeys {
         meta: format!("{prefix}{{{stream}}}:m"),
         entries: format!("{prefix}{{{stream}}}:e"),
         channel: format!("{prefix}{{{stream}}}:n"),
+        writers: format!("{prefix}{{{stream}}}:w"),
     }
 }
 

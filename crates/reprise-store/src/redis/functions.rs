@@ -17,6 +17,8 @@ pub(super) const FN_END_BINDING: &str = "reprise_store_5_end_binding";
 pub(super) const FN_RENEW_LEASE: &str = "reprise_store_5_renew_lease";
 pub(super) const FN_REQUEST_CANCEL: &str = "reprise_store_5_request_cancel";
 pub(super) const FN_END_IF_ABANDONED: &str = "reprise_store_5_end_if_abandoned";
+pub(super) const FN_CHECKED_APPEND: &str = "reprise_store_5_checked_append";
+pub(super) const FN_SLIDING_EXPIRY: &str = "reprise_store_5_sliding_expiry";
 
 /// Deletes a key binding (KEYS[1]) only if it still holds ARGV[1], the
 /// stream id whose claim is given back.

@@ -131,9 +131,106 @@ local function end_if_abandoned(keys, args)
   return {seq, redis.call('HGET', meta, 'k') or ''}
 end
 
+-- Whether string a sorts after string b, bytewise (Lua's own comparison
+-- follows the server's locale).
+local function sorts_after(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+
+-- Durable Streams writer checks (idempotent producer, Stream-Seq), then
+-- `append`, atomically. The writer state hash holds `p:<producer id>` =
+-- '<epoch> <last seq>', `s` = the last Stream-Seq, `c` = '<epoch> <seq>
+-- <producer id>' of the append that ended the stream; it expires with the
+-- metadata.
+-- KEYS: metadata hash, entries stream, writer state hash.
+-- ARGV: producer id ('' for none), its epoch, its seq, Stream-Seq ('' for
+--       none, else '=' and the value), then `append`'s ARGV.
+-- Returns {'ok', binding or ''}, or a refusal that wrote nothing:
+-- {'ended'}, {'dup', last seq, closed 0/1}, {'stale', epoch},
+-- {'epoch_seq'}, {'gap', last seq or '', received seq}, {'stream_seq'}.
+local function checked_append(keys, args)
+  local meta, entries, writers = keys[1], keys[2], keys[3]
+  local pid, sseq = args[1], args[4]
+  local state = redis.call('HMGET', meta, 'id', 'end')
+  if not state[1] then
+    return redis.error_reply('REPRISE_CONFLICT unknown or expired stream')
+  end
+  local claim = args[2] .. ' ' .. args[3] .. ' ' .. pid
+  if state[2] then
+    if pid ~= '' and redis.call('HGET', writers, 'c') == claim then
+      return {'dup', args[3], 1}
+    end
+    return {'ended'}
+  end
+  if pid ~= '' then
+    local epoch, seq = tonumber(args[2]), tonumber(args[3])
+    local p = redis.call('HGET', writers, 'p:' .. pid)
+    if not p then
+      if seq ~= 0 then return {'gap', '', args[3]} end
+    else
+      local e, s = string.match(p, '^(%d+) (%d+)$')
+      if epoch < tonumber(e) then return {'stale', e} end
+      if epoch > tonumber(e) then
+        if seq ~= 0 then return {'epoch_seq'} end
+      elseif seq <= tonumber(s) then
+        return {'dup', s, 0}
+      elseif seq ~= tonumber(s) + 1 then
+        return {'gap', s, args[3]}
+      end
+    end
+  end
+  if sseq ~= '' then
+    local last = redis.call('HGET', writers, 's')
+    if last and not sorts_after(string.sub(sseq, 2), last) then
+      return {'stream_seq'}
+    end
+  end
+  local rest = {}
+  for i = 5, #args do rest[#rest + 1] = args[i] end
+  local binding = append({meta, entries}, rest)
+  if type(binding) == 'table' and binding.err then
+    return binding
+  end
+  if pid ~= '' then
+    redis.call('HSET', writers, 'p:' .. pid, args[2] .. ' ' .. args[3])
+    if rest[5] ~= '' then redis.call('HSET', writers, 'c', claim) end
+  end
+  if sseq ~= '' then
+    redis.call('HSET', writers, 's', string.sub(sseq, 2))
+  end
+  if pid ~= '' or sseq ~= '' then
+    local ttl = redis.call('PTTL', meta)
+    if ttl > 0 then redis.call('PEXPIRE', writers, ttl) end
+  end
+  return {'ok', binding or ''}
+end
+
+-- A sliding expiry: whether the stream's last access (its creation if none)
+-- is less than a window ago, recording this access if asked.
+-- KEYS: metadata hash, writer state hash. ARGV: now ms, window ms, touch 1/0.
+local function sliding_expiry(keys, args)
+  local created = redis.call('HGET', keys[1], 'created_ms')
+  if not created then return 0 end
+  local last = tonumber(redis.call('HGET', keys[2], 't') or created)
+  local now = tonumber(args[1])
+  if last + tonumber(args[2]) <= now then return 0 end
+  if args[3] == '1' and now > last then
+    redis.call('HSET', keys[2], 't', args[1])
+    local ttl = redis.call('PTTL', keys[1])
+    if ttl > 0 then redis.call('PEXPIRE', keys[2], ttl) end
+  end
+  return 1
+end
+
 redis.register_function('reprise_store_5_append', append)
 redis.register_function('reprise_store_5_renew_lease', renew_lease)
 redis.register_function('reprise_store_5_request_cancel', request_cancel)
 redis.register_function('reprise_store_5_end_if_abandoned', end_if_abandoned)
 redis.register_function('reprise_store_5_note_binding', note_binding)
 redis.register_function('reprise_store_5_end_binding', end_binding)
+redis.register_function('reprise_store_5_checked_append', checked_append)
+redis.register_function('reprise_store_5_sliding_expiry', sliding_expiry)

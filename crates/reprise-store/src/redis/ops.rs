@@ -19,6 +19,7 @@ use super::notifier::Notifier;
 use super::routing::Cmd;
 use super::RedisLimiter;
 use crate::memory::validate_batch;
+use crate::writers::{Checked, WriterChecks};
 use crate::{Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher};
 
 impl RedisStore {
@@ -114,6 +115,59 @@ impl RedisStore {
         }
     }
 
+    /// The ARGV of the library's `append` for `entries` (a valid, non-empty
+    /// batch), after `head` (the ARGV of a function that calls `append`).
+    fn append_args(
+        &self,
+        k: &StreamKeys,
+        entries: &[Entry],
+        head: Vec<Value>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(head);
+        };
+        let end_record = match &last.body {
+            EntryBody::End(outcome) => {
+                serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
+            }
+            EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
+        };
+        let mut args = head;
+        args.reserve(6 + 3 * entries.len().min(PACK_MAX));
+        args.push(first.seq.0.to_string().into());
+        args.push(last.last_seq().0.to_string().into());
+        args.push(self.live_ttl_ms().into());
+        args.push(self.retention_ms().into());
+        args.push(end_record.into());
+        args.push(k.channel.as_str().into());
+        let mut rest = entries;
+        while let Some(e) = rest.first() {
+            // A run of events becomes one pack (up to PACK_MAX events) under
+            // the seq of its last event; gaps and the end stay entries of
+            // their own. Every entry is stored under the last seq it covers.
+            let run = rest
+                .iter()
+                .take(PACK_MAX)
+                .take_while(|e| matches!(e.body, EntryBody::Event(_)))
+                .count();
+            let (id, field, value): (Seq, &'static str, Value) = match &e.body {
+                EntryBody::Event(b) if run == 1 => (e.seq, "e", Value::Bytes(b.clone())),
+                EntryBody::Event(_) => (rest[run - 1].seq, "p", Value::Bytes(pack(&rest[..run]))),
+                EntryBody::End(o) => (
+                    e.seq,
+                    "x",
+                    serde_json::to_string(o).map_err(corrupt)?.into(),
+                ),
+                EntryBody::Gap { upto } => (*upto, "g", e.seq.0.to_string().into()),
+            };
+            args.push(entry_id(id).into());
+            args.push(field.into());
+            args.push(value);
+            rest = &rest[run.max(1)..];
+        }
+        Ok(args)
+    }
+
     async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
         self.inner
             .notifier
@@ -172,7 +226,11 @@ impl Store for RedisStore {
         let cmds = [
             Cmd::new(
                 "DEL",
-                vec![k.meta.as_str().into(), k.entries.as_str().into()],
+                vec![
+                    k.meta.as_str().into(),
+                    k.entries.as_str().into(),
+                    k.writers.as_str().into(),
+                ],
             ),
             Cmd::new("HSET", hset),
             Cmd::new(
@@ -189,50 +247,13 @@ impl Store for RedisStore {
     }
 
     async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        let Some(last) = entries.last() else {
             return Ok(());
         };
         validate_batch(stream, entries)?;
         self.ready()?;
         let k = self.keys(stream);
-        let end_record = match &last.body {
-            EntryBody::End(outcome) => {
-                serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
-            }
-            EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
-        };
-        let mut args: Vec<Value> = Vec::with_capacity(6 + 3 * entries.len().min(PACK_MAX));
-        args.push(first.seq.0.to_string().into());
-        args.push(last.last_seq().0.to_string().into());
-        args.push(self.live_ttl_ms().into());
-        args.push(self.retention_ms().into());
-        args.push(end_record.into());
-        args.push(k.channel.into());
-        let mut rest = entries;
-        while let Some(e) = rest.first() {
-            // A run of events becomes one pack (up to PACK_MAX events) under
-            // the seq of its last event; gaps and the end stay entries of
-            // their own. Every entry is stored under the last seq it covers.
-            let run = rest
-                .iter()
-                .take(PACK_MAX)
-                .take_while(|e| matches!(e.body, EntryBody::Event(_)))
-                .count();
-            let (id, field, value): (Seq, &'static str, Value) = match &e.body {
-                EntryBody::Event(b) if run == 1 => (e.seq, "e", Value::Bytes(b.clone())),
-                EntryBody::Event(_) => (rest[run - 1].seq, "p", Value::Bytes(pack(&rest[..run]))),
-                EntryBody::End(o) => (
-                    e.seq,
-                    "x",
-                    serde_json::to_string(o).map_err(corrupt)?.into(),
-                ),
-                EntryBody::Gap { upto } => (*upto, "g", e.seq.0.to_string().into()),
-            };
-            args.push(entry_id(id).into());
-            args.push(field.into());
-            args.push(value);
-            rest = &rest[run.max(1)..];
-        }
+        let args = self.append_args(&k, entries, Vec::new())?;
         let keys = vec![k.meta, k.entries];
         let binding = self
             .fcall(true, FN_APPEND, keys, args)
@@ -241,6 +262,127 @@ impl Store for RedisStore {
         self.after_append(stream, last.last_seq(), binding.into_string())
             .await;
         Ok(())
+    }
+
+    async fn append_checked(
+        &self,
+        stream: StreamId,
+        entries: &[Entry],
+        checks: &WriterChecks,
+    ) -> Result<Checked, StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(Checked::Appended);
+        };
+        validate_batch(stream, entries)?;
+        self.ready()?;
+        let k = self.keys(stream);
+        let (pid, epoch, seq) = match &checks.producer {
+            Some(p) => (p.id.clone(), p.epoch.to_string(), p.seq.to_string()),
+            None => (String::new(), "0".into(), "0".into()),
+        };
+        let sseq = checks
+            .stream_seq
+            .as_ref()
+            .map_or_else(String::new, |s| format!("={s}"));
+        let head: Vec<Value> = vec![pid.into(), epoch.into(), seq.into(), sseq.into()];
+        let args = self.append_args(&k, entries, head)?;
+        let keys = vec![k.meta, k.entries, k.writers];
+        let reply = self
+            .fcall(true, FN_CHECKED_APPEND, keys, args)
+            .await
+            .map_err(|e| conflict_or(stream, e))?;
+        let bad = || corrupt("checked_append answered an unknown reply");
+        let Value::Array(parts) = reply else {
+            return Err(bad());
+        };
+        let part = |i: usize| parts.get(i).and_then(|v| v.as_string());
+        let num = |i: usize| part(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad);
+        let checked = match part(0).as_deref() {
+            Some("ok") => {
+                let binding = part(1).filter(|b| !b.is_empty());
+                self.after_append(stream, last.last_seq(), binding).await;
+                Checked::Appended
+            }
+            Some("ended") => Checked::Ended,
+            Some("dup") => Checked::Duplicate {
+                last_seq: num(1)?,
+                closed: num(2)? == 1,
+            },
+            Some("stale") => Checked::StaleEpoch { current: num(1)? },
+            Some("epoch_seq") => Checked::NewEpochNeedsSeqZero,
+            Some("gap") => Checked::SeqGap {
+                expected: match part(1).as_deref() {
+                    Some("") => 0,
+                    _ => num(1)?.saturating_add(1),
+                },
+                received: num(2)?,
+            },
+            Some("stream_seq") => Checked::StreamSeqRegressed,
+            _ => return Err(bad()),
+        };
+        Ok(checked)
+    }
+
+    async fn sliding_expiry(
+        &self,
+        stream: StreamId,
+        now_ms: u64,
+        window_ms: u64,
+        touch: bool,
+    ) -> Result<bool, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            now_ms.to_string().into(),
+            window_ms.to_string().into(),
+            if touch { "1" } else { "0" }.into(),
+        ];
+        let alive = self
+            .fcall(false, FN_SLIDING_EXPIRY, vec![k.meta, k.writers], args)
+            .await
+            .map_err(map_err)?;
+        match alive.as_i64() {
+            Some(flag) => Ok(flag != 0),
+            None => Err(corrupt(format!(
+                "sliding_expiry answered {:?}",
+                alive.kind()
+            ))),
+        }
+    }
+
+    async fn last_seq(&self, stream: StreamId) -> Result<Seq, StoreError> {
+        self.ready()?;
+        let k = self.keys(stream);
+        let args: Vec<Value> = vec![
+            k.entries.as_str().into(),
+            "+".into(),
+            "-".into(),
+            "COUNT".into(),
+            "1".into(),
+        ];
+        let top: Value = self
+            .run(
+                &self.inner.read_opts,
+                &k.entries,
+                Cmd::new("XREVRANGE", args),
+            )
+            .await
+            .map_err(map_err)?;
+        // Entry ids are the last seq each entry covers: `<seq>-0`.
+        let id = match top {
+            Value::Array(items) => match items.into_iter().next() {
+                Some(Value::Array(entry)) => entry.into_iter().next().and_then(|v| v.into_string()),
+                Some(_) => return Err(corrupt("XREVRANGE answered a bad entry")),
+                None => return Ok(Seq::ZERO),
+            },
+            Value::Null => return Ok(Seq::ZERO),
+            other => return Err(corrupt(format!("XREVRANGE answered {:?}", other.kind()))),
+        };
+        id.as_deref()
+            .and_then(|id| id.split_once('-'))
+            .and_then(|(seq, _)| seq.parse().ok())
+            .map(Seq)
+            .ok_or_else(|| corrupt("XREVRANGE answered a bad entry id"))
     }
 
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
