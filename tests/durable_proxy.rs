@@ -427,3 +427,46 @@ async fn altered_or_missing_signatures_are_refused() {
     assert_eq!(body["error"]["renewable"], false);
     relay.stop().await;
 }
+
+/// The Durable Streams read of a recorded stream follows the resume-by-id
+/// rule: on a `resume_auth = "same-caller"` route, only the caller that
+/// started the stream reads it; anyone else gets the unknown stream's `404`.
+#[tokio::test]
+async fn durable_reads_of_same_caller_routes_are_the_callers_only() {
+    let upstream = Upstream::start().await;
+    upstream.respond_once(Reply::sse([event("{\"n\":1}")]));
+    let mut c = config(&upstream.url(), &Backend::Memory);
+    c.auth.secret = Some(Secret::new("test-secret"));
+    c.routes[0].resume_auth = reprise_relay::config::ResumeAuth::SameCaller;
+    let relay = TestRelay::start(c).await;
+    let http = reqwest::Client::new();
+    let origin = http
+        .post(format!("{}/api/chat", relay.url()))
+        .bearer_auth("alice")
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    let id = origin.headers()["reprise-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    assert!(origin
+        .text()
+        .await
+        .expect("body")
+        .contains("data: {\"n\":1}"));
+    let url = format!("{}/_reprise/streams/{id}?offset=-1", relay.url());
+    let eve = http.get(&url).bearer_auth("eve").send().await.expect("get");
+    assert_eq!(eve.status(), 404);
+    let alice = http
+        .get(&url)
+        .bearer_auth("alice")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(alice.status(), 200);
+    assert_eq!(alice.headers()["stream-closed"], "true");
+    assert_eq!(alice.text().await.expect("body"), "[{\"n\":1}]");
+    relay.stop().await;
+}
