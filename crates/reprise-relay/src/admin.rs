@@ -196,6 +196,10 @@ async fn stream(
         message: format!("{e}"),
     })?;
     let query = req.uri().query().unwrap_or("");
+    // Durable Streams read parameters: the recording as a Durable Stream.
+    if crate::durable::recorded::wants(query) {
+        return Ok(crate::durable::recorded::handle(relay, stream, query, req.headers()).await);
+    }
     let last_event_id = req
         .headers()
         .get("last-event-id")

@@ -30,13 +30,26 @@ pub async fn cancel(
     stream: StreamId,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, RelayError> {
+    cancel_if(relay, stream, |owner| {
+        is_owner(&relay.auth, &relay.router, owner, headers)
+    })
+    .await
+}
+
+/// [`cancel`], for whoever `allowed` accepts as the stream's owner (the
+/// proxy protocol: whoever holds the stream's signed URL).
+pub async fn cancel_if(
+    relay: &Arc<Relay>,
+    stream: StreamId,
+    allowed: impl Fn(&Owner) -> bool,
+) -> Result<Response<Body>, RelayError> {
     let not_found = || RelayError::NotFound {
         code: "stream_not_found",
         message: "no such stream (unknown, or expired after its retention)".into(),
     };
     if let Some(live) = relay.hub.get(stream) {
         if let Some(owner) = live.owner.get() {
-            if !is_owner(&relay.auth, &relay.router, owner, headers) {
+            if !allowed(owner) {
                 return Err(not_found());
             }
         }
@@ -61,15 +74,10 @@ pub async fn cancel(
     match relay.store.meta(stream).await? {
         None => Err(not_found()),
         Some(meta)
-            if !is_owner(
-                &relay.auth,
-                &relay.router,
-                &Owner {
-                    route: meta.route.clone(),
-                    caller: meta.caller.clone(),
-                },
-                headers,
-            ) =>
+            if !allowed(&Owner {
+                route: meta.route.clone(),
+                caller: meta.caller.clone(),
+            }) =>
         {
             Err(not_found())
         }

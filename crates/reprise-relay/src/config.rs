@@ -370,6 +370,12 @@ pub struct DurableConfig {
     /// `auth.secret`) stays valid.
     #[serde(with = "humantime_serde")]
     pub read_url_ttl: Duration,
+    /// Where the proxy protocol is served: `POST {proxy_path}` starts a
+    /// proxied stream, `{proxy_path}/{id}` reads and aborts it.
+    pub proxy_path: String,
+    /// Upstream URL prefixes the proxy may reach (`https://host[:port]/path`);
+    /// empty: none.
+    pub proxy_allow: Vec<String>,
 }
 
 impl Default for DurableConfig {
@@ -383,6 +389,8 @@ impl Default for DurableConfig {
             anonymous_writes: false,
             anonymous_reads: false,
             read_url_ttl: Duration::from_secs(3600),
+            proxy_path: "/v1/proxy".into(),
+            proxy_allow: Vec::new(),
         }
     }
 }
@@ -606,6 +614,42 @@ impl Config {
         Ok(config)
     }
 
+    /// `durable.proxy_path` and `durable.proxy_allow`.
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
+        let d = &self.durable;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let p = &d.proxy_path;
+        let under = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+        if !p.starts_with('/')
+            || p.ends_with('/')
+            || p.starts_with("/_reprise")
+            || under(p, &d.path)
+            || under(&d.path, p)
+        {
+            return bad(format!(
+                "durable.proxy_path must start with '/', not end with '/', not be under /_reprise and not overlap durable.path: {p:?}"
+            ));
+        }
+        for a in &d.proxy_allow {
+            let ok = a.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some_and(|au| !au.as_str().contains('@'))
+            });
+            if !ok {
+                return bad(format!(
+                    "durable.proxy_allow entries are http(s) URL prefixes with a host: {a:?}"
+                ));
+            }
+        }
+        if !d.proxy_allow.is_empty() && self.auth.secret.is_none() {
+            return bad(
+                "durable.proxy_allow needs auth.secret (or REPRISE_AUTH_SECRET): it signs the proxy's read URLs"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot: consistent routes and sane bounds, and
     /// reads every TLS file the config names. What it read is returned, so
     /// that starting the relay reads no file twice.
@@ -630,6 +674,7 @@ impl Config {
             if d.long_poll_timeout.is_zero() {
                 return bad("durable.long_poll_timeout must be positive".into());
             }
+            self.validate_proxy()?;
         }
         if self.routes.is_empty() && !self.durable.enabled {
             return bad("no routes: give --upstream URL or at least one [[routes]] entry".into());

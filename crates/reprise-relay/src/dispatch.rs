@@ -48,6 +48,9 @@ async fn dispatch(
     if path == "/_reprise" || path.starts_with("/_reprise/") {
         return admin::handle(relay, req).await;
     }
+    if let Some(target) = crate::durable::proxy::target(relay, &path) {
+        return Ok(crate::durable::proxy::handle(relay, req, client, target).await);
+    }
     if let Some(name) = crate::durable::stream_name(relay, &path) {
         if is_unsafe_path(&path) {
             return Err(RelayError::BadRequest {

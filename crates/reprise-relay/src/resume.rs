@@ -150,11 +150,7 @@ async fn answer(
     // Routes with `resume_auth = "same-caller"`: another caller is told
     // exactly what an unknown stream gets.
     if let Some(owner) = &known.owner {
-        let same_caller_only = relay
-            .router
-            .by_path(&owner.route)
-            .is_some_and(|r| r.resume_auth == ResumeAuth::SameCaller);
-        if same_caller_only && !is_owner(&relay.auth, &relay.router, owner, headers) {
+        if !may_read(relay, owner, headers) {
             return unknown(stream, via, unknown_signals);
         }
     }
@@ -231,6 +227,17 @@ async fn answer(
     sse_headers(h, stream);
     add_tail_index(&mut resp, tail);
     Ok((resp, "ok"))
+}
+
+/// Whether the request with `headers` may read a stream started by
+/// `owner`: anyone with its id, except on routes with
+/// `resume_auth = "same-caller"`, where only the caller that started it.
+pub fn may_read(relay: &Relay, owner: &Owner, headers: &HeaderMap) -> bool {
+    let same_caller_only = relay
+        .router
+        .by_path(&owner.route)
+        .is_some_and(|r| r.resume_auth == ResumeAuth::SameCaller);
+    !same_caller_only || is_owner(&relay.auth, &relay.router, owner, headers)
 }
 
 /// The seq of the stream's last event (not its end) as known now: from

@@ -9,8 +9,10 @@ pub mod access;
 pub mod error;
 pub mod headers;
 pub mod offset;
+pub mod proxy;
 pub mod read;
 pub mod record;
+pub mod recorded;
 pub mod sse;
 pub mod write;
 

@@ -116,7 +116,13 @@ pub async fn head(relay: &Relay, name: &str) -> Result<Response<Body>, DsError> 
 }
 
 /// A `200` answer with `c`'s messages read from `from`.
-fn answer(f: &Found, from: Seq, c: &Chunk, cursor: &str, req: &HeaderMap) -> Response<Body> {
+pub(super) fn answer(
+    f: &Found,
+    from: Seq,
+    c: &Chunk,
+    cursor: &str,
+    req: &HeaderMap,
+) -> Response<Body> {
     let etag = format!(
         "\"{}:{}:{}{}\"",
         f.id,
@@ -198,7 +204,7 @@ pub async fn get(
     }
 }
 
-fn no_content(at: Seq, cursor: &str, closed: bool) -> Response<Body> {
+pub(super) fn no_content(at: Seq, cursor: &str, closed: bool) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     let h = resp.headers_mut();

@@ -30,7 +30,7 @@ pub fn is_text(f: &Found) -> bool {
     e.starts_with("text/") || e == "application/json"
 }
 
-fn data_event(f: &Found, c: &Chunk) -> Bytes {
+pub(super) fn data_event(f: &Found, c: &Chunk) -> Bytes {
     let payload = body_of(f.settings.is_json(), &c.messages);
     let payload = if is_text(f) {
         payload
@@ -67,7 +67,7 @@ fn data_event(f: &Found, c: &Chunk) -> Bytes {
     out.freeze()
 }
 
-fn control_event(next: Seq, cursor: &str, up_to_date: bool, closed: bool) -> Bytes {
+pub(super) fn control_event(next: Seq, cursor: &str, up_to_date: bool, closed: bool) -> Bytes {
     let mut v = serde_json::json!({ "streamNextOffset": offset::format(next) });
     // A closed stream has no next request for a CDN to collapse.
     if !closed {
