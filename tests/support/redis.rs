@@ -106,7 +106,8 @@ pub struct RedisServer {
     port: u16,
     /// Cluster bus port, for cluster nodes.
     bus_port: Option<u16>,
-    cluster: bool,
+    /// Cluster settings, for cluster nodes.
+    cluster: Option<ClusterSettings>,
     bin: PathBuf,
     /// Working directory and log; removed on drop.
     dir: tempfile::TempDir,
@@ -116,7 +117,7 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a standalone server and waits until it answers `PING`.
     pub async fn start() -> Result<RedisServer> {
-        Self::start_inner(false).await
+        Self::start_inner(None).await
     }
 
     /// Starts a standalone server on `port` (one a store was already pointed
@@ -130,7 +131,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port,
             bus_port: None,
-            cluster: false,
+            cluster: None,
             bin: find_binary("redis-server")?,
             dir,
             child: None,
@@ -139,12 +140,16 @@ impl RedisServer {
         Ok(server)
     }
 
-    async fn start_inner(cluster: bool) -> Result<RedisServer> {
+    async fn start_inner(cluster: Option<ClusterSettings>) -> Result<RedisServer> {
         let bin = find_binary("redis-server")?;
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
-            let bus_port = if cluster { Some(free_port()?) } else { None };
+            let bus_port = if cluster.is_some() {
+                Some(free_port()?)
+            } else {
+                None
+            };
             let dir = tempfile::Builder::new()
                 .prefix("reprise-redis-")
                 .tempdir()
@@ -152,7 +157,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 port,
                 bus_port,
-                cluster,
+                cluster: cluster.clone(),
                 bin: bin.clone(),
                 dir,
                 child: None,
@@ -196,13 +201,22 @@ impl RedisServer {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if self.cluster {
+        if let Some(settings) = &self.cluster {
             args.extend(["--cluster-enabled".into(), "yes".into()]);
             args.extend([
                 "--cluster-config-file".into(),
                 self.dir.path().join("nodes.conf").display().to_string(),
             ]);
-            args.extend(["--cluster-node-timeout".into(), "5000".into()]);
+            args.extend([
+                "--cluster-node-timeout".into(),
+                settings.node_timeout.as_millis().to_string(),
+            ]);
+            let coverage = if settings.require_full_coverage {
+                "yes"
+            } else {
+                "no"
+            };
+            args.extend(["--cluster-require-full-coverage".into(), coverage.into()]);
             if let Some(bus) = self.bus_port {
                 args.extend(["--cluster-port".into(), bus.to_string()]);
             }
@@ -361,20 +375,178 @@ impl Drop for RedisServer {
     }
 }
 
-/// Three `redis-server` masters forming one cluster (no replicas).
+/// How the nodes of a [`RedisCluster`] are configured.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// `cluster-node-timeout`: how long a node may be unreachable before
+    /// the others mark it failed (and its replica, if any, takes over).
+    pub node_timeout: Duration,
+    /// `cluster-require-full-coverage`: whether every node refuses every
+    /// command while some slot has no live master.
+    pub require_full_coverage: bool,
+}
+
+impl Default for ClusterSettings {
+    /// Redis's defaults but a shorter node timeout.
+    fn default() -> Self {
+        ClusterSettings {
+            node_timeout: Duration::from_millis(5000),
+            require_full_coverage: true,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// Quick failure detection, for failover tests: a dead master's replica
+    /// is promoted about two seconds after the master died.
+    pub fn quick_failover() -> Self {
+        ClusterSettings {
+            node_timeout: Duration::from_millis(1000),
+            require_full_coverage: true,
+        }
+    }
+}
+
+/// One node as another node's `CLUSTER NODES` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: String,
+    pub port: u16,
+    /// Master or replica (`master` / `slave` in the flags).
+    pub master: bool,
+    /// Marked failed (`fail` or `fail?`).
+    pub failed: bool,
+    /// The master's id, for a replica.
+    pub master_id: Option<String>,
+    /// Slot ranges served (a master's), as `CLUSTER NODES` prints them.
+    pub slots: Vec<String>,
+}
+
+/// Parses the text of `CLUSTER NODES`.
+fn parse_nodes(text: &str) -> Vec<NodeView> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags: Vec<&str> = f[2].split(',').collect();
+            Some(NodeView {
+                id: f[0].to_owned(),
+                port,
+                master: flags.contains(&"master"),
+                failed: flags.contains(&"fail") || flags.contains(&"fail?"),
+                master_id: (f[3] != "-").then(|| f[3].to_owned()),
+                slots: f[8..]
+                    .iter()
+                    .filter(|s| !s.starts_with('['))
+                    .map(|s| s.to_string())
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// The text of a bulk-string reply (`$N\r\n...\r\n`), or of a status one.
+fn reply_text(reply: &[u8]) -> Result<String> {
+    let text = String::from_utf8_lossy(reply);
+    if let Some(rest) = text.strip_prefix('$') {
+        let (_, body) = rest
+            .split_once("\r\n")
+            .ok_or_else(|| anyhow!("bad reply {text:?}"))?;
+        return Ok(body.trim_end_matches("\r\n").to_owned());
+    }
+    if let Some(rest) = text.strip_prefix('+') {
+        return Ok(rest.trim_end().to_owned());
+    }
+    bail!("unexpected reply {text:?}")
+}
+
+/// A command whose reply must be `+OK` (or another status).
+async fn expect_ok(port: u16, args: &[&str]) -> Result<()> {
+    let reply = raw_command(port, args).await?;
+    if reply.first() == Some(&b'-') {
+        bail!(
+            "127.0.0.1:{port} {args:?} answered {}",
+            String::from_utf8_lossy(&reply).trim_end()
+        );
+    }
+    Ok(())
+}
+
+/// A field of `INFO <section>` on the node on `port`.
+async fn info_field(port: u16, section: &str, field: &str) -> Result<String> {
+    let text = reply_text(&raw_command(port, &["INFO", section]).await?)?;
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| anyhow!("no {field} in INFO {section} of 127.0.0.1:{port}"))
+}
+
+/// Polls `check` every 50 ms until it answers `Ok(true)`, for at most
+/// [`CLUSTER_BOUND`]; `what` names the wait in the error.
+async fn wait_until<F, Fut>(what: impl std::fmt::Display, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + CLUSTER_BOUND;
+    let mut last = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what}: not within {CLUSTER_BOUND:?} (last error: {})",
+                last.map(|e| format!("{e:#}"))
+                    .unwrap_or_else(|| "none".into())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `redis-server`s forming one cluster: three masters, with or without a
+/// replica each.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// What [`RedisCluster::cut_replica`] changed, to undo it.
+#[derive(Debug)]
+pub struct Cut {
+    pub master: u16,
+    pub replica: u16,
+}
+
 impl RedisCluster {
-    /// Starts three nodes, joins them with `redis-cli --cluster create`, and
-    /// waits until every node reports `cluster_state:ok`.
+    /// Starts three masters (no replicas), joins them with
+    /// `redis-cli --cluster create`, and waits until every node reports
+    /// `cluster_state:ok`.
     pub async fn start() -> Result<RedisCluster> {
+        Self::create(ClusterSettings::default(), 0).await
+    }
+
+    /// Three masters and three replicas, one per master, with `settings`;
+    /// returns once every node agrees on the topology and every replica is
+    /// in sync with its master.
+    pub async fn start_with_replicas(settings: ClusterSettings) -> Result<RedisCluster> {
+        let mut cluster = Self::create(settings, 1).await?;
+        cluster.settle().await?;
+        cluster.wait_in_sync().await?;
+        Ok(cluster)
+    }
+
+    async fn create(settings: ClusterSettings, replicas: usize) -> Result<RedisCluster> {
         let cli = find_binary("redis-cli")?;
-        let mut nodes = Vec::with_capacity(3);
-        for _ in 0..3 {
-            nodes.push(RedisServer::start_inner(true).await?);
-        }
+        let count = 3 * (1 + replicas);
+        let starting = (0..count).map(|_| RedisServer::start_inner(Some(settings.clone())));
+        let nodes = futures::future::try_join_all(starting).await?;
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -383,7 +555,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -428,7 +600,8 @@ impl RedisCluster {
         }
     }
 
-    /// `redis-cluster://127.0.0.1:<p1>?node=127.0.0.1:<p2>&node=127.0.0.1:<p3>`.
+    /// `redis-cluster://127.0.0.1:<p1>?node=127.0.0.1:<p2>&node=...`, every
+    /// node (replicas too) as a seed.
     pub fn url(&self) -> String {
         let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
         for (i, n) in self.nodes.iter().enumerate().skip(1) {
@@ -444,5 +617,275 @@ impl RedisCluster {
 
     pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
         &mut self.nodes
+    }
+
+    /// The server on `port`.
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// Ports of the nodes whose process runs.
+    fn live_ports(&mut self) -> Vec<u16> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then_some(n.port))
+            .collect()
+    }
+
+    /// The cluster as the node on `port` sees it.
+    pub async fn view(port: u16) -> Result<Vec<NodeView>> {
+        let reply = raw_command(port, &["CLUSTER", "NODES"]).await?;
+        Ok(parse_nodes(&reply_text(&reply)?))
+    }
+
+    /// The cluster as a live node sees it.
+    pub async fn topology(&mut self) -> Result<Vec<NodeView>> {
+        let mut last = None;
+        for port in self.live_ports() {
+            match Self::view(port).await {
+                Ok(view) => return Ok(view),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no live cluster node")))
+    }
+
+    /// Ports of the masters that serve slots (as a live node sees them),
+    /// ordered by port.
+    pub async fn master_ports(&mut self) -> Result<Vec<u16>> {
+        let mut ports: Vec<u16> = self
+            .topology()
+            .await?
+            .into_iter()
+            .filter(|n| n.master && !n.failed && !n.slots.is_empty())
+            .map(|n| n.port)
+            .collect();
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    /// The port of `master`'s (first) replica that is not marked failed.
+    pub async fn replica_of(&mut self, master: u16) -> Result<u16> {
+        let view = self.topology().await?;
+        let id = &view
+            .iter()
+            .find(|n| n.port == master)
+            .ok_or_else(|| anyhow!("no node on port {master}"))?
+            .id;
+        view.iter()
+            .find(|n| n.master_id.as_ref() == Some(id) && !n.failed)
+            .map(|n| n.port)
+            .ok_or_else(|| anyhow!("127.0.0.1:{master} has no replica"))
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and every
+    /// live node lists the same masters, with the same slots, none of them
+    /// marked failed, each live one's replicas as its replicas.
+    pub async fn settle(&mut self) -> Result<()> {
+        let live = self.live_ports();
+        wait_until("cluster nodes to agree on the topology", || {
+            let live = live.clone();
+            async move {
+                let mut agreed: Option<Vec<(u16, Vec<String>)>> = None;
+                for &port in &live {
+                    let info = raw_command(port, &["CLUSTER", "INFO"]).await?;
+                    if !String::from_utf8_lossy(&info).contains("cluster_state:ok") {
+                        return Ok(false);
+                    }
+                    let view = Self::view(port).await?;
+                    let mut masters: Vec<(u16, Vec<String>)> = view
+                        .iter()
+                        .filter(|n| n.master && !n.slots.is_empty())
+                        .map(|n| (n.port, n.slots.clone()))
+                        .collect();
+                    masters.sort();
+                    if view
+                        .iter()
+                        .any(|n| n.master && !n.slots.is_empty() && n.failed)
+                    {
+                        return Ok(false);
+                    }
+                    // A live replica must be listed as a replica by everyone.
+                    if view
+                        .iter()
+                        .any(|n| live.contains(&n.port) && !n.master && n.master_id.is_none())
+                    {
+                        return Ok(false);
+                    }
+                    match &agreed {
+                        None => agreed = Some(masters),
+                        Some(a) if *a != masters => return Ok(false),
+                        Some(_) => {}
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// Waits until every live replica's link to its master is up and its
+    /// replication offset equals its master's: it holds every write.
+    pub async fn wait_in_sync(&mut self) -> Result<()> {
+        let live = self.live_ports();
+        wait_until("replicas to be in sync", || {
+            let live = live.clone();
+            async move {
+                for &port in &live {
+                    if info_field(port, "replication", "role").await? != "slave" {
+                        continue;
+                    }
+                    if info_field(port, "replication", "master_link_status").await? != "up" {
+                        return Ok(false);
+                    }
+                    let master: u16 = info_field(port, "replication", "master_port")
+                        .await?
+                        .parse()?;
+                    let theirs = info_field(master, "replication", "master_repl_offset").await?;
+                    let ours = info_field(port, "replication", "slave_repl_offset").await?;
+                    if ours != theirs {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// Waits until the node on `port` is a master serving slots, in the
+    /// view of every live node, and the cluster has settled.
+    pub async fn wait_promoted(&mut self, port: u16) -> Result<()> {
+        let live = self.live_ports();
+        wait_until(format!("127.0.0.1:{port} to be promoted"), || {
+            let live = live.clone();
+            async move {
+                for &p in &live {
+                    let view = Self::view(p).await?;
+                    let promoted = view
+                        .iter()
+                        .any(|n| n.port == port && n.master && !n.slots.is_empty());
+                    if !promoted {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await?;
+        self.settle().await
+    }
+
+    /// A graceful failover: `CLUSTER FAILOVER` on `master`'s replica, which
+    /// waits for every write of the master before taking over. Returns the
+    /// new master's port once every node agrees.
+    pub async fn failover(&mut self, master: u16) -> Result<u16> {
+        let replica = self.replica_of(master).await?;
+        expect_ok(replica, &["CLUSTER", "FAILOVER"]).await?;
+        self.wait_promoted(replica).await?;
+        // The old master follows the new one as its replica.
+        wait_until(
+            format!("127.0.0.1:{master} to follow 127.0.0.1:{replica}"),
+            || async move { Ok(info_field(master, "replication", "role").await? == "slave") },
+        )
+        .await?;
+        self.settle().await?;
+        Ok(replica)
+    }
+
+    /// SIGKILLs the master on `port`, without waiting for anything.
+    pub fn kill(&mut self, port: u16) {
+        self.node_mut(port).kill();
+    }
+
+    /// SIGKILLs `master` and waits until its replica is promoted (Redis's
+    /// own failover, after `cluster-node-timeout`) and every live node
+    /// agrees. Returns the new master's port.
+    pub async fn kill_master(&mut self, master: u16) -> Result<u16> {
+        let replica = self.replica_of(master).await?;
+        self.kill(master);
+        self.wait_promoted(replica).await?;
+        Ok(replica)
+    }
+
+    /// Waits until every live node marks the node on `port` as failed.
+    pub async fn wait_marked_failed(&mut self, port: u16) -> Result<()> {
+        let live = self.live_ports();
+        wait_until(format!("127.0.0.1:{port} to be marked failed"), || {
+            let live = live.clone();
+            async move {
+                for &p in &live {
+                    let view = Self::view(p).await?;
+                    if !view.iter().any(|n| n.port == port && n.failed) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// Keeps `master`'s replica from taking over by itself
+    /// (`cluster-replica-no-failover yes`), so that a dead master stays dead
+    /// until the test says otherwise. Returns the replica's port.
+    pub async fn hold_failover(&mut self, master: u16) -> Result<u16> {
+        let replica = self.replica_of(master).await?;
+        expect_ok(
+            replica,
+            &["CONFIG", "SET", "cluster-replica-no-failover", "yes"],
+        )
+        .await?;
+        Ok(replica)
+    }
+
+    /// Promotes `replica` without its master's agreement
+    /// (`CLUSTER FAILOVER TAKEOVER`) and waits until every live node agrees.
+    pub async fn take_over(&mut self, replica: u16) -> Result<()> {
+        expect_ok(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]).await?;
+        self.wait_promoted(replica).await
+    }
+
+    /// Cuts `master`'s replica off, so that what is written to the master
+    /// from now on is not replicated (a lossy failover's precondition):
+    /// the replica is given credentials the master refuses (`masteruser` /
+    /// `masterauth` of a user that does not exist) and its link is closed
+    /// (`CLIENT KILL TYPE replica`); it keeps trying to reconnect and is
+    /// refused. Waits until the replica reports its link down.
+    pub async fn cut_replica(&mut self, master: u16) -> Result<Cut> {
+        let replica = self.replica_of(master).await?;
+        expect_ok(
+            replica,
+            &["CONFIG", "SET", "masteruser", "reprise-test-nobody"],
+        )
+        .await?;
+        expect_ok(replica, &["CONFIG", "SET", "masterauth", "refused"]).await?;
+        expect_ok(master, &["CLIENT", "KILL", "TYPE", "replica"]).await?;
+        wait_until(
+            format!("127.0.0.1:{replica}'s link to be down"),
+            || async move {
+                Ok(info_field(replica, "replication", "master_link_status").await? == "down")
+            },
+        )
+        .await?;
+        // Nor may it take over by itself: the test decides when.
+        expect_ok(
+            replica,
+            &["CONFIG", "SET", "cluster-replica-no-failover", "yes"],
+        )
+        .await?;
+        Ok(Cut { master, replica })
+    }
+
+    /// SIGKILLs the master of a [`cut_replica`](Self::cut_replica) and
+    /// promotes the cut replica with `CLUSTER FAILOVER TAKEOVER`: it serves
+    /// the master's slots without the writes it missed. Returns its port.
+    pub async fn kill_master_and_take_over(&mut self, cut: Cut) -> Result<u16> {
+        self.kill(cut.master);
+        self.take_over(cut.replica).await?;
+        Ok(cut.replica)
     }
 }

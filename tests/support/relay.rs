@@ -214,9 +214,13 @@ impl Drop for TestRelay {
     }
 }
 
-/// The `reprise` binary built by `cargo build` (tests/run.sh builds it first;
-/// if it is missing, this builds it).
+/// The `reprise` binary: `REPRISE_TEST_BIN` if set (another build, a
+/// release one), else the one built by `cargo build` (tests/run.sh builds
+/// it first; if it is missing, this builds it).
 pub fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("REPRISE_TEST_BIN") {
+        return PathBuf::from(bin);
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -236,6 +240,7 @@ pub fn binary() -> PathBuf {
 /// Reprise as a separate OS process.
 pub struct RelayProcess {
     child: tokio::process::Child,
+    bin: std::path::PathBuf,
     addr: SocketAddr,
     /// What it was started with, to start it again ([`RelayProcess::restart`]).
     args: Vec<String>,
@@ -247,16 +252,23 @@ impl RelayProcess {
     /// Starts `reprise --listen 127.0.0.1:<free> <args>` and waits until
     /// `/_reprise/readyz` answers 200.
     pub async fn start(args: &[&str]) -> RelayProcess {
-        Self::spawn(args, None, None).await
+        Self::spawn(&binary(), args, None, None).await
+    }
+
+    /// Like [`RelayProcess::start`], running the executable `bin` (another
+    /// build of Reprise, to compare two).
+    pub async fn start_binary(bin: &std::path::Path, args: &[&str]) -> RelayProcess {
+        Self::spawn(bin, args, None, None).await
     }
 
     /// Like [`RelayProcess::start`], with stderr (the logs) written to `log`
     /// and the log filter `level`.
     pub async fn start_logging(args: &[&str], log: &std::path::Path, level: &str) -> RelayProcess {
-        Self::spawn(args, Some(log), Some(level)).await
+        Self::spawn(&binary(), args, Some(log), Some(level)).await
     }
 
     async fn spawn(
+        bin: &std::path::Path,
         args: &[&str],
         log: Option<&std::path::Path>,
         level: Option<&str>,
@@ -264,7 +276,8 @@ impl RelayProcess {
         let port = free_port().expect("free port");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let mut p = RelayProcess {
-            child: Self::spawn_child(addr, args, log, level),
+            child: Self::spawn_child(bin, addr, args, log, level),
+            bin: bin.into(),
             addr,
             args: args.iter().map(|a| a.to_string()).collect(),
             log: log.map(Into::into),
@@ -280,17 +293,18 @@ impl RelayProcess {
     pub async fn restart(&mut self) {
         self.kill().await;
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = Self::spawn_child(self.addr, &args, self.log.as_deref(), self.level.as_deref());
+        self.child = Self::spawn_child(&self.bin.clone(), self.addr, &args, self.log.as_deref(), self.level.as_deref());
         self.wait_ready().await;
     }
 
     fn spawn_child(
+        bin: &std::path::Path,
         addr: SocketAddr,
         args: &[&str],
         log: Option<&std::path::Path>,
         level: Option<&str>,
     ) -> tokio::process::Child {
-        tokio::process::Command::new(binary())
+        tokio::process::Command::new(bin)
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)

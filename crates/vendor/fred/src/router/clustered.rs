@@ -577,7 +577,23 @@ pub async fn sync(
     });
   }
 
-  let _ = try_join_all(connections_ft).await?;
+  // Reprise patch: a node that cannot be reached (a master that just died, still listed until its replica takes
+  // over) does not fail the sync: the others are connected and serve their slots, commands for the unreachable
+  // node's slots fail until a later sync (after a `MOVED`, or the next lost connection) finds its successor.
+  // Upstream (`try_join_all`) failed the whole sync, so the client kept reconnecting, serving no slot at all, for
+  // as long as the dead node stayed listed.
+  let mut first_error = None;
+  for result in join_all(connections_ft).await {
+    if let Err(e) = result {
+      _debug!(inner, "Failed to connect to a cluster node while syncing: {:?}", e);
+      first_error.get_or_insert(e);
+    }
+  }
+  if let Some(e) = first_error {
+    if connections.is_empty() && new_writers.lock().is_empty() {
+      return Err(e);
+    }
+  }
   let mut server_version = None;
   for (server, writer) in new_writers.lock().drain() {
     server_version = writer.version.clone();

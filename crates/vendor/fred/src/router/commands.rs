@@ -375,6 +375,24 @@ async fn process_reconnect(
     return Ok(());
   }
 
+  // Reprise patch: in a cluster, a lost connection (one node died, or a failover closed it) is repaired by one
+  // immediate sync of the routing table, which reconnects what is reachable (see `clustered::sync`). The client
+  // stays connected meanwhile, so commands for the other nodes' slots keep flowing. Upstream went straight to the
+  // reconnection loop: it waited the policy's delay, marked the whole client disconnected (failing every command
+  // of `fail_fast` callers, whatever their slot) and reconnected to every node. The loop remains the fallback.
+  if inner.config.server.is_clustered() && !force && router.has_connections_in_cluster() {
+    _debug!(inner, "Resyncing the cluster after a lost connection...");
+    match Box::pin(router.sync_cluster(inner)).await {
+      Ok(()) => {
+        if let Some(mut tx) = tx {
+          let _ = tx.send(Ok(Resp3Frame::Null));
+        }
+        return Ok(());
+      },
+      Err(e) => _debug!(inner, "Resync failed, reconnecting: {:?}", e),
+    }
+  }
+
   _debug!(inner, "Starting reconnection loop...");
   if let Err(e) = Box::pin(utils::reconnect_with_policy(inner, router)).await {
     if let Some(mut tx) = tx {

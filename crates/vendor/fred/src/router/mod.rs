@@ -442,6 +442,14 @@ impl Router {
     Ok(())
   }
 
+  /// Reprise patch: whether a clustered client still holds a connection to some node.
+  pub fn has_connections_in_cluster(&self) -> bool {
+    match self.connections {
+      Connections::Clustered { ref connections, .. } => !connections.is_empty(),
+      _ => false,
+    }
+  }
+
   pub async fn has_healthy_centralized_connection(&mut self) -> bool {
     match self.connections {
       Connections::Centralized {
