@@ -135,7 +135,12 @@ enum Read {
     Bad(String),
 }
 
-async fn follow(resp: SseResponse, next: &mut usize, last_id: &mut String, events: &mut u64) -> Read {
+async fn follow(
+    resp: SseResponse,
+    next: &mut usize,
+    last_id: &mut String,
+    events: &mut u64,
+) -> Read {
     let mut stream = resp.into_stream();
     loop {
         let item = match tokio::time::timeout(STALL, stream.next()).await {
@@ -166,7 +171,12 @@ async fn follow(resp: SseResponse, next: &mut usize, last_id: &mut String, event
 
 /// One chat: started on an instance, resumed elsewhere whenever its
 /// connection is cut, until it ends.
-async fn chat(client: &SseClient, inst: &Instances, session: usize, n: usize) -> (Ending, bool, u64) {
+async fn chat(
+    client: &SseClient,
+    inst: &Instances,
+    session: usize,
+    n: usize,
+) -> (Ending, bool, u64) {
     let key = format!("soak-{session}-{n}");
     let mut events = 0;
     let mut next = 1;
@@ -182,7 +192,11 @@ async fn chat(client: &SseClient, inst: &Instances, session: usize, n: usize) ->
                 break;
             }
             Ok(r) => {
-                return (Ending::Violation(format!("{key}: start answered {}", r.status())), false, 0)
+                return (
+                    Ending::Violation(format!("{key}: start answered {}", r.status())),
+                    false,
+                    0,
+                )
             }
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -191,7 +205,11 @@ async fn chat(client: &SseClient, inst: &Instances, session: usize, n: usize) ->
         }
     }
     let Some(resp) = started else {
-        return (Ending::Violation(format!("{key}: no instance took the start")), false, 0);
+        return (
+            Ending::Violation(format!("{key}: no instance took the start")),
+            false,
+            0,
+        );
     };
     let Some(stream_id) = resp
         .headers()
@@ -199,7 +217,11 @@ async fn chat(client: &SseClient, inst: &Instances, session: usize, n: usize) ->
         .and_then(|v| v.to_str().ok())
         .map(String::from)
     else {
-        return (Ending::Violation(format!("{key}: no reprise-stream-id")), false, 0);
+        return (
+            Ending::Violation(format!("{key}: no reprise-stream-id")),
+            false,
+            0,
+        );
     };
     let mut resp = SseResponse::from_response(resp);
     let mut resumed = false;
@@ -288,7 +310,7 @@ async fn chat_load_survives_killed_instances() {
     );
     // Instances 0 and 1 take turns being killed; 2 is never killed, and is
     // the one whose memory and open files are watched.
-    let mut relays = vec![a, b, c];
+    let mut relays = [a, b, c];
     let inst = Instances {
         urls: Arc::new(relays.iter().map(RelayProcess::url).collect()),
         down: Arc::new(Mutex::new(vec![false; 3])),
@@ -338,7 +360,10 @@ async fn chat_load_survives_killed_instances() {
             next_kill += settings.kill_every;
             inst.down.lock().expect("lock")[victim] = true;
             relays[victim].kill().await;
-            eprintln!("soak: {:>4.0?} SIGKILL instance {victim}", started.elapsed());
+            eprintln!(
+                "soak: {:>4.0?} SIGKILL instance {victim}",
+                started.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
             relays[victim].restart().await;
             inst.down.lock().expect("lock")[victim] = false;
@@ -364,13 +389,19 @@ async fn chat_load_survives_killed_instances() {
         t.violations.len()
     );
     for (at, rss, fds) in &samples {
-        eprintln!("soak: watched instance at {:>4.0?}: RSS {rss} KiB, {fds} open files", at);
+        eprintln!(
+            "soak: watched instance at {:>4.0?}: RSS {rss} KiB, {fds} open files",
+            at
+        );
     }
     eprintln!("soak: watched instance idle after the load: {idle:?} (RSS KiB, open files)");
     assert!(t.violations.is_empty(), "violations: {:#?}", t.violations);
     assert!(kills >= 1, "the soak is too short to kill an instance");
     assert!(t.complete > 0, "no chat completed");
-    assert!(t.resumed > 0, "no chat was cut off and resumed: the kills missed the load");
+    assert!(
+        t.resumed > 0,
+        "no chat was cut off and resumed: the kills missed the load"
+    );
     // Open files: back to a handful once idle, whatever the number of chats
     // served (a leak of one per stream would be hundreds).
     let first_fds = samples.first().map(|s| s.2).unwrap_or(0);

@@ -293,7 +293,13 @@ impl RelayProcess {
     pub async fn restart(&mut self) {
         self.kill().await;
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = Self::spawn_child(&self.bin.clone(), self.addr, &args, self.log.as_deref(), self.level.as_deref());
+        self.child = Self::spawn_child(
+            &self.bin.clone(),
+            self.addr,
+            &args,
+            self.log.as_deref(),
+            self.level.as_deref(),
+        );
         self.wait_ready().await;
     }
 

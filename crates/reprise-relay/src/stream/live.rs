@@ -529,7 +529,11 @@ impl LiveStream {
             // Past a failure's end: the reader saw events this log (or the
             // store it was loaded from) does not hold; it still gets the
             // signal, never a silent end.
-            if let Some(end) = st.frames.last().filter(|f| f.is_final() && !f.wire.is_empty()) {
+            if let Some(end) = st
+                .frames
+                .last()
+                .filter(|f| f.is_final() && !f.wire.is_empty())
+            {
                 if st.ended {
                     return Collected {
                         chunk: Some(end.wire.clone()),
