@@ -9,8 +9,13 @@
 //! client cut off by a killed instance resumes on another one from its
 //! `Last-Event-ID`. Nothing may be lost, repeated or stall silently.
 //!
+//! The cluster has three masters, each with a replica. Masters fail over in
+//! turn, alternately gracefully (`CLUSTER FAILOVER`) and by `kill -9` of the
+//! master (its replica promoted by Redis).
+//!
 //! `REPRISE_SOAK_SECS` sets the length (default 60 s, the suite's version);
-//! with 300 s or more an instance is killed every minute, else every 20 s.
+//! with 300 s or more an instance is killed every minute and a master fails
+//! over every three minutes, else every 20 s and every 25 s.
 //! The figures (streams, signals, RSS and open files of the instance that is
 //! never killed) are printed at the end: run
 //! `REPRISE_SOAK_SECS=600 cargo test -p reprise-tests --test soak -- --nocapture`
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use reprise_tests::redis::RedisCluster;
+use reprise_tests::redis::{ClusterSettings, RedisCluster};
 use reprise_tests::relay::RelayProcess;
 use reprise_tests::{Reply, SseClient, SseEvent, SseResponse, Upstream};
 use serde_json::json;
@@ -38,6 +43,7 @@ const STALL: Duration = Duration::from_secs(30);
 struct Settings {
     length: Duration,
     kill_every: Duration,
+    failover_every: Duration,
 }
 
 impl Settings {
@@ -46,10 +52,11 @@ impl Settings {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(60);
-        let kill_every = if secs >= 300 { 60 } else { 20 };
+        let (kill_every, failover_every) = if secs >= 300 { (60, 180) } else { (20, 25) };
         Settings {
             length: Duration::from_secs(secs),
             kill_every: Duration::from_secs(kill_every),
+            failover_every: Duration::from_secs(failover_every),
         }
     }
 }
@@ -281,6 +288,35 @@ async fn chat(
     }
 }
 
+/// Fails over a master that has a replica (the `n`th such, by port):
+/// gracefully when `n` is even, else by `kill -9` (its replica promoted by
+/// Redis; the killed node stays down, so that shard has no replica left).
+/// Returns what was done, for the log.
+async fn fail_over(redis: &mut RedisCluster, n: usize) -> String {
+    let mut masters = Vec::new();
+    for port in redis.master_ports().await.expect("masters") {
+        if redis.replica_of(port).await.is_ok() {
+            masters.push(port);
+        }
+    }
+    assert!(!masters.is_empty(), "no master has a replica left");
+    let master = masters[n % masters.len()];
+    let took = Instant::now();
+    if n % 2 == 0 {
+        let promoted = redis.failover(master).await.expect("graceful failover");
+        format!(
+            "CLUSTER FAILOVER of 127.0.0.1:{master}: 127.0.0.1:{promoted} took over in {:.1?}",
+            took.elapsed()
+        )
+    } else {
+        let promoted = redis.kill_master(master).await.expect("kill -9 failover");
+        format!(
+            "kill -9 of master 127.0.0.1:{master}: its replica 127.0.0.1:{promoted} promoted in {:.1?}",
+            took.elapsed()
+        )
+    }
+}
+
 /// RSS (KiB) and open file descriptors of a process.
 fn usage(pid: u32) -> Option<(u64, usize)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -298,7 +334,9 @@ fn usage(pid: u32) -> Option<(u64, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_load_survives_killed_instances() {
     let settings = Settings::from_env();
-    let redis = RedisCluster::start().await.expect("start a Redis cluster");
+    let mut redis = RedisCluster::start_with_replicas(ClusterSettings::quick_failover())
+        .await
+        .expect("start a Redis cluster with replicas");
     let upstream = Upstream::start().await;
     upstream.respond(|_| Reply::paced_events(EVENTS, PACE));
     let (_dir, cfg) = config_file(&redis, &upstream);
@@ -349,6 +387,8 @@ async fn chat_load_survives_killed_instances() {
     let mut samples: Vec<(Duration, u64, usize)> = Vec::new();
     let mut next_kill = started + settings.kill_every;
     let mut kills = 0usize;
+    let mut next_failover = started + settings.failover_every;
+    let mut failovers: Vec<String> = Vec::new();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if let Some((rss, fds)) = usage(watched) {
@@ -368,6 +408,12 @@ async fn chat_load_survives_killed_instances() {
             relays[victim].restart().await;
             inst.down.lock().expect("lock")[victim] = false;
         }
+        if Instant::now() >= next_failover && Instant::now() + Duration::from_secs(5) < deadline {
+            next_failover += settings.failover_every;
+            let done = fail_over(&mut redis, failovers.len()).await;
+            eprintln!("soak: {:>4.0?} {done}", started.elapsed());
+            failovers.push(done);
+        }
     }
     for s in sessions {
         s.await.expect("a chat session panicked");
@@ -379,8 +425,9 @@ async fn chat_load_survives_killed_instances() {
     let t = tally.lock().expect("lock");
     let chats = t.complete + t.signals.values().sum::<u64>() + t.lost_with_producer;
     eprintln!(
-        "soak: {:?}, {kills} SIGKILLs; {chats} chats: {} complete, signals {:?}, {} lost with their producer before anything was stored; {} resumed after a cut; {} events checked; {} violations",
+        "soak: {:?}, {kills} SIGKILLs, {} master failovers; {chats} chats: {} complete, signals {:?}, {} lost with their producer before anything was stored; {} resumed after a cut; {} events checked; {} violations",
         settings.length,
+        failovers.len(),
         t.complete,
         t.signals,
         t.lost_with_producer,
@@ -397,6 +444,10 @@ async fn chat_load_survives_killed_instances() {
     eprintln!("soak: watched instance idle after the load: {idle:?} (RSS KiB, open files)");
     assert!(t.violations.is_empty(), "violations: {:#?}", t.violations);
     assert!(kills >= 1, "the soak is too short to kill an instance");
+    assert!(
+        !failovers.is_empty(),
+        "the soak is too short to fail a master over"
+    );
     assert!(t.complete > 0, "no chat completed");
     assert!(
         t.resumed > 0,
