@@ -13,6 +13,13 @@
 //! - Blocks that cannot run on their own (a Next.js route, a React component,
 //!   a page fragment) say so in their info string, ```` ```ts no-run="why" ````;
 //!   there may be at most [`MAX_NO_RUN`] of them, each with its reason.
+//! - The Durable Streams sections' programs run as the doc says to run them:
+//!   the worker streams a mock OpenAI answer into a stream while the reader
+//!   follows it live; the reader is stopped mid-answer and started again
+//!   from the last offset it printed; the same reader follows a recorded
+//!   answer and a proxied one, whose `curl` blocks run with the variables
+//!   the earlier blocks set (as pasted into one shell). Reprise's secrets
+//!   come from its environment ([`SECRETS`]), as the doc's configs say.
 //!
 //! The answers contain U+2028, U+2029 and U+0085 inside JSON strings (as the
 //! APIs send them). Each resuming program has its connection to Reprise cut
@@ -30,7 +37,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use reprise_relay::config::Config;
+use reprise_relay::config::{Config, Overrides};
 use reprise_tests::forwarder::Forwarder;
 use reprise_tests::relay::{self, Backend, TestRelay};
 use reprise_tests::{with_timeout_of, Reply, StreamControl, Upstream};
@@ -65,6 +72,21 @@ const PIECES: &[&str] = &[
 
 /// The connection is cut once the program printed this many pieces.
 const CUT_AFTER: usize = 4;
+
+/// Reprise's secrets, as its environment gives them to `reprise --config`
+/// and the doc's programs read them (the same variables).
+const SECRETS: &[(&str, &str)] = &[
+    ("REPRISE_DURABLE_WRITE_TOKEN", "docs-write-token"),
+    ("REPRISE_DURABLE_READ_TOKEN", "docs-read-token"),
+    ("REPRISE_AUTH_SECRET", "docs-auth-secret"),
+];
+
+fn secret(name: &str) -> (&'static str, &'static str) {
+    *SECRETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no test value for {name}"))
+}
 
 fn answer() -> String {
     PIECES.concat()
@@ -153,7 +175,17 @@ const RUNNERS: &[(&str, &str, &str)] = &[
     ("Ollama", "sh", "curl"),
     ("Ollama", "python", "/api/chat\", json=request"),
     ("Ollama", "python", "import ollama"),
+    (DURABLE_WORKER, "js", "DurableStream.create"),
+    (DURABLE_WORKER, "js", "subscribeJson"),
+    (DURABLE_RECORDED, "sh", "offset=-1"),
+    (DURABLE_PROXY, "sh", "Upstream-URL"),
+    (DURABLE_PROXY, "sh", "action=abort"),
 ];
+
+/// The Durable Streams sections (heading prefixes).
+const DURABLE_WORKER: &str = "Durable Streams: a worker";
+const DURABLE_RECORDED: &str = "Recorded answers as Durable Streams";
+const DURABLE_PROXY: &str = "Durable Streams proxy protocol";
 
 fn matches(block: &Block, (section, lang, marker): (&str, &str, &str)) -> bool {
     block.section.starts_with(section) && block.lang == lang && block.code.contains(marker)
@@ -197,9 +229,22 @@ fn max_reconnects(block: &Block) -> usize {
 }
 
 /// Loads a `toml` block with Reprise's loader and validation, as
-/// `reprise --config` does.
+/// `reprise --config reprise.toml` does with [`SECRETS`] in its environment.
 fn load(block: &Block) -> Config {
-    let config = Config::from_toml(&block.code)
+    let dir = tempfile::tempdir().expect("temporary directory for a toml block");
+    let file = dir.path().join("reprise.toml");
+    std::fs::write(&file, &block.code).expect("write the toml block");
+    let over = Overrides {
+        file: Some(file),
+        ..Overrides::default()
+    };
+    let env = |name: &str| {
+        SECRETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| (*v).to_owned())
+    };
+    let config = Config::load(&over, env)
         .unwrap_or_else(|err| panic!("line {}: the toml does not load: {err}", block.line));
     if let Err(err) = config.validate() {
         panic!("line {}: the toml does not validate: {err}", block.line);
@@ -227,6 +272,9 @@ fn relay_config(toml: &Block, mock: &str) -> Config {
     for route in &mut config.routes {
         route.upstream = rebase(&route.upstream, mock);
     }
+    for allowed in &mut config.durable.proxy_allow {
+        *allowed = rebase(allowed, mock);
+    }
     config
 }
 
@@ -252,12 +300,14 @@ fn interpreter(lang: &str) -> (PathBuf, &'static str, Option<PathBuf>) {
         "python" => (python::python(), "snippet.py", None),
         "js" => {
             let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js/docs");
-            let installed = dir.join("node_modules/openai/package.json");
-            assert!(
-                installed.is_file(),
-                "{} is missing: run `npm ci --prefix tests/js/docs` (`bash tests/run.sh` does it)",
-                installed.display()
-            );
+            for package in ["openai", "@durable-streams/client"] {
+                let installed = dir.join("node_modules").join(package).join("package.json");
+                assert!(
+                    installed.is_file(),
+                    "{} is missing: run `npm ci --prefix tests/js/docs` (`bash tests/run.sh` does it)",
+                    installed.display()
+                );
+            }
             (PathBuf::from("node"), "snippet.mjs", Some(dir))
         }
         "sh" => (PathBuf::from("bash"), "snippet.sh", None),
@@ -270,6 +320,12 @@ impl Program {
     /// SDKs read from their usual variables). Its stderr goes to the test's
     /// output.
     fn spawn(block: &Block, reprise: &str) -> Program {
+        Program::spawn_with(block, reprise, &[], &[])
+    }
+
+    /// [`Program::spawn`] with command-line `args` and more `env`; of
+    /// [`SECRETS`], only those in `env` (not the test's own environment).
+    fn spawn_with(block: &Block, reprise: &str, args: &[&str], env: &[(&str, &str)]) -> Program {
         let (program, file_name, parent) = interpreter(&block.lang);
         let dir = match &parent {
             Some(parent) => tempfile::Builder::new().prefix(".run-").tempdir_in(parent),
@@ -282,8 +338,14 @@ impl Program {
             "the {} block at docs/integrations.md:{}",
             block.lang, block.line
         );
-        let mut child = Command::new(&program)
+        let mut command = Command::new(&program);
+        for (name, _) in SECRETS {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg(&file)
+            .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .env("REPRISE_URL", reprise)
             .env("OPENAI_API_KEY", "sk-test")
@@ -346,6 +408,21 @@ impl Program {
         assert!(
             waited,
             "{} ended before printing {part:?}; it printed {:?}",
+            self.what,
+            self.printed()
+        );
+    }
+
+    /// Waits until `done` holds for what the program printed so far.
+    async fn wait_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let waiting = format!("{} to print {what}", self.what);
+        let seen = |out: &Vec<u8>| done(&String::from_utf8_lossy(out));
+        let waited = with_timeout_of(PROGRAM_BOUND, &waiting, self.out.wait_for(seen))
+            .await
+            .is_ok();
+        assert!(
+            waited,
+            "{} ended before printing {what}; it printed {:?}",
             self.what,
             self.printed()
         );
@@ -706,10 +783,18 @@ async fn every_block_runs_or_says_why_not() {
 #[tokio::test]
 async fn toml_blocks_load_with_reprises_config_loader() {
     let tomls: Vec<Block> = blocks().into_iter().filter(|b| b.lang == "toml").collect();
-    assert_eq!(tomls.len(), 3, "Next.js, OpenAI and Anthropic configs");
+    assert_eq!(
+        tomls.len(),
+        5,
+        "Next.js, OpenAI, Anthropic, Durable Streams and proxy configs"
+    );
     for toml in &tomls {
         let config = load(toml);
-        assert!(!config.routes.is_empty(), "line {}: no routes", toml.line);
+        assert!(
+            !config.routes.is_empty() || config.durable.enabled,
+            "line {}: neither routes nor Durable Streams",
+            toml.line
+        );
     }
     // The loader is strict: a misspelt key fails, so a loaded block means something.
     let mut misspelt = tomls[0].clone();
@@ -963,5 +1048,304 @@ async fn ai_sdk_curl_block_replays_the_chat_answer() {
     let expected = data_lines(&groups);
     assert_eq!(data, expected, "every part from `start`, once, in order");
     assert_eq!(setup.upstream.nth_request(1).await.path(), "/api/chat");
+    assert_eq!(setup.upstream.request_count(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Durable Streams.
+
+/// The doc's Durable Streams reader (`read.mjs`).
+fn durable_reader() -> Block {
+    block(DURABLE_WORKER, "js", "subscribeJson")
+}
+
+/// How many messages of what the reader printed belong to batches it
+/// confirmed with an `offset` line (a read from that offset gets the rest).
+fn confirmed(printed: &str) -> usize {
+    let (mut saved, mut batch) = (0, 0);
+    for line in printed.lines() {
+        if line.starts_with("offset ") {
+            saved += batch;
+            batch = 0;
+        } else {
+            batch += 1;
+        }
+    }
+    saved
+}
+
+/// The messages of the batches the reader confirmed, and the last offset
+/// it printed.
+fn reader_output(printed: &str) -> (Vec<Value>, Option<String>) {
+    let (mut saved, mut batch, mut offset) = (Vec::new(), Vec::new(), None);
+    for line in printed.lines() {
+        if let Some(o) = line.strip_prefix("offset ") {
+            saved.append(&mut batch);
+            offset = Some(o.to_owned());
+        } else {
+            let message = serde_json::from_str(line)
+                .unwrap_or_else(|err| panic!("the reader printed {line:?}: {err}"));
+            batch.push(message);
+        }
+    }
+    (saved, offset)
+}
+
+/// What a Durable Streams reader gets for SSE `groups`: one message per
+/// event, its data as JSON when it is JSON, else as a string (`"[DONE]"`).
+fn durable_messages(groups: &[Vec<Bytes>]) -> Vec<Value> {
+    data_lines(groups)
+        .into_iter()
+        .map(|data| serde_json::from_str(&data).unwrap_or(Value::String(data)))
+        .collect()
+}
+
+/// The doc's reader following `url` live while `control` streams `groups`:
+/// each group is sent once the reader printed the messages before it
+/// (`messages_after(k)`: how many the first `k` groups make); after
+/// [`CUT_AFTER`] groups the reader is stopped, two more groups are written
+/// while nobody reads, and the reader starts again from the last offset it
+/// printed, reads those and the rest live, and must exit at the close.
+/// Everything it printed across both runs.
+async fn read_with_a_restart(
+    reprise: &str,
+    url: &str,
+    env: &[(&str, &str)],
+    control: StreamControl,
+    groups: &[Vec<Bytes>],
+    messages_after: impl Fn(usize) -> usize,
+) -> Vec<Value> {
+    let reader = durable_reader();
+    let mut first = Program::spawn_with(&reader, reprise, &[url], env);
+    for k in 1..=CUT_AFTER {
+        push(&control, &groups[k - 1..k]).await;
+        let n = messages_after(k);
+        first
+            .wait_until(&format!("{n} messages"), |out| confirmed(out) >= n)
+            .await;
+    }
+    let (before, offset) = reader_output(&first.printed());
+    assert_eq!(before.len(), messages_after(CUT_AFTER));
+    drop(first); // Stopped mid-answer.
+    let offset = offset.expect("the reader printed an offset");
+    push(&control, &groups[CUT_AFTER..CUT_AFTER + 2]).await;
+    let mut second = Program::spawn_with(&reader, reprise, &[url, &offset], env);
+    let n = messages_after(CUT_AFTER + 2) - messages_after(CUT_AFTER);
+    second
+        .wait_until(&format!("{n} messages"), |out| confirmed(out) >= n)
+        .await;
+    push(&control, &groups[CUT_AFTER + 2..]).await;
+    control.finish();
+    let (status, printed) = second.finish().await;
+    assert!(
+        status.success(),
+        "the restarted reader failed ({status}); stderr above"
+    );
+    let (after, _) = reader_output(&printed);
+    [before, after].concat()
+}
+
+/// The worker block's environment: the write token, the mock as OpenAI.
+fn worker_env(setup: &Setup) -> Vec<(&'static str, String)> {
+    let (name, token) = secret("REPRISE_DURABLE_WRITE_TOKEN");
+    vec![
+        (name, token.to_owned()),
+        ("OPENAI_BASE_URL", format!("{}/v1", setup.upstream.url())),
+    ]
+}
+
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The Durable Streams section: the worker streams an answer into a stream
+/// while the reader follows it live; the reader, stopped mid-answer and
+/// started again from its last offset, prints every message once, in
+/// order, and exits when the worker closes the stream.
+#[tokio::test]
+async fn durable_worker_and_reader_blocks_stream_live_and_resume_by_offset() {
+    let setup = Setup::start(Some(&toml_block(DURABLE_WORKER))).await;
+    let control = controlled(&setup.upstream, Wire::OpenAi);
+    let groups = frames(Wire::OpenAi);
+    let env = worker_env(&setup);
+    let worker = Program::spawn_with(
+        &block(DURABLE_WORKER, "js", "DurableStream.create"),
+        &setup.relay.url(),
+        &[],
+        &borrowed(&env),
+    );
+    // The worker calls the model once it has created the stream.
+    assert_eq!(control.request().await.path(), OPENAI_PATH);
+    let url = format!("{}/v1/stream/answers/run-1", setup.relay.url());
+    let read_token = [secret("REPRISE_DURABLE_READ_TOKEN")];
+    let read = read_with_a_restart(
+        &setup.relay.url(),
+        &url,
+        &read_token,
+        control,
+        &groups,
+        |k| k,
+    )
+    .await;
+    let expected: Vec<Value> = PIECES
+        .iter()
+        .map(|piece| json!({"type": "text-delta", "delta": piece}))
+        .collect();
+    assert_eq!(read, expected, "every message once, in order");
+    let (status, printed) = worker.finish().await;
+    assert!(
+        status.success(),
+        "the worker failed ({status}); stderr above"
+    );
+    assert_eq!(printed, format!("writing {url}\nclosed\n"));
+}
+
+/// The worker block when the model's answer breaks off: its readers get
+/// the `error` message, then the close; the worker fails.
+#[tokio::test]
+async fn durable_worker_block_tells_readers_when_the_upstream_fails() {
+    let setup = Setup::start(Some(&toml_block(DURABLE_WORKER))).await;
+    let control = controlled(&setup.upstream, Wire::OpenAi);
+    let groups = frames(Wire::OpenAi);
+    let env = worker_env(&setup);
+    let worker = Program::spawn_with(
+        &block(DURABLE_WORKER, "js", "DurableStream.create"),
+        &setup.relay.url(),
+        &[],
+        &borrowed(&env),
+    );
+    control.request().await;
+    let url = format!("{}/v1/stream/answers/run-1", setup.relay.url());
+    let read_token = [secret("REPRISE_DURABLE_READ_TOKEN")];
+    let mut reader =
+        Program::spawn_with(&durable_reader(), &setup.relay.url(), &[&url], &read_token);
+    push(&control, &groups[..CUT_AFTER]).await;
+    reader
+        .wait_until("the first pieces", |out| confirmed(out) >= CUT_AFTER)
+        .await;
+    control.abort().await;
+    let (status, printed) = worker.finish().await;
+    assert!(!status.success(), "the worker must fail");
+    assert_eq!(printed, format!("writing {url}\n"));
+    let (status, printed) = reader.finish().await;
+    assert!(
+        status.success(),
+        "the reader failed ({status}); stderr above"
+    );
+    let (read, _) = reader_output(&printed);
+    let (last, first) = read.split_last().expect("messages");
+    let expected: Vec<Value> = PIECES[..CUT_AFTER]
+        .iter()
+        .map(|piece| json!({"type": "text-delta", "delta": piece}))
+        .collect();
+    assert_eq!(first, expected, "the pieces before the failure");
+    assert_eq!(last["type"], "error", "then the worker's error: {last}");
+}
+
+/// The recorded-answers block: a chat answer, then the recording read as a
+/// Durable Stream from its start, one JSON message per event.
+#[tokio::test]
+async fn recorded_answer_block_reads_one_message_per_event() {
+    let setup = Setup::start(Some(&toml_block("Next.js"))).await;
+    let control = controlled(&setup.upstream, Wire::AiSdk);
+    let groups = frames(Wire::AiSdk);
+    let program = Program::spawn(
+        &block(DURABLE_RECORDED, "sh", "offset=-1"),
+        &setup.relay.url(),
+    );
+    assert_eq!(control.request().await.path(), "/api/chat");
+    push(&control, &groups).await;
+    control.finish();
+    let (status, printed) = program.finish().await;
+    assert!(status.success(), "the block failed ({status})");
+    let read: Value = serde_json::from_str(printed.trim())
+        .unwrap_or_else(|err| panic!("not a JSON array ({err}): {printed}"));
+    assert_eq!(read, Value::Array(durable_messages(&groups)));
+    assert_eq!(setup.upstream.request_count(), 1);
+}
+
+/// The reader block on a recorded chat answer (`/_reprise/streams/{id}`),
+/// live, stopped, and restarted from its last offset.
+#[tokio::test]
+async fn reader_block_follows_a_recorded_answer_and_resumes_by_offset() {
+    let setup = Setup::start(Some(&toml_block("Next.js"))).await;
+    let control = controlled(&setup.upstream, Wire::AiSdk);
+    let groups = frames(Wire::AiSdk);
+    let response = start_chat_1(&setup).await;
+    let id = response
+        .headers()
+        .get("reprise-stream-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("Reprise-Stream-Id")
+        .to_owned();
+    drop(response); // The page went away; Reprise goes on recording.
+    let url = format!("{}/_reprise/streams/{id}", setup.relay.url());
+    let messages_after = |k: usize| groups[..k].iter().map(Vec::len).sum();
+    let read = read_with_a_restart(
+        &setup.relay.url(),
+        &url,
+        &[],
+        control,
+        &groups,
+        messages_after,
+    )
+    .await;
+    assert_eq!(
+        read,
+        durable_messages(&groups),
+        "every event once, in order"
+    );
+}
+
+/// The proxy section's blocks as pasted into one shell: the call starts
+/// (the upstream gets the request), the reader follows the `Location`, the
+/// abort closes the upstream connection and the reader sees the close
+/// after what was recorded.
+#[tokio::test]
+async fn proxy_blocks_start_read_and_abort_an_upstream_call() {
+    let setup = Setup::start(Some(&toml_block(DURABLE_PROXY))).await;
+    let control = controlled(&setup.upstream, Wire::OpenAi);
+    let groups = frames(Wire::OpenAi);
+    let env = worker_env(&setup);
+    let start = Program::spawn_with(
+        &block(DURABLE_PROXY, "sh", "Upstream-URL"),
+        &setup.relay.url(),
+        &[],
+        &borrowed(&env),
+    );
+    let (status, printed) = start.finish().await;
+    assert!(status.success(), "the start block failed ({status})");
+    let location = printed.trim().to_owned();
+    assert!(
+        location.starts_with(&format!("{}/v1/proxy/", setup.relay.url()))
+            && location.contains("signature="),
+        "a signed Location: {printed:?}"
+    );
+    let request = control.request().await;
+    assert_eq!(request.path(), OPENAI_PATH);
+    assert_eq!(request.header("authorization"), Some("Bearer sk-test"));
+
+    let mut reader = Program::spawn_with(&durable_reader(), &setup.relay.url(), &[&location], &[]);
+    push(&control, &groups[..CUT_AFTER]).await;
+    let expected = durable_messages(&groups[..CUT_AFTER]);
+    reader
+        .wait_until("the first chunks", |out| confirmed(out) >= expected.len())
+        .await;
+    let abort = Program::spawn_with(
+        &block(DURABLE_PROXY, "sh", "action=abort"),
+        &setup.relay.url(),
+        &[],
+        &[("LOCATION", &location)],
+    );
+    let (status, printed) = abort.finish().await;
+    assert!(status.success(), "the abort block failed ({status})");
+    assert_eq!(printed, "204\n");
+    control.closed().await;
+    let (status, printed) = reader.finish().await;
+    assert!(
+        status.success(),
+        "the reader failed ({status}); stderr above"
+    );
+    assert_eq!(reader_output(&printed).0, expected, "what was recorded");
     assert_eq!(setup.upstream.request_count(), 1);
 }
