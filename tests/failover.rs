@@ -319,7 +319,6 @@ fn assert_complete_or_history_lost(
 /// there) gets every event exactly once — or the explicit `history_lost`,
 /// never a silent stall (each read is bounded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs lost-append rewrite (issue 15 item 1)"]
 async fn a_replica_missing_the_last_writes_takes_over() {
     let mut t = Setup::start(ClusterSettings::quick_failover()).await;
     let (mut streams, mut readers) = streams_with_readers(&t, 3).await;

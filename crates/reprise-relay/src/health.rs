@@ -242,6 +242,22 @@ mod tests {
         async fn append(&self, _: StreamId, _: &[Entry]) -> Result<(), StoreError> {
             Err(unused())
         }
+        async fn start(
+            &self,
+            _: &StreamMeta,
+            _: Option<&KeyRef>,
+            _: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
+            Err(unused())
+        }
+        async fn append_at(
+            &self,
+            _: StreamId,
+            _: u64,
+            _: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
+            Err(unused())
+        }
         async fn append_checked(
             &self,
             _: StreamId,
