@@ -128,8 +128,11 @@ pub(super) async fn write(
             // replica lacking the last writes, a restart without
             // persistence): start the stream again and rewrite it all from
             // the log. Frames released from memory come back as a gap.
-            Wrote::Lost => {
-                tracing::warn!("the store lost part of this stream; rewriting it from memory");
+            Wrote::Lost(detail) => {
+                tracing::warn!(
+                    detail,
+                    "the store lost part of this stream; rewriting it from memory"
+                );
                 started = false;
                 persisted = Seq::ZERO;
                 records = 0;
@@ -186,8 +189,8 @@ enum Wrote {
     /// The batch does not follow what the store holds, or the stream was
     /// ended (fenced) by another instance.
     Conflict,
-    /// The store lost (part of) the stream.
-    Lost,
+    /// The store lost (part of) the stream: what it found.
+    Lost(String),
     /// Permanent error, or shutting down.
     Stop,
 }
@@ -207,10 +210,7 @@ where
                     tracing::debug!(detail, "append conflict");
                     Ok(Wrote::Conflict)
                 }
-                Err(StoreError::Lost { detail, .. }) => {
-                    tracing::debug!(detail, "store lost the stream");
-                    Ok(Wrote::Lost)
-                }
+                Err(StoreError::Lost { detail, .. }) => Ok(Wrote::Lost(detail)),
                 Err(e) => Err(e),
             }
         }
