@@ -116,8 +116,8 @@ struct Measured {
     /// Status of each readiness answer; `None`: no answer within
     /// [`READYZ_TIMEOUT`].
     statuses: Vec<Option<u16>>,
-    /// `reprise_store_calls_skipped_total{op="register"}` gained meanwhile.
-    skipped_registrations: Option<f64>,
+    /// `reprise_store_calls_skipped_total{op="claim_key"}` gained meanwhile.
+    skipped_claims: Option<f64>,
 }
 
 /// One cycle's transition times; `None`: not seen within [`TRANSITION_BOUND`].
@@ -261,12 +261,12 @@ async fn measure(
     probe: &Probe,
     keys: &mut usize,
 ) -> Result<Measured, String> {
-    let skipped_before = probe.skipped_registrations().await;
+    let skipped_before = probe.skipped_claims().await;
     let first_event =
         first_event_times(client, &probe.base, args.streams, keys, Some(STATE_BUDGET))
             .await
             .map_err(|e| format!("{}: {e}", title(state)))?;
-    let skipped_after = probe.skipped_registrations().await;
+    let skipped_after = probe.skipped_claims().await;
     let mut readyz = Vec::with_capacity(args.requests);
     let mut statuses = Vec::with_capacity(args.requests);
     for _ in 0..args.requests {
@@ -278,7 +278,7 @@ async fn measure(
         first_event,
         readyz,
         statuses,
-        skipped_registrations: skipped_before
+        skipped_claims: skipped_before
             .zip(skipped_after)
             .map(|(before, after)| after - before),
     })
@@ -371,8 +371,8 @@ impl Probe {
         }
     }
 
-    /// `reprise_store_calls_skipped_total{op="register"}` from the metrics.
-    async fn skipped_registrations(&self) -> Option<f64> {
+    /// `reprise_store_calls_skipped_total{op="claim_key"}` from the metrics.
+    async fn skipped_claims(&self) -> Option<f64> {
         let text = self
             .http
             .get(format!("{}/_reprise/metrics", self.base))
@@ -382,7 +382,7 @@ impl Probe {
             .text()
             .await
             .ok()?;
-        let line = "reprise_store_calls_skipped_total{op=\"register\"} ";
+        let line = "reprise_store_calls_skipped_total{op=\"claim_key\"} ";
         // Absent until the first skip: zero.
         Some(
             text.lines()
@@ -553,13 +553,13 @@ fn report(
         verdict(all(up, 200) && all(stalled, 503) && all(killed, 503))
     );
     let skipped = |m: &Measured| {
-        m.skipped_registrations
+        m.skipped_claims
             .map(|n| format!("{n}"))
             .unwrap_or_else(|| "?".into())
     };
     let _ = writeln!(
         o,
-        "| registrations skipped (store known down) | {} | {} | {} | | |",
+        "| Idempotency-Key claims skipped (store known down) | {} | {} | {} | | |",
         skipped(up),
         skipped(stalled),
         skipped(killed)

@@ -188,6 +188,49 @@ async fn remote_readers_continue_after_a_redis_restart() {
     reader_side.stop().await;
 }
 
+/// The producing instance stores a stream's metadata with its first events,
+/// not before the response starts: a resume on another instance that
+/// arrives in between waits for the metadata instead of answering `404`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_elsewhere_right_after_the_first_event_waits_for_the_metadata() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let mut cfg = config(&upstream.url(), &Backend::Redis(redis.url()));
+    // A linger long enough that the resume surely arrives before the
+    // metadata is stored.
+    cfg.streams.store_linger = Duration::from_millis(300);
+    let producer = TestRelay::start(cfg.clone()).await;
+    let reader_side = TestRelay::start(cfg).await;
+    let client = SseClient::new();
+    let ctl = upstream.controlled_stream();
+    let mut origin = client.open_get(&format!("{}/gen", producer.url())).await;
+    let stream_id = origin
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
+    ctl.send(numbered_event(1)).await;
+    assert_eq!(origin.next_event().await.data, numbered_event_data(1));
+    let mut remote = client
+        .open_get(&format!(
+            "{}/_reprise/streams/{stream_id}",
+            reader_side.url()
+        ))
+        .await;
+    assert_eq!(
+        remote.status(),
+        200,
+        "the resume elsewhere finds the stream"
+    );
+    for i in 2..=3 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&origin.collect_until_end().await), numbered(2..=3));
+    assert_eq!(data(&remote.collect_until_end().await), numbered(1..=3));
+    producer.stop().await;
+    reader_side.stop().await;
+}
+
 /// A Redis outage longer than the memory budget: the unstored part of the
 /// stream is dropped as a gap. Clients that already had it lose nothing; a
 /// resume that crosses the gap gets `history_lost`, never a silent hole.
@@ -365,7 +408,7 @@ async fn a_stream_started_while_redis_is_stalled_does_not_wait_for_it() {
         "first event with Redis up: {with_redis_up:?}; with Redis stalled (known down): {stalled:?}"
     );
     // The request path made no store call it would have waited for.
-    for op in ["rate_limit", "claim_key", "register"] {
+    for op in ["rate_limit", "claim_key"] {
         let skipped = metric(
             &base,
             &format!("reprise_store_calls_skipped_total{{op=\"{op}\"}} "),

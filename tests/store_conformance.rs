@@ -54,6 +54,8 @@ struct Fixture {
     /// through the other exercises Redis pub/sub, not an in-process shortcut.
     peer: Arc<dyn Store>,
     servers: Servers,
+    /// The embedded store itself, for its test hooks.
+    memory: Option<Arc<MemoryStore>>,
 }
 
 fn options(retention: Duration, max_stream_duration: Duration) -> StoreOptions {
@@ -97,13 +99,14 @@ impl Fixture {
         init_tracing();
         match backend {
             Backend::Memory => {
-                let store: Arc<dyn Store> =
-                    Arc::new(MemoryStore::new(opts.clone(), MemoryLimits::default()));
+                let memory = Arc::new(MemoryStore::new(opts.clone(), MemoryLimits::default()));
+                let store: Arc<dyn Store> = memory.clone();
                 Fixture {
                     opts,
                     peer: store.clone(),
                     store,
                     servers: Servers::None,
+                    memory: Some(memory),
                 }
             }
             Backend::Redis => {
@@ -114,6 +117,7 @@ impl Fixture {
                     peer: connect(&url, &opts).await,
                     opts,
                     servers: Servers::Redis(server),
+                    memory: None,
                 }
             }
             Backend::Cluster => {
@@ -124,6 +128,7 @@ impl Fixture {
                     peer: connect(&url, &opts).await,
                     opts,
                     servers: Servers::Cluster(cluster),
+                    memory: None,
                 }
             }
         }
@@ -136,6 +141,22 @@ impl Fixture {
             Servers::None => Arc::new(MemoryStore::new(opts, MemoryLimits::default())),
             Servers::Redis(server) => connect(&server.url(), &opts).await,
             Servers::Cluster(cluster) => connect(&cluster.url(), &opts).await,
+        }
+    }
+
+    /// Makes the store lose a stream, as a restart without persistence
+    /// would: `DEL` of its keys on every Redis node (the nodes not serving
+    /// its slot refuse), or the embedded store's test hook.
+    async fn lose(&self, stream: StreamId) {
+        if let Some(memory) = &self.memory {
+            assert!(memory.forget(stream), "the stream to lose exists");
+            return;
+        }
+        let prefix = &self.opts.key_prefix;
+        let meta = format!("{prefix}{{{stream}}}:m");
+        let entries = format!("{prefix}{{{stream}}}:e");
+        for port in self.ports() {
+            raw_command(port, &["DEL", &meta, &entries]).await.unwrap();
         }
     }
 
@@ -236,6 +257,20 @@ fn seqs(entries: &[Entry]) -> Vec<u64> {
 }
 
 fn assert_conflict(r: Result<(), StoreError>, what: &str) {
+    match r {
+        Err(StoreError::Conflict { .. }) => {}
+        other => panic!("{what}: expected Conflict, got {other:?}"),
+    }
+}
+
+fn assert_lost<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    match r {
+        Err(StoreError::Lost { .. }) => {}
+        other => panic!("{what}: expected Lost, got {other:?}"),
+    }
+}
+
+fn assert_conflicts<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
     match r {
         Err(StoreError::Conflict { .. }) => {}
         other => panic!("{what}: expected Conflict, got {other:?}"),
@@ -1687,6 +1722,209 @@ mod cases {
         );
     }
 
+    /// The writer's path: `start` records the stream, its key binding and
+    /// its first entries at once; `append_at` follows, events, gaps and the
+    /// end alike, and refuses a batch that does not follow.
+    pub async fn writer_starts_and_appends_at(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = StreamId::random();
+        let meta = sample_meta(s);
+        let key = KeyRef {
+            route: "/api/chat#c".into(),
+            key: "chat-1".into(),
+        };
+        let mut w = f.peer.watch(s).await.unwrap();
+        let first = f
+            .store
+            .start(&meta, Some(&key), &events(1..=3))
+            .await
+            .unwrap();
+        assert_eq!(first.last, Seq(3));
+        assert!(first.records >= 1);
+        wakes(&mut w, "the wake-up of a start").await;
+        assert_eq!(f.peer.meta(s).await.unwrap(), Some(meta.clone()));
+        assert_eq!(f.peer.resolve_key(&key).await.unwrap(), Some(s));
+        assert_eq!(f.peer.read(s, Seq::ZERO, 10).await.unwrap(), events(1..=3));
+
+        let more = f
+            .store
+            .append_at(s, first.records, &events(4..=300))
+            .await
+            .unwrap();
+        assert_eq!(more.last, Seq(300));
+        assert!(more.records > first.records);
+        let gapped = f
+            .store
+            .append_at(s, more.records, &[gap(301, 305)])
+            .await
+            .unwrap();
+        assert_eq!(gapped.last, Seq(305));
+        assert!(f.peer.meta(s).await.unwrap().unwrap().lost_history);
+        assert_conflicts(
+            f.store.append_at(s, gapped.records, &events(5..=5)).await,
+            "an append that does not follow",
+        );
+        let ended = f
+            .store
+            .append_at(
+                s,
+                gapped.records,
+                &[ev(306, "last"), end(307, Outcome::Completed)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ended.last, Seq(307));
+        let all = f.peer.read(s, Seq::ZERO, 1000).await.unwrap();
+        assert_eq!(all.len(), 300 + 1 + 2);
+        assert_eq!(all.last(), Some(&end(307, Outcome::Completed)));
+        assert_eq!(
+            f.peer.read(s, Seq(306), 10).await.unwrap(),
+            vec![end(307, Outcome::Completed)]
+        );
+        assert!(f.peer.read(s, Seq(307), 10).await.unwrap().is_empty());
+        assert_eq!(f.peer.last_seq(s).await.unwrap(), Seq(307));
+        assert_eq!(
+            f.peer.meta(s).await.unwrap().unwrap().end,
+            Some((Seq(307), Outcome::Completed))
+        );
+        assert_conflicts(
+            f.store
+                .append_at(s, ended.records, &events(308..=310))
+                .await,
+            "an append after the end",
+        );
+
+        // Started before any event: the record first, the entries later.
+        let empty = StreamId::random();
+        let w0 = f.store.start(&sample_meta(empty), None, &[]).await.unwrap();
+        assert_eq!(w0.last, Seq::ZERO);
+        assert!(f.peer.meta(empty).await.unwrap().is_some());
+        let w1 = f
+            .store
+            .append_at(empty, w0.records, &events(1..=2))
+            .await
+            .unwrap();
+        assert_eq!(w1.last, Seq(2));
+        assert_eq!(
+            f.peer.read(empty, Seq::ZERO, 10).await.unwrap(),
+            events(1..=2)
+        );
+
+        // A whole stream in its first batch.
+        let short = StreamId::random();
+        let failed = Outcome::Failed {
+            reason: FailReason::UpstreamReset,
+            message: "reset".into(),
+        };
+        f.store
+            .start(
+                &sample_meta(short),
+                None,
+                &[ev(1, "only"), end(2, failed.clone())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            f.peer.meta(short).await.unwrap().unwrap().end,
+            Some((Seq(2), failed.clone()))
+        );
+        assert_eq!(
+            f.peer.read(short, Seq::ZERO, 10).await.unwrap(),
+            vec![ev(1, "only"), end(2, failed)]
+        );
+        assert_eq!(f.peer.last_seq(short).await.unwrap(), Seq(2));
+    }
+
+    /// A store that lost a stream (a restart without persistence, a
+    /// failover to a replica lacking the last writes) tells its writer,
+    /// which can start it again and rewrite it.
+    pub async fn a_writer_learns_the_store_lost_its_stream(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let s = StreamId::random();
+        let meta = sample_meta(s);
+        let w = f.store.start(&meta, None, &events(1..=5)).await.unwrap();
+        let w = f
+            .store
+            .append_at(s, w.records, &events(6..=8))
+            .await
+            .unwrap();
+        f.lose(s).await;
+        assert_lost(
+            f.store.append_at(s, w.records, &events(9..=9)).await,
+            "an append to a stream the store lost",
+        );
+        assert_lost(
+            f.store
+                .append_at(s, w.records, &[ev(9, "x"), end(10, Outcome::Completed)])
+                .await,
+            "an ending append to a stream the store lost",
+        );
+        // Started again and rewritten: every entry once.
+        let again = f.store.start(&meta, None, &events(1..=9)).await.unwrap();
+        assert_eq!(again.last, Seq(9));
+        assert_eq!(f.peer.read(s, Seq::ZERO, 100).await.unwrap(), events(1..=9));
+        if backend != Backend::Memory {
+            // Only the last record lost (a replica lacking the last write):
+            // the next append finds fewer records than were appended.
+            let port_entries = format!("{}{{{s}}}:e", f.opts.key_prefix);
+            for port in f.ports() {
+                raw_command(port, &["XDEL", &port_entries, "9-0"])
+                    .await
+                    .unwrap();
+            }
+            assert_lost(
+                f.store.append_at(s, again.records, &events(10..=10)).await,
+                "an append after the store lost the last record",
+            );
+        }
+    }
+
+    /// After another instance ended an abandoned stream, its old writer's
+    /// appends are refused, whatever their seqs: the terminal entry fences
+    /// them off.
+    pub async fn abandoned_end_fences_the_writer_path(backend: Backend) {
+        let f = Fixture::new(backend, default_options()).await;
+        let lost = Outcome::Failed {
+            reason: FailReason::ProducerLost,
+            message: "the producing instance stopped renewing its lease".into(),
+        };
+        let t = now_ms();
+        let s = StreamId::random();
+        let meta = StreamMeta {
+            lease_owner: Some("a".into()),
+            lease_until_ms: Some(t + 1_000),
+            ..sample_meta(s)
+        };
+        let w = f.store.start(&meta, None, &events(1..=2)).await.unwrap();
+        assert_eq!(
+            f.peer.end_if_abandoned(s, t + 1_001, &lost).await.unwrap(),
+            Some(Seq(3))
+        );
+        // A batch of the stale writer whose seqs go past the end.
+        assert_conflicts(
+            f.store.append_at(s, w.records, &events(3..=5)).await,
+            "the stale writer's events after the abandoned end",
+        );
+        assert_conflicts(
+            f.store.append_at(s, w.records, &events(3..=3)).await,
+            "the stale writer's event after the abandoned end",
+        );
+        assert_conflicts(
+            f.store
+                .append_at(s, w.records, &[ev(3, "x"), end(4, Outcome::Completed)])
+                .await,
+            "the stale writer's end after the abandoned end",
+        );
+        let mut all = events(1..=2);
+        all.push(end(3, lost.clone()));
+        assert_eq!(f.peer.read(s, Seq::ZERO, 100).await.unwrap(), all);
+        assert_eq!(f.peer.last_seq(s).await.unwrap(), Seq(3));
+        assert_eq!(
+            f.peer.meta(s).await.unwrap().unwrap().end,
+            Some((Seq(3), lost))
+        );
+    }
+
     pub async fn ping_answers(backend: Backend) {
         let f = Fixture::new(backend, default_options()).await;
         let rtt = f.store.ping().await.unwrap();
@@ -1757,6 +1995,9 @@ conformance!(
     concurrent_retries_of_one_claim_append_once,
     sliding_expiry_slides_with_touches,
     last_seq_is_the_last_covered_seq,
+    writer_starts_and_appends_at,
+    a_writer_learns_the_store_lost_its_stream,
+    abandoned_end_fences_the_writer_path,
     ping_answers,
 );
 

@@ -149,7 +149,7 @@ async fn resume_by_key(
         ),
         Some(n) => (Position::FromTail(n.unsigned_abs()), Via::KeyIndex),
     };
-    match relay.store.resolve_key(&key).await? {
+    match relay.hub.resolve_key(&*relay.store, &key).await? {
         Some(stream) => {
             resume::resume(relay, stream, pos, via, headers, route.signals.fixed()).await
         }
@@ -203,7 +203,7 @@ async fn cancel_by_key(
     headers: &HeaderMap,
 ) -> Result<Response<Body>, RelayError> {
     let key = route_key(relay, route, headers, key);
-    match relay.store.resolve_key(&key).await? {
+    match relay.hub.resolve_key(&*relay.store, &key).await? {
         Some(stream) => crate::cancel::cancel(relay, stream, headers).await,
         None => Err(RelayError::NotFound {
             code: "stream_not_found",

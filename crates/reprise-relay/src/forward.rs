@@ -262,16 +262,12 @@ pub(crate) async fn forward(
         route: format!("{}#{caller}", route.path),
         key,
     });
-    let registered = recorder::register(relay, &meta, key_ref.as_ref()).await;
-    recorder::spawn(
-        relay,
-        live.clone(),
-        resp_body,
-        coding,
-        meta,
-        key_ref,
-        registered,
-    );
+    // Until the writer has stored the binding (with the first events),
+    // this instance resolves the key from memory.
+    if let Some(key) = &key_ref {
+        relay.hub.key_pending(key, stream);
+    }
+    recorder::spawn(relay, live.clone(), resp_body, coding, meta, key_ref);
 
     resp_parts.headers.remove(header::CONTENT_LENGTH);
     // Readers get the decoded stream (with Reprise's ids), as every resume does.

@@ -3,9 +3,9 @@
 //! known to be down.
 //!
 //! Readers of [`StoreHealth`]: `/_reprise/readyz` (answers from it at once,
-//! never with a store call), the rate limiter and the start of a recording
-//! (`ratelimit`, `recorder::register`, `proxy`'s `Idempotency-Key` claim),
-//! which skip the store while it is [`StoreHealth::is_known_down`], and the
+//! never with a store call), the rate limiter and the `Idempotency-Key`
+//! claim (`ratelimit`, `idempotency`), which skip the store while it is
+//! [`StoreHealth::is_known_down`], and the
 //! `reprise_store_up` gauge.
 //!
 //! The probe ([`spawn_probe`], one task per relay, stopped by the shutdown's stop)
@@ -240,6 +240,22 @@ mod tests {
             Err(unused())
         }
         async fn append(&self, _: StreamId, _: &[Entry]) -> Result<(), StoreError> {
+            Err(unused())
+        }
+        async fn start(
+            &self,
+            _: &StreamMeta,
+            _: Option<&KeyRef>,
+            _: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
+            Err(unused())
+        }
+        async fn append_at(
+            &self,
+            _: StreamId,
+            _: u64,
+            _: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
             Err(unused())
         }
         async fn append_checked(

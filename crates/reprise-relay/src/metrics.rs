@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use reprise_core::{Outcome, Seq, StreamId};
-use reprise_store::{Entry, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher};
+use reprise_store::{Entry, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher, Written};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -352,6 +352,26 @@ impl Store for InstrumentedStore {
     }
     async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
         timed!(self, "append", self.inner.append(stream, entries))
+    }
+    async fn start(
+        &self,
+        meta: &StreamMeta,
+        key: Option<&KeyRef>,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        timed!(self, "start", self.inner.start(meta, key, entries))
+    }
+    async fn append_at(
+        &self,
+        stream: StreamId,
+        records: u64,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        timed!(
+            self,
+            "append",
+            self.inner.append_at(stream, records, entries)
+        )
     }
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {
         timed!(self, "meta", self.inner.meta(stream))

@@ -15,11 +15,14 @@
 //! unknown stream in the route's explicit `signals` setting (else `reprise`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use reprise_core::outcome::Signal;
 use reprise_core::wire::sse_signal;
 use reprise_core::{Cursor, Dialect, Epoch, Outcome, Seq, StreamId};
+use reprise_store::StreamMeta;
+use tokio::time::Instant;
 
 use crate::auth::is_owner;
 use crate::body::{empty, full, Body};
@@ -132,7 +135,7 @@ async fn answer(
             meta: None,
         },
         // Concurrent resumes of one stream share the lookup.
-        None => match relay.hub.meta(&*relay.store, stream).await? {
+        None => match meta_soon(relay, stream).await? {
             Some(meta) => Known {
                 owner: Some(Owner {
                     route: meta.route.clone(),
@@ -227,6 +230,52 @@ async fn answer(
     sse_headers(h, stream);
     add_tail_index(&mut resp, tail);
     Ok((resp, "ok"))
+}
+
+/// How long after a stream's response started (on another instance) its
+/// metadata may still be missing from the store, beyond `streams.store_linger`:
+/// the writer stores it with the first events, one round trip later.
+const META_GRACE: Duration = Duration::from_millis(250);
+
+/// Polling interval while waiting for a stream's metadata, between its
+/// notifications.
+const META_POLL: Duration = Duration::from_millis(25);
+
+/// The stream's metadata from the store. A stream started on another
+/// instance a moment ago has none yet (its writer stores it with the first
+/// events, up to `streams.store_linger` later): an unknown stream is looked
+/// for again, on its notifications and every [`META_POLL`], for up to
+/// `store_linger` + [`META_GRACE`] before it counts as unknown. Not with the
+/// embedded store, which is this process's own (the hub holds every stream
+/// it started).
+async fn meta_soon(relay: &Relay, stream: StreamId) -> Result<Option<StreamMeta>, RelayError> {
+    if let Some(meta) = relay.hub.meta(&*relay.store, stream).await? {
+        return Ok(Some(meta));
+    }
+    if relay.store.kind() == "memory" {
+        return Ok(None);
+    }
+    let deadline = Instant::now() + relay.config.streams.store_linger + META_GRACE;
+    let mut watcher = relay.store.watch(stream).await.ok();
+    loop {
+        if let Some(meta) = relay.hub.meta(&*relay.store, stream).await? {
+            return Ok(Some(meta));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let notified = async {
+            match watcher.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(left.min(META_POLL)) => {}
+        }
+    }
 }
 
 /// Whether the request with `headers` may read a stream started by

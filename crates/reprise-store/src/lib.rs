@@ -56,6 +56,13 @@ pub enum StoreError {
     /// `NOAUTH`): a configuration error, which retrying does not mend.
     #[error("store refused the credentials: {0}")]
     AuthFailed(String),
+    /// The store holds less of a stream than its writer appended (its
+    /// metadata, or entries the writer was told were written, are gone: a
+    /// failover to a replica lacking the last writes, a restart without
+    /// persistence, a flush). Nothing of the failed call was kept; the
+    /// writer starts the stream again ([`Store::start`]) and rewrites it.
+    #[error("store lost stream {stream}: {detail}")]
+    Lost { stream: StreamId, detail: String },
 }
 
 impl StoreError {
@@ -112,6 +119,20 @@ pub struct StreamMeta {
     /// `history_lost` of the stream in this dialect.
     #[serde(default)]
     pub signals: Option<Dialect>,
+}
+
+/// Where a stream stands in the store after a successful [`Store::start`]
+/// or [`Store::append_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Written {
+    /// The last seq the stream's stored entries cover.
+    pub last: Seq,
+    /// How many records the backend holds for the stream's entries (a
+    /// backend may store several entries in one record): the writer hands it
+    /// back to the next [`Store::append_at`], which reports
+    /// [`StoreError::Lost`] if the store holds fewer. `0` means unknown (no
+    /// check).
+    pub records: u64,
 }
 
 /// What a successful [`Store::renew_lease`] tells the producer.
@@ -218,6 +239,37 @@ pub trait Store: Send + Sync + 'static {
     /// fails with [`StoreError::Conflict`] and writes nothing. Notifies
     /// watchers.
     async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError>;
+
+    /// Starts (or starts again) a stream with its first entries, in one
+    /// round trip: drops whatever the store holds of it, records `meta`,
+    /// binds `key` to it if given, then appends `entries` (which may be
+    /// empty) from seq 1 as [`Store::append`] does. The writer of a stream
+    /// calls it instead of [`Store::create`] and [`Store::bind_key`] before
+    /// its first append, so no store call waits before a response starts;
+    /// and again after [`StoreError::Lost`], to rewrite the stream.
+    async fn start(
+        &self,
+        meta: &StreamMeta,
+        key: Option<&KeyRef>,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError>;
+
+    /// [`Store::append`] by the stream's writer, which knows how many
+    /// `records` it left the stream with ([`Written::records`] of its last
+    /// call, `0` for unknown). Fails with [`StoreError::Lost`], writing
+    /// nothing, if the stream's metadata is gone or the store holds fewer
+    /// records than that; with [`StoreError::Conflict`] if the batch starts
+    /// at or before the last stored seq (an earlier append applied whose
+    /// answer was lost), or the stream has ended (its terminal entry fences
+    /// every later append). Unlike [`Store::append`], a batch that starts
+    /// past the next seq is not refused by every backend (Redis appends
+    /// events with `XADD` alone): the writer never skips.
+    async fn append_at(
+        &self,
+        stream: StreamId,
+        records: u64,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError>;
 
     /// The stream's metadata, `None` if unknown or expired.
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError>;

@@ -34,6 +34,7 @@ use reprise_core::{Dialect, Outcome, Seq, StreamId};
 use crate::writers::{Checked, WriterChecks, Writers};
 use crate::{
     Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StoreOptions, StreamMeta, Watcher,
+    Written,
 };
 
 /// Bookkeeping bytes charged per entry on top of its payload, so that a flood
@@ -246,6 +247,27 @@ impl MemoryStore {
     /// periodically).
     pub fn sweep(&self) {
         self.shared.sweep(Instant::now());
+    }
+
+    /// Drops a stream as a restart without persistence would (a test hook:
+    /// the embedded store never loses a stream by itself). Its writer's next
+    /// [`Store::append_at`] fails with [`StoreError::Lost`].
+    pub fn forget(&self, stream: StreamId) -> bool {
+        self.shared.remove_if(stream, |_| true)
+    }
+
+    /// Where the stream stands after a write (see [`Written`]).
+    fn written(&self, stream: StreamId) -> Written {
+        match self.shared.alive(stream) {
+            Some(handle) => {
+                let st = lock(&handle);
+                Written {
+                    last: st.entries.last().map_or(Seq::ZERO, Entry::last_seq),
+                    records: st.entries.len() as u64,
+                }
+            }
+            None => Written::default(),
+        }
     }
 }
 
@@ -546,6 +568,44 @@ impl Store for MemoryStore {
 
     async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
         self.append_inner(stream, entries, None).map(|_| ())
+    }
+
+    async fn start(
+        &self,
+        meta: &StreamMeta,
+        key: Option<&KeyRef>,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        self.create(meta).await?;
+        if let Some(key) = key {
+            self.bind_key(key, meta.id).await?;
+        }
+        self.append_inner(meta.id, entries, None)?;
+        Ok(self.written(meta.id))
+    }
+
+    async fn append_at(
+        &self,
+        stream: StreamId,
+        records: u64,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        let held = self
+            .shared
+            .alive(stream)
+            .map(|handle| lock(&handle).entries.len() as u64);
+        let lost = |detail: String| StoreError::Lost { stream, detail };
+        match held {
+            None => return Err(lost("unknown or expired stream".into())),
+            Some(held) if held < records => {
+                return Err(lost(format!(
+                    "the store holds {held} entries, the writer appended {records}"
+                )))
+            }
+            Some(_) => {}
+        }
+        self.append_inner(stream, entries, None)?;
+        Ok(self.written(stream))
     }
 
     async fn append_checked(

@@ -13,8 +13,9 @@
 //! | key | type | content |
 //! |-----|------|---------|
 //! | `P{<sid>}:m` | hash | metadata: `id`, `epoch`, `created_ms`, `route`, `format`, `headers` (JSON), `end` (JSON `[seq, outcome]`, once finished), `k` (name of the key binding pointing here, if any), `gaps` (number of gap entries, if any: the stream has lost history), `lease_owner` and `lease_until_ms` (the producer lease, if any), `cancel` (`1` once a cancel was requested), `signals` (the dialect of in-band signals, once decided; absent means `reprise`) |
-//! | `P{<sid>}:e` | stream | Redis stream entries with explicit ids `<seq>-0`, the last seq each covers, and one field: `p` = a **pack** of consecutive events (see below), `e` = one event's bytes, `x` = outcome JSON for the terminal entry, or `g` = first seq of a gap (see below) |
+//! | `P{<sid>}:e` | stream | Redis stream entries with explicit ids `<seq>-0`, the last seq each covers, and one field: `p` = a **pack** of consecutive events (see below), `e` = one event's bytes, `g` = first seq of a gap (see below), or, for the terminal entry, `f` = JSON `[seq, outcome]` under the largest possible id (see below) |
 //! | `P{<sid>}:n` | shard channel | `SPUBLISH`ed after every append: the last seq covered |
+//! | `P{<sid>}:w` | hash | Durable Streams writer state (`append_checked`, `sliding_expiry`) |
 //! | `Pk:<b64(route)>:<b64(key)>` | string | key binding: the latest stream id for that route and key (unpadded base64url, so any bytes are safe and routes cannot collide with keys) |
 //!
 //! A gap entry covering seqs `S..=U` ([`EntryBody::Gap`]) is stored under
@@ -24,6 +25,16 @@
 //! `XRANGE <after+1>-0 +` returns exactly the entries whose last covered seq
 //! is greater than `after`, including a gap that contains `after`. A read
 //! needs no second command to find a gap that started before its position.
+//!
+//! The terminal entry (an end, a failure, `producer_lost`) is stored under
+//! the largest id a Redis stream entry can have,
+//! `18446744073709551615-18446744073709551615`, with its seq in its value:
+//! any later `XADD` fails ("equal or smaller than the target stream top
+//! item", or "exhausted the last possible ID"), so a stale writer — one
+//! whose stream another instance ended with `end_if_abandoned` — cannot
+//! add entries after it, even with plain `XADD`s that check nothing else
+//! (a fence). Reads decode it wherever they meet it; `XRANGE <after+1>-0 +`
+//! always returns it last.
 //!
 //! A pack holds up to [`PACK_MAX`] consecutive events of one append, each
 //! as a 4-byte big-endian length and its bytes, under the id of its last
@@ -38,6 +49,21 @@
 //! ends it is shortened to `retention` if it still points there.
 //!
 //! # Commands
+//!
+//! The relay's writer ([`Store::start`](crate::Store::start) and
+//! [`Store::append_at`](crate::Store::append_at)) runs no function for
+//! events. `start` is one pipeline in the stream's slot — `DEL` of what the
+//! store held of the stream, `HSET` of the metadata (with `k`, the key
+//! binding), `PEXPIRE`, an `XADD` per record, `PEXPIRE` of the entries,
+//! `XLEN`, `SPUBLISH` — and, when a key is bound, a `SET … PX` of the
+//! binding (another slot) at the same time. `append_at` of events is one
+//! pipeline: `XADD key NOMKSTREAM <id> …` per record (ids are seqs, so an
+//! append applied twice or after the terminal entry fails), `XLEN`,
+//! `SPUBLISH`. The store lost the stream if an `XADD NOMKSTREAM` finds no
+//! stream or `XLEN` is below the records the writer appended
+//! ([`StoreError::Lost`](crate::StoreError::Lost)). A batch holding a gap
+//! or the end is one `FCALL` of the library's `append_at`, which checks the
+//! same (`EXISTS`, `XLEN`) and then runs `append`.
 //!
 //! `append` is one `FCALL` per batch (library [`LIBRARY_NAME`], loaded at
 //! connect and again whenever a server answers that it is missing, e.g. after a
@@ -60,7 +86,8 @@
 //! `SPUBLISH`es, and costs one more round trip when a key binding points at
 //! the stream.
 //!
-//! `create` is one pipeline (`DEL` meta and entries, `HSET`, `PEXPIRE`);
+//! `create` (Durable Streams, tests) is one pipeline (`DEL` meta and
+//! entries, `HSET`, `PEXPIRE`);
 //! `read` one `XRANGE <after+1>-0 + COUNT <n>`, or a few when the entries
 //! hold fewer events than asked for (it asks for 8 entries, then for as many
 //! as the remaining events need at the pack size seen); `meta` one `HGETALL`;
@@ -104,7 +131,8 @@
 //! - [`routing`]: keyed commands, following cluster redirections;
 //! - [`notifier`]: live tails (`SSUBSCRIBE` per watched stream);
 //! - [`limits`]: the rate limiter's counters;
-//! - [`error`]: fred errors and library refusals → `StoreError`.
+//! - [`error`]: fred errors, library refusals and Redis's `XADD` refusals
+//!   → `StoreError`.
 
 mod codec;
 mod connection;

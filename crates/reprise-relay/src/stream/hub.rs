@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reprise_core::{FailReason, Format, Outcome, StreamId};
-use reprise_store::{Entry, EntryBody, Store, StoreError, StreamMeta};
+use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,6 +36,10 @@ pub struct Hub {
     /// Metadata lookups in flight, shared by concurrent resumes of one
     /// stream (see [`Hub::meta`]).
     meta_flights: Mutex<HashMap<StreamId, Arc<MetaFlight>>>,
+    /// Key bindings of streams produced here that their writer has not
+    /// stored yet (it stores them with the first events): resolved from
+    /// here meanwhile (see [`Hub::resolve_key`]).
+    pending_keys: Mutex<HashMap<KeyRef, StreamId>>,
 }
 
 /// One shared metadata lookup: the first resume does it, the others wait.
@@ -75,6 +79,7 @@ impl Hub {
             streams: Mutex::default(),
             budget,
             meta_flights: Mutex::default(),
+            pending_keys: Mutex::default(),
         }
     }
 
@@ -101,6 +106,41 @@ impl Hub {
         let mut map = self.map();
         if map.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
             map.remove(&live.id);
+            drop(map);
+            self.pending().retain(|_, id| *id != live.id);
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<KeyRef, StreamId>> {
+        self.pending_keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `key` now points at `stream`, produced here, whose writer has not
+    /// stored the binding yet.
+    pub fn key_pending(&self, key: &KeyRef, stream: StreamId) {
+        self.pending().insert(key.clone(), stream);
+    }
+
+    /// The writer of `stream` stored its key binding: the store answers
+    /// for `key` from now on (a later stream may take the key elsewhere).
+    pub fn key_stored(&self, key: &KeyRef, stream: StreamId) {
+        let mut pending = self.pending();
+        if pending.get(key) == Some(&stream) {
+            pending.remove(key);
+        }
+    }
+
+    /// The stream `key` points at: a stream started here whose binding is
+    /// not stored yet, else the store's binding.
+    pub async fn resolve_key(
+        &self,
+        store: &dyn Store,
+        key: &KeyRef,
+    ) -> Result<Option<StreamId>, StoreError> {
+        let pending = self.pending().get(key).copied();
+        match pending {
+            Some(stream) => Ok(Some(stream)),
+            None => store.resolve_key(key).await,
         }
     }
 
@@ -426,6 +466,22 @@ mod tests {
         }
         async fn append(&self, stream: StreamId, entries: &[Entry]) -> Result<(), StoreError> {
             self.inner.append(stream, entries).await
+        }
+        async fn start(
+            &self,
+            meta: &StreamMeta,
+            key: Option<&KeyRef>,
+            entries: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
+            self.inner.start(meta, key, entries).await
+        }
+        async fn append_at(
+            &self,
+            stream: StreamId,
+            records: u64,
+            entries: &[Entry],
+        ) -> Result<reprise_store::Written, StoreError> {
+            self.inner.append_at(stream, records, entries).await
         }
         async fn append_checked(
             &self,

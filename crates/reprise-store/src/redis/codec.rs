@@ -102,6 +102,52 @@ pub const PACK_MAX: usize = 128;
 /// Entries the first `XRANGE` of a read asks for.
 pub(super) const FIRST_READ_COUNT: usize = 8;
 
+/// The id of a stream's terminal entry: the largest a Redis stream entry
+/// can have, so that any later `XADD` (a stale writer's) fails. Its field
+/// `f` holds `[seq, outcome]`.
+pub(super) const TERMINAL_ID: &str = "18446744073709551615-18446744073709551615";
+
+/// One Redis stream entry as `XADD` writes it: id, field, value.
+pub(super) struct Record {
+    pub(super) id: String,
+    pub(super) field: &'static str,
+    pub(super) value: Value,
+}
+
+/// The Redis stream entries of a valid batch: a run of events becomes one
+/// pack (up to [`PACK_MAX`] events) under the seq of its last event, a
+/// single event an `e` entry; a gap is stored under its last seq, the end
+/// under [`TERMINAL_ID`].
+pub(super) fn records(entries: &[Entry]) -> Result<Vec<Record>, StoreError> {
+    let mut out = Vec::with_capacity(entries.len().div_ceil(PACK_MAX));
+    let mut rest = entries;
+    while let Some(e) = rest.first() {
+        let run = rest
+            .iter()
+            .take(PACK_MAX)
+            .take_while(|e| matches!(e.body, EntryBody::Event(_)))
+            .count();
+        let (id, field, value): (String, &'static str, Value) = match &e.body {
+            EntryBody::Event(b) if run == 1 => (entry_id(e.seq), "e", Value::Bytes(b.clone())),
+            EntryBody::Event(_) => (
+                entry_id(rest[run - 1].seq),
+                "p",
+                Value::Bytes(pack(&rest[..run])),
+            ),
+            EntryBody::End(o) => (TERMINAL_ID.to_string(), "f", end_record(e.seq, o)?.into()),
+            EntryBody::Gap { upto } => (entry_id(*upto), "g", e.seq.0.to_string().into()),
+        };
+        out.push(Record { id, field, value });
+        rest = &rest[run.max(1)..];
+    }
+    Ok(out)
+}
+
+/// The JSON `[seq, outcome]` of a terminal entry (also the metadata's `end`).
+pub(super) fn end_record(seq: Seq, outcome: &Outcome) -> Result<String, StoreError> {
+    serde_json::to_string(&(seq, outcome)).map_err(corrupt)
+}
+
 /// The Redis stream entry id of the entry ending at `seq`.
 pub(super) fn entry_id(seq: Seq) -> String {
     let mut id = seq.0.to_string();
@@ -177,11 +223,6 @@ pub(super) fn parse_entry(item: Value, out: &mut Vec<Entry>) -> Result<(), Store
         .pop()
         .and_then(|v| v.into_string())
         .ok_or_else(|| corrupt("stream entry id"))?;
-    let last = id
-        .strip_suffix("-0")
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(Seq)
-        .ok_or_else(|| corrupt(format!("stream entry id {id:?} is not <seq>-0")))?;
     let mut fields = match fields {
         Value::Array(f) if f.len() == 2 => f.into_iter(),
         _ => return Err(corrupt(format!("entry {id}: expected one field"))),
@@ -194,12 +235,30 @@ pub(super) fn parse_entry(item: Value, out: &mut Vec<Entry>) -> Result<(), Store
         .next()
         .and_then(|v| v.into_bytes())
         .ok_or_else(|| corrupt(format!("entry {id}: value")))?;
+    if id == TERMINAL_ID && name == "f" {
+        // The terminal entry carries its own seq.
+        let (seq, outcome): (Seq, Outcome) = serde_json::from_slice(&value).map_err(corrupt)?;
+        if seq.0 == 0 {
+            return Err(corrupt(format!("terminal entry at seq {}", seq.0)));
+        }
+        out.push(Entry {
+            seq,
+            body: EntryBody::End(outcome),
+        });
+        return Ok(());
+    }
+    let last = id
+        .strip_suffix("-0")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Seq)
+        .ok_or_else(|| corrupt(format!("stream entry id {id:?} is not <seq>-0")))?;
     let entry = match name.as_str() {
         "p" => return unpack(last, value, out),
         "e" => Entry {
             seq: last,
             body: EntryBody::Event(value),
         },
+        // A terminal entry of library version 5 and before.
         "x" => Entry {
             seq: last,
             body: EntryBody::End(serde_json::from_slice(&value).map_err(corrupt)?),
@@ -308,6 +367,14 @@ mod tests {
         assert_eq!(e.seq, Seq(4));
         assert_eq!(e.body, EntryBody::Gap { upto: Seq(9) });
         assert_eq!(e.last_seq(), Seq(9));
+        // The terminal entry sits at the largest id and names its seq.
+        let terminal = Value::Array(vec![
+            TERMINAL_ID.into(),
+            Value::Array(vec!["f".into(), r#"[12,{"status":"completed"}]"#.into()]),
+        ]);
+        let e = parse_one(terminal).unwrap();
+        assert_eq!(e.seq, Seq(12));
+        assert_eq!(e.body, EntryBody::End(Outcome::Completed));
         for bad in [
             Value::Array(vec![
                 "7-1".into(),

@@ -1,4 +1,20 @@
-#!lua name=reprise_store_5
+#!lua name=reprise_store_6
+
+-- The terminal entry's id: the largest a stream entry can have, so that any
+-- later XADD fails (a fence against a stale writer). Its field `f` holds
+-- '[seq, outcome]'.
+local TERMINAL_ID = '18446744073709551615-18446744073709551615'
+
+-- The last seq a stream's entries cover (0 if none): the top id, or the
+-- terminal entry's own seq.
+local function top_seq(entries)
+  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
+  if #top == 0 then return 0 end
+  if top[1][1] == TERMINAL_ID then
+    return tonumber(string.match(top[1][2][2], '^%[(%d+),'))
+  end
+  return tonumber(string.match(top[1][1], '^(%d+)-'))
+end
 
 -- Append a batch of entries to a stream, atomically.
 -- KEYS: metadata hash, entries stream.
@@ -8,7 +24,8 @@
 --       that never exists), then for each entry: its id, its field name,
 --       its value.
 --       Entry ids are the last seq each entry covers (a pack's last event,
---       a gap's `upto`); packs are built and unpacked by the relay.
+--       a gap's `upto`), TERMINAL_ID for the end; packs are built and
+--       unpacked by the relay.
 -- Returns the key binding pointing at the stream when the batch ends it.
 local function append(keys, args)
   local meta, entries, channel = keys[1], keys[2], args[6]
@@ -21,11 +38,7 @@ local function append(keys, args)
     return redis.error_reply('REPRISE_CONFLICT stream already ended')
   end
   -- The top id is the last covered seq, a pack's or a gap's included.
-  local stored = 0
-  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
-  if #top > 0 then
-    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
-  end
+  local stored = top_seq(entries)
   if stored + 1 ~= tonumber(args[1]) then
     return redis.error_reply('REPRISE_CONFLICT append at seq ' .. args[1] ..
       ' but the last stored seq is ' .. stored)
@@ -53,6 +66,31 @@ local function append(keys, args)
   end
   redis.call('SPUBLISH', channel, args[2])
   return binding
+end
+
+-- `append` by the stream's writer, which knows how many records it left
+-- the stream with: refused as lost if the metadata is gone or the stream
+-- holds fewer records (a failover to a replica lacking the last writes, a
+-- restart without persistence).
+-- KEYS: metadata hash, entries stream.
+-- ARGV: the records the writer expects (0: no check), then `append`'s ARGV.
+-- Returns {key binding or '' (as `append`), records now held}.
+local function append_at(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return redis.error_reply('REPRISE_LOST unknown or expired stream')
+  end
+  local held = redis.call('XLEN', keys[2])
+  if held < tonumber(args[1]) then
+    return redis.error_reply('REPRISE_LOST the store holds ' .. held ..
+      ' records, the writer appended ' .. args[1])
+  end
+  local rest = {}
+  for i = 2, #args do rest[#rest + 1] = args[i] end
+  local binding = append(keys, rest)
+  if type(binding) == 'table' and binding.err then
+    return binding
+  end
+  return {binding or '', redis.call('XLEN', keys[2])}
 end
 
 -- Remember which key binding points at a stream, if the stream exists.
@@ -117,13 +155,8 @@ local function end_if_abandoned(keys, args)
   if not lease_until or tonumber(lease_until) >= tonumber(args[1]) then
     return false
   end
-  local stored = 0
-  local top = redis.call('XREVRANGE', entries, '+', '-', 'COUNT', 1)
-  if #top > 0 then
-    stored = tonumber(string.match(top[1][1], '^(%d+)-'))
-  end
-  local seq = string.format('%d', stored + 1)
-  redis.call('XADD', entries, seq .. '-0', 'x', args[3])
+  local seq = string.format('%d', top_seq(entries) + 1)
+  redis.call('XADD', entries, TERMINAL_ID, 'f', '[' .. seq .. ',' .. args[3] .. ']')
   redis.call('HSET', meta, 'end', '[' .. seq .. ',' .. args[3] .. ']')
   redis.call('PEXPIRE', meta, args[2])
   redis.call('PEXPIRE', entries, args[2])
@@ -226,11 +259,12 @@ local function sliding_expiry(keys, args)
   return 1
 end
 
-redis.register_function('reprise_store_5_append', append)
-redis.register_function('reprise_store_5_renew_lease', renew_lease)
-redis.register_function('reprise_store_5_request_cancel', request_cancel)
-redis.register_function('reprise_store_5_end_if_abandoned', end_if_abandoned)
-redis.register_function('reprise_store_5_note_binding', note_binding)
-redis.register_function('reprise_store_5_end_binding', end_binding)
-redis.register_function('reprise_store_5_checked_append', checked_append)
-redis.register_function('reprise_store_5_sliding_expiry', sliding_expiry)
+redis.register_function('reprise_store_6_append', append)
+redis.register_function('reprise_store_6_append_at', append_at)
+redis.register_function('reprise_store_6_renew_lease', renew_lease)
+redis.register_function('reprise_store_6_request_cancel', request_cancel)
+redis.register_function('reprise_store_6_end_if_abandoned', end_if_abandoned)
+redis.register_function('reprise_store_6_note_binding', note_binding)
+redis.register_function('reprise_store_6_end_binding', end_binding)
+redis.register_function('reprise_store_6_checked_append', checked_append)
+redis.register_function('reprise_store_6_sliding_expiry', sliding_expiry)

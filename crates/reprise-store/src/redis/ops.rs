@@ -13,14 +13,16 @@ use reprise_core::{Dialect, Outcome, Seq, StreamId};
 
 use super::codec::*;
 use super::connection::RedisStore;
-use super::error::{conflict_or, corrupt, map_err};
+use super::error::{append_refusal, conflict_or, corrupt, map_err};
 use super::functions::*;
 use super::notifier::Notifier;
 use super::routing::Cmd;
 use super::RedisLimiter;
 use crate::memory::validate_batch;
 use crate::writers::{Checked, WriterChecks};
-use crate::{Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher};
+use crate::{
+    Entry, EntryBody, KeyRef, LeaseRenewal, Store, StoreError, StreamMeta, Watcher, Written,
+};
 
 impl RedisStore {
     /// Runs one keyed command (see [`routing`]) and answers its reply.
@@ -127,64 +129,34 @@ impl RedisStore {
             return Ok(head);
         };
         let end_record = match &last.body {
-            EntryBody::End(outcome) => {
-                serde_json::to_string(&(last.seq, outcome)).map_err(corrupt)?
-            }
+            EntryBody::End(outcome) => end_record(last.seq, outcome)?,
             EntryBody::Event(_) | EntryBody::Gap { .. } => String::new(),
         };
+        let records = records(entries)?;
         let mut args = head;
-        args.reserve(6 + 3 * entries.len().min(PACK_MAX));
+        args.reserve(6 + 3 * records.len());
         args.push(first.seq.0.to_string().into());
         args.push(last.last_seq().0.to_string().into());
         args.push(self.live_ttl_ms().into());
         args.push(self.retention_ms().into());
         args.push(end_record.into());
         args.push(k.channel.as_str().into());
-        let mut rest = entries;
-        while let Some(e) = rest.first() {
-            // A run of events becomes one pack (up to PACK_MAX events) under
-            // the seq of its last event; gaps and the end stay entries of
-            // their own. Every entry is stored under the last seq it covers.
-            let run = rest
-                .iter()
-                .take(PACK_MAX)
-                .take_while(|e| matches!(e.body, EntryBody::Event(_)))
-                .count();
-            let (id, field, value): (Seq, &'static str, Value) = match &e.body {
-                EntryBody::Event(b) if run == 1 => (e.seq, "e", Value::Bytes(b.clone())),
-                EntryBody::Event(_) => (rest[run - 1].seq, "p", Value::Bytes(pack(&rest[..run]))),
-                EntryBody::End(o) => (
-                    e.seq,
-                    "x",
-                    serde_json::to_string(o).map_err(corrupt)?.into(),
-                ),
-                EntryBody::Gap { upto } => (*upto, "g", e.seq.0.to_string().into()),
-            };
-            args.push(entry_id(id).into());
-            args.push(field.into());
-            args.push(value);
-            rest = &rest[run.max(1)..];
+        for r in records {
+            args.push(r.id.into());
+            args.push(r.field.into());
+            args.push(r.value);
         }
         Ok(args)
     }
 
-    async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
-        self.inner
-            .notifier
-            .get_or_try_init(|| Notifier::start(&self.inner))
-            .await
-    }
-}
-
-#[async_trait]
-impl Store for RedisStore {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-
-    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
-        self.ready()?;
-        let k = self.keys(meta.id);
+    /// The `HSET` arguments recording `meta` (with `binding`, the name of
+    /// the key binding pointing at the stream, if any).
+    fn meta_hset(
+        &self,
+        k: &StreamKeys,
+        meta: &StreamMeta,
+        binding: Option<&str>,
+    ) -> Result<Vec<Value>, StoreError> {
         let headers = serde_json::to_string(&meta.headers).map_err(corrupt)?;
         let mut fields: Vec<(&str, String)> = vec![
             ("id", meta.id.to_string()),
@@ -215,14 +187,132 @@ impl Store for RedisStore {
         if let Some(signals) = meta.signals {
             fields.push(("signals", signals.as_str().into()));
         }
-        // Creating an id that exists replaces the stream, entries included,
-        // so a re-created stream never inherits an old `end` or old entries.
+        if let Some(binding) = binding {
+            fields.push(("k", binding.to_string()));
+        }
         let mut hset: Vec<Value> = Vec::with_capacity(1 + 2 * fields.len());
         hset.push(k.meta.as_str().into());
         for (name, value) in fields {
             hset.push(name.into());
             hset.push(value.into());
         }
+        Ok(hset)
+    }
+
+    /// The `XADD`s of `records`; `NOMKSTREAM` unless the stream may be new.
+    fn xadds(k: &StreamKeys, records: Vec<Record>, may_create: bool) -> Vec<Cmd> {
+        records
+            .into_iter()
+            .map(|r| {
+                let mut args: Vec<Value> = Vec::with_capacity(5);
+                args.push(k.entries.as_str().into());
+                if !may_create {
+                    args.push("NOMKSTREAM".into());
+                }
+                args.push(r.id.into());
+                args.push(r.field.into());
+                args.push(r.value);
+                Cmd::new("XADD", args)
+            })
+            .collect()
+    }
+
+    /// A batch of events only, appended without a function call: one
+    /// pipeline of an `XADD` per record, `XLEN` and `SPUBLISH`. The store
+    /// lost the stream if an `XADD NOMKSTREAM` finds no stream, or if it
+    /// holds fewer records than the writer appended.
+    async fn append_events(
+        &self,
+        stream: StreamId,
+        records_before: u64,
+        entries: &[Entry],
+        last: Seq,
+    ) -> Result<Written, StoreError> {
+        let k = self.keys(stream);
+        let recs = records(entries)?;
+        let added = recs.len() as u64;
+        // Without a known count the stream may be new (started empty): the
+        // metadata then decides, and the entries get their lifetime.
+        let unknown = records_before == 0;
+        let mut cmds = Self::xadds(&k, recs, unknown);
+        let n_xadds = cmds.len();
+        if unknown {
+            cmds.push(Cmd::new(
+                "PEXPIRE",
+                vec![
+                    k.entries.as_str().into(),
+                    self.live_ttl_ms().into(),
+                    "NX".into(),
+                ],
+            ));
+            cmds.push(Cmd::new("EXISTS", vec![k.meta.as_str().into()]));
+        }
+        cmds.push(Cmd::new("XLEN", vec![k.entries.as_str().into()]));
+        cmds.push(Cmd::new(
+            "SPUBLISH",
+            vec![k.channel.as_str().into(), last.0.to_string().into()],
+        ));
+        let replies = self
+            .inner
+            .router
+            .run_each(&self.inner.write_opts, &k.entries, &cmds)
+            .await
+            .map_err(map_err)?;
+        let lost = |detail: String| StoreError::Lost { stream, detail };
+        let mut replies = replies.into_iter();
+        for reply in replies.by_ref().take(n_xadds) {
+            match reply {
+                Ok(Value::Null) => return Err(lost("no entries stream".into())),
+                Ok(_) => {}
+                Err(e) => return Err(append_refusal(stream, e)),
+            }
+        }
+        if unknown {
+            let _expire = replies.next();
+            let exists = replies.next().unwrap_or(Ok(Value::Null));
+            if exists.map_err(map_err)?.as_i64() != Some(1) {
+                return Err(lost("unknown or expired stream".into()));
+            }
+        }
+        let held = replies
+            .next()
+            .unwrap_or(Ok(Value::Null))
+            .map_err(map_err)?
+            .as_u64()
+            .ok_or_else(|| corrupt("XLEN answered no number"))?;
+        if held < records_before + added {
+            return Err(lost(format!(
+                "the store holds {held} records, the writer appended {}",
+                records_before + added
+            )));
+        }
+        self.after_append(stream, last, None).await;
+        Ok(Written {
+            last,
+            records: held,
+        })
+    }
+
+    async fn notifier(&self) -> Result<&Arc<Notifier>, StoreError> {
+        self.inner
+            .notifier
+            .get_or_try_init(|| Notifier::start(&self.inner))
+            .await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn create(&self, meta: &StreamMeta) -> Result<(), StoreError> {
+        self.ready()?;
+        let k = self.keys(meta.id);
+        let hset = self.meta_hset(&k, meta, None)?;
+        // Creating an id that exists replaces the stream, entries included,
+        // so a re-created stream never inherits an old `end` or old entries.
         let cmds = [
             Cmd::new(
                 "DEL",
@@ -258,10 +348,169 @@ impl Store for RedisStore {
         let binding = self
             .fcall(true, FN_APPEND, keys, args)
             .await
-            .map_err(|e| conflict_or(stream, e))?;
+            .map_err(|e| append_refusal(stream, e))?;
         self.after_append(stream, last.last_seq(), binding.into_string())
             .await;
         Ok(())
+    }
+
+    async fn start(
+        &self,
+        meta: &StreamMeta,
+        key: Option<&KeyRef>,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        validate_batch(meta.id, entries)?;
+        if entries.first().is_some_and(|e| e.seq != Seq(1)) {
+            return Err(StoreError::Conflict {
+                stream: meta.id,
+                detail: "a stream starts at seq 1".into(),
+            });
+        }
+        self.ready()?;
+        let k = self.keys(meta.id);
+        let binding = key.map(|key| self.binding_key(key));
+        // Written with the first entries, so the stream's record never
+        // exists without them; and as `create` does, replacing whatever
+        // the store held of the stream.
+        let mut meta = meta.clone();
+        let ended = match entries.last().map(|e| &e.body) {
+            Some(EntryBody::End(outcome)) => {
+                let seq = entries.last().map_or(Seq::ZERO, |e| e.seq);
+                meta.end = Some((seq, outcome.clone()));
+                true
+            }
+            _ => false,
+        };
+        meta.lost_history |= entries
+            .iter()
+            .any(|e| matches!(e.body, EntryBody::Gap { .. }));
+        let ttl: Value = if ended {
+            self.retention_ms().into()
+        } else {
+            self.live_ttl_ms().into()
+        };
+        let last = entries.last().map_or(Seq::ZERO, Entry::last_seq);
+        let mut cmds = vec![
+            Cmd::new(
+                "DEL",
+                vec![
+                    k.meta.as_str().into(),
+                    k.entries.as_str().into(),
+                    k.writers.as_str().into(),
+                ],
+            ),
+            Cmd::new("HSET", self.meta_hset(&k, &meta, binding.as_deref())?),
+            Cmd::new("PEXPIRE", vec![k.meta.as_str().into(), ttl.clone()]),
+        ];
+        let n_head = cmds.len();
+        cmds.extend(Self::xadds(&k, records(entries)?, true));
+        let n_xadds = cmds.len() - n_head;
+        cmds.push(Cmd::new(
+            "PEXPIRE",
+            vec![k.entries.as_str().into(), ttl.clone()],
+        ));
+        cmds.push(Cmd::new("XLEN", vec![k.entries.as_str().into()]));
+        if !entries.is_empty() {
+            cmds.push(Cmd::new(
+                "SPUBLISH",
+                vec![k.channel.as_str().into(), last.0.to_string().into()],
+            ));
+        }
+        let bind = async {
+            let Some(name) = &binding else { return Ok(()) };
+            self.run(
+                &self.inner.read_opts,
+                name,
+                Cmd::new(
+                    "SET",
+                    vec![
+                        name.as_str().into(),
+                        meta.id.to_string().into(),
+                        "PX".into(),
+                        ttl.clone(),
+                    ],
+                ),
+            )
+            .await
+            .map(|_| ())
+        };
+        let write = self
+            .inner
+            .router
+            .run_each(&self.inner.write_opts, &k.meta, &cmds);
+        let (bound, written) = tokio::join!(bind, write);
+        let replies = written.map_err(map_err)?;
+        bound.map_err(map_err)?;
+        let mut held = None;
+        for (i, reply) in replies.into_iter().enumerate() {
+            let value = match reply {
+                Ok(v) => v,
+                Err(e) if i >= n_head && i < n_head + n_xadds => {
+                    return Err(append_refusal(meta.id, e))
+                }
+                Err(e) => return Err(map_err(e)),
+            };
+            if i == n_head + n_xadds + 1 {
+                held = value.as_u64();
+            }
+        }
+        let records = held.ok_or_else(|| corrupt("XLEN answered no number"))?;
+        if !entries.is_empty() {
+            self.after_append(meta.id, last, None).await;
+        }
+        Ok(Written { last, records })
+    }
+
+    async fn append_at(
+        &self,
+        stream: StreamId,
+        records_before: u64,
+        entries: &[Entry],
+    ) -> Result<Written, StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(Written {
+                last: Seq::ZERO,
+                records: records_before,
+            });
+        };
+        validate_batch(stream, entries)?;
+        self.ready()?;
+        if entries
+            .iter()
+            .all(|e| matches!(e.body, EntryBody::Event(_)))
+        {
+            return self
+                .append_events(stream, records_before, entries, last.last_seq())
+                .await;
+        }
+        // Gaps and the end are rare: one function call checks and writes
+        // them atomically (the end also shortens the lifetimes).
+        let k = self.keys(stream);
+        let head: Vec<Value> = vec![records_before.to_string().into()];
+        let args = self.append_args(&k, entries, head)?;
+        let keys = vec![k.meta, k.entries];
+        let reply = self
+            .fcall(true, FN_APPEND_AT, keys, args)
+            .await
+            .map_err(|e| append_refusal(stream, e))?;
+        let Value::Array(parts) = reply else {
+            return Err(corrupt("append_at answered an unknown reply"));
+        };
+        let mut parts = parts.into_iter();
+        let binding = parts
+            .next()
+            .and_then(|v| v.into_string())
+            .filter(|b| !b.is_empty());
+        let held = parts
+            .next()
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| corrupt("append_at answered no record count"))?;
+        self.after_append(stream, last.last_seq(), binding).await;
+        Ok(Written {
+            last: last.last_seq(),
+            records: held,
+        })
     }
 
     async fn append_checked(
@@ -368,21 +617,19 @@ impl Store for RedisStore {
             )
             .await
             .map_err(map_err)?;
-        // Entry ids are the last seq each entry covers: `<seq>-0`.
-        let id = match top {
+        // Entry ids are the last seq each entry covers (`<seq>-0`); the
+        // terminal entry names its seq.
+        let item = match top {
             Value::Array(items) => match items.into_iter().next() {
-                Some(Value::Array(entry)) => entry.into_iter().next().and_then(|v| v.into_string()),
-                Some(_) => return Err(corrupt("XREVRANGE answered a bad entry")),
+                Some(item) => item,
                 None => return Ok(Seq::ZERO),
             },
             Value::Null => return Ok(Seq::ZERO),
             other => return Err(corrupt(format!("XREVRANGE answered {:?}", other.kind()))),
         };
-        id.as_deref()
-            .and_then(|id| id.split_once('-'))
-            .and_then(|(seq, _)| seq.parse().ok())
-            .map(Seq)
-            .ok_or_else(|| corrupt("XREVRANGE answered a bad entry id"))
+        let mut top = Vec::new();
+        parse_entry(item, &mut top)?;
+        Ok(top.last().map_or(Seq::ZERO, Entry::last_seq))
     }
 
     async fn meta(&self, stream: StreamId) -> Result<Option<StreamMeta>, StoreError> {

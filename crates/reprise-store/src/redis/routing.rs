@@ -85,6 +85,47 @@ impl Router {
         }
     }
 
+    /// Runs a pipeline of `cmds` on one slot, as [`Router::run`], but answers
+    /// each command's own reply or error (a pipeline is not a transaction:
+    /// one command refused does not stop the others). Sent again as a whole
+    /// only while the cluster changes under it.
+    pub(crate) async fn run_each(
+        &self,
+        opts: &Options,
+        key: &str,
+        cmds: &[Cmd],
+    ) -> Result<Vec<Result<Value, FredError>>, FredError> {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let deadline = Instant::now() + self.timeout;
+        let mut delay = Duration::from_millis(5);
+        let mut opts = opts.clone();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            opts.timeout = Some(opts.timeout.map_or(left, |t| t.min(left)));
+            let client = self.pool.next_connected().with_options(&opts);
+            let pipeline = Pipeline::from(client);
+            for cmd in cmds {
+                let () = pipeline
+                    .custom(command(cmd, slot), cmd.args.clone())
+                    .await?;
+            }
+            let replies = pipeline.try_all::<Value>().await;
+            let changed = replies.iter().find_map(|r| match r {
+                Err(e) if cluster_changed(e) => Some(e.clone()),
+                _ => None,
+            });
+            let Some(e) = changed else {
+                return Ok(replies);
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(e);
+            }
+            tracing::debug!(slot, cause = %e, "the cluster changed under a store pipeline; sending it again");
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2).min(Duration::from_millis(200));
+        }
+    }
+
     /// The commands as fred sends them: routed by `slot`.
     async fn send(&self, opts: &Options, slot: u16, cmds: &[Cmd]) -> Result<Vec<Value>, FredError> {
         let client = self.pool.next_connected().with_options(opts);

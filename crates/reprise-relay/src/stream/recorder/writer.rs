@@ -1,15 +1,16 @@
 //! The writer: after the producer, between a stream's in-memory log and
 //! the store. Copies the log into the store in batches (lingering
 //! `streams.store_linger` to gather them), retrying while the store is
-//! unavailable and recovering from append conflicts (a store that lost the
-//! stream, an answer lost in flight); its task is what the shutdown
+//! unavailable and recovering from a store that lost the stream (rewriting
+//! it from the log) and from append conflicts (an answer lost in flight);
+//! its task is what the shutdown
 //! sequence waits for before the last entries are stored.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use reprise_core::{Dialect, Seq, StreamId};
-use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta};
+use reprise_core::{Dialect, Seq};
+use reprise_store::{Entry, EntryBody, KeyRef, Store, StoreError, StreamMeta, Written};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::Backoff;
@@ -20,22 +21,16 @@ use crate::stream::live::LiveStream;
 /// Most entries written to the store in one append.
 const MAX_BATCH: usize = 512;
 
-/// What `recorder::register` managed to store before the response started;
-/// the writer stores the rest.
-#[derive(Clone, Copy, Debug)]
-pub struct Registered {
-    pub(super) meta_stored: bool,
-    pub(super) key_bound: bool,
-}
-
-/// Copies the log into the store: metadata, key binding, then entries in
-/// batches until the terminal entry is stored.
+/// Copies the log into the store: the stream's metadata and key binding
+/// with its first entries ([`Store::start`], no round trip before the
+/// response), then entries in batches ([`Store::append_at`]) until the
+/// terminal entry is stored. A store that lost the stream
+/// ([`StoreError::Lost`]) gets it again, rewritten from the log.
 pub(super) async fn write(
     relay: Arc<Relay>,
     live: Arc<LiveStream>,
     meta: StreamMeta,
     key: Option<KeyRef>,
-    registered: Registered,
     busy: WriterBusy,
 ) {
     let store = relay.store.clone();
@@ -43,107 +38,132 @@ pub(super) async fn write(
     let stop = relay.shutdown.stop().child_token();
     let id = live.id;
     // Metadata written late (store down at the start, or lost) carries a
-    // fresh lease, so other instances do not take it for abandoned.
+    // fresh lease, so other instances do not take it for abandoned, and the
+    // dialect decided so far.
     let lease = relay.config.streams.lease;
     let fresh = |m: &StreamMeta| StreamMeta {
         lease_until_ms: Some(crate::clock::now_ms() + lease.as_millis() as u64),
         signals: live.signals_decided().or(m.signals),
         ..m.clone()
     };
+    let linger = relay.config.streams.store_linger;
+    // Whether the store holds the stream's record (a `start` succeeded and
+    // nothing since said it was lost).
+    let mut started = false;
     // The dialect the stored metadata holds (`None` reads as `reprise`).
     let mut signals_stored = meta.signals;
-    if !registered.meta_stored {
-        let late = fresh(&meta);
-        if retry(&stop, || store.create(&late)).await.is_err() {
-            return;
-        }
-        signals_stored = late.signals;
-    }
-    if let (Some(key), false) = (&key, registered.key_bound) {
-        if retry(&stop, || store.bind_key(key, id)).await.is_err() {
-            return;
-        }
-    }
-    let linger = relay.config.streams.store_linger;
     let mut persisted = Seq::ZERO;
+    // What the store said it holds after the last write (see `Written`).
+    let mut records = 0u64;
     let mut rx = live.subscribe();
     loop {
         rx.borrow_and_update();
-        let batch = live.entries_after(persisted, MAX_BATCH);
-        let Some(last) = batch.last() else {
+        let mut batch = live.entries_after(persisted, MAX_BATCH);
+        if batch.is_empty() && started {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
                 _ = stop.cancelled() => return,
             }
             continue;
-        };
-        let (batch, last_seq, ended) = if linger.is_zero()
+        }
+        let urgent = linger.is_zero()
             || batch.len() >= MAX_BATCH
-            || matches!(last.body, EntryBody::End(_))
-        {
-            let (last_seq, ended) = batch_end(last);
-            (batch, last_seq, ended)
-        } else {
+            || batch
+                .last()
+                .is_some_and(|e| matches!(e.body, EntryBody::End(_)));
+        if !urgent {
             // Let more events join this append (fewer store round trips,
-            // commands and wake-ups), unless the stream ends meanwhile.
+            // commands and wake-ups), unless the stream ends meanwhile. A
+            // stream with no event yet is started empty after the linger,
+            // so that its record and key binding are stored soon anyway.
             tokio::select! {
                 _ = tokio::time::sleep(linger) => {}
                 _ = live.wait_ended() => {}
                 _ = stop.cancelled() => {}
             }
-            let batch = live.entries_after(persisted, MAX_BATCH);
-            let Some(last) = batch.last() else { continue };
-            let (last_seq, ended) = batch_end(last);
-            (batch, last_seq, ended)
-        };
-        // A dialect decided since the metadata was written goes into the
-        // store before the entries after the event that decided it, so
-        // that a loader reaching a signal finds it (see `hub`).
-        if let Some(dialect) = live.signals_decided() {
-            if dialect != signals_stored.unwrap_or(Dialect::Reprise) {
-                if retry(&stop, || store.set_signals(id, dialect))
-                    .await
-                    .is_err()
-                {
+            batch = live.entries_after(persisted, MAX_BATCH);
+            if batch.is_empty() && (started || stop.is_cancelled()) {
+                if stop.is_cancelled() {
                     return;
                 }
-                signals_stored = Some(dialect);
+                continue;
             }
         }
-        match retry_append(&stop, &*store, id, &batch).await {
-            Appended::Ok => {
+        let (last_seq, ended) = batch.last().map_or((persisted, false), batch_end);
+        let wrote = if started {
+            // A dialect decided since the metadata was written goes into
+            // the store before the entries after the event that decided it,
+            // so that a loader reaching a signal finds it (see `hub`).
+            if let Some(dialect) = live.signals_decided() {
+                if dialect != signals_stored.unwrap_or(Dialect::Reprise) {
+                    if retry(&stop, || store.set_signals(id, dialect))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    signals_stored = Some(dialect);
+                }
+            }
+            retry_write(&stop, || store.append_at(id, records, &batch)).await
+        } else {
+            let first = fresh(&meta);
+            signals_stored = first.signals;
+            retry_write(&stop, || store.start(&first, key.as_ref(), &batch)).await
+        };
+        match wrote {
+            Wrote::Ok(w) => {
+                if !started {
+                    started = true;
+                    if let Some(key) = &key {
+                        relay.hub.key_stored(key, id);
+                    }
+                }
+                records = w.records;
                 persisted = last_seq;
                 live.mark_stored(persisted);
             }
-            Appended::Stop => return,
-            Appended::Conflict => {
-                let again = fresh(&meta);
-                match recover(&stop, &*store, &again, key.as_ref()).await {
-                    // The store lost the stream (a Redis restart without
-                    // persistence, a flush): it was re-created; rewrite it all
-                    // from the log, which still holds every entry.
-                    Some(Recovered::Recreated) => {
-                        tracing::warn!("the store lost this stream; rewriting it from memory");
-                        signals_stored = again.signals;
-                        persisted = Seq::ZERO;
-                        continue;
-                    }
-                    // An earlier append was applied but its answer lost:
-                    // continue after what the store has.
-                    Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
-                        persisted = seq;
-                        live.mark_stored(persisted);
-                        if live.end().is_some_and(|(end, _)| end <= seq) {
-                            break;
-                        }
-                        continue;
-                    }
-                    _ => {
-                        tracing::error!("append conflict the writer cannot resolve; the stream's record stays incomplete");
-                        return;
-                    }
-                }
+            Wrote::Stop => return,
+            // The store holds less than was appended (a failover to a
+            // replica lacking the last writes, a restart without
+            // persistence): start the stream again and rewrite it all from
+            // the log. Frames released from memory come back as a gap.
+            Wrote::Lost(detail) => {
+                tracing::warn!(
+                    detail,
+                    "the store lost part of this stream; rewriting it from memory"
+                );
+                started = false;
+                persisted = Seq::ZERO;
+                records = 0;
+                continue;
             }
+            Wrote::Conflict => match recover(&stop, &*store, &meta, &live).await {
+                // The store lost the stream: start it again, rewrite it all.
+                Some(Recovered::Missing) => {
+                    tracing::warn!("the store lost this stream; rewriting it from memory");
+                    started = false;
+                    persisted = Seq::ZERO;
+                    records = 0;
+                    continue;
+                }
+                // An earlier append was applied but its answer lost:
+                // continue after what the store has (its record count is
+                // unknown: the next append does not check it).
+                Some(Recovered::StoredUpTo(seq)) if seq >= persisted => {
+                    persisted = seq;
+                    records = 0;
+                    live.mark_stored(persisted);
+                    if live.end().is_some_and(|(end, _)| end <= seq) {
+                        break;
+                    }
+                    continue;
+                }
+                _ => {
+                    tracing::error!("append conflict the writer cannot resolve (the stream was ended elsewhere, or replaced); the stream's record stays incomplete");
+                    return;
+                }
+            },
         }
         if ended {
             break;
@@ -164,70 +184,76 @@ fn batch_end(last: &Entry) -> (Seq, bool) {
     (last.last_seq(), matches!(last.body, EntryBody::End(_)))
 }
 
-enum Appended {
-    Ok,
-    /// The batch does not follow what the store holds.
+enum Wrote {
+    Ok(Written),
+    /// The batch does not follow what the store holds, or the stream was
+    /// ended (fenced) by another instance.
     Conflict,
+    /// The store lost (part of) the stream: what it found.
+    Lost(String),
     /// Permanent error, or shutting down.
     Stop,
 }
 
-/// Appends a batch, retrying while the store is unavailable.
-async fn retry_append(
-    stop: &CancellationToken,
-    store: &dyn Store,
-    id: StreamId,
-    batch: &[Entry],
-) -> Appended {
-    let r = retry(stop, || async {
-        match store.append(id, batch).await {
-            Err(StoreError::Conflict { detail, .. }) => {
-                tracing::debug!(detail, "append conflict");
-                Ok(Appended::Conflict)
+/// Writes a batch, retrying while the store is unavailable.
+async fn retry_write<F, Fut>(stop: &CancellationToken, mut write: F) -> Wrote
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Written, StoreError>>,
+{
+    let r = retry(stop, || {
+        let call = write();
+        async move {
+            match call.await {
+                Ok(w) => Ok(Wrote::Ok(w)),
+                Err(StoreError::Conflict { detail, .. }) => {
+                    tracing::debug!(detail, "append conflict");
+                    Ok(Wrote::Conflict)
+                }
+                Err(StoreError::Lost { detail, .. }) => Ok(Wrote::Lost(detail)),
+                Err(e) => Err(e),
             }
-            Ok(()) => Ok(Appended::Ok),
-            Err(e) => Err(e),
         }
     })
     .await;
-    r.unwrap_or(Appended::Stop)
+    r.unwrap_or(Wrote::Stop)
 }
 
 enum Recovered {
-    /// The stream was missing and has been created again (empty).
-    Recreated,
+    /// The store does not hold the stream.
+    Missing,
     /// The store holds entries up to this seq.
     StoredUpTo(Seq),
 }
 
-/// After an append conflict: re-create a stream the store lost, or find
-/// where the stored entries end.
+/// After an append conflict: find whether the store lost the stream, or
+/// where its stored entries end. `None` if the stream is no longer this
+/// writer's: another epoch, or ended by someone else (the terminal entry
+/// of `end_if_abandoned` fences this writer off).
 async fn recover(
     stop: &CancellationToken,
     store: &dyn Store,
     meta: &StreamMeta,
-    key: Option<&KeyRef>,
+    live: &LiveStream,
 ) -> Option<Recovered> {
     let found = retry(stop, || store.meta(meta.id)).await.ok()?;
     match found {
-        None => {
-            retry(stop, || store.create(meta)).await.ok()?;
-            if let Some(k) = key {
-                retry(stop, || store.bind_key(k, meta.id)).await.ok()?;
-            }
-            Some(Recovered::Recreated)
-        }
+        None => Some(Recovered::Missing),
         Some(stored) if stored.epoch != meta.epoch => None,
-        Some(_) => {
+        Some(stored) => {
+            if let Some((end, _)) = &stored.end {
+                // Ours (an ending append applied, its answer lost), or
+                // another instance's: then this writer is fenced off.
+                return live
+                    .end()
+                    .filter(|(own, _)| own == end)
+                    .map(|_| Recovered::StoredUpTo(*end));
+            }
             let mut last = Seq::ZERO;
             loop {
                 let page = retry(stop, || store.read(meta.id, last, 1000)).await.ok()?;
                 match page.last() {
-                    Some(Entry {
-                        body: EntryBody::Gap { upto },
-                        ..
-                    }) => last = *upto,
-                    Some(e) => last = e.seq,
+                    Some(e) => last = e.last_seq(),
                     None => return Some(Recovered::StoredUpTo(last)),
                 }
             }
