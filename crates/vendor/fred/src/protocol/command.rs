@@ -1462,6 +1462,9 @@ impl CommandKind {
     )
   }
 
+  /// Reprise patch: a custom command is flushed at once only if it blocks; otherwise, like other commands, when
+  /// no command is queued after it. Upstream flushed every custom command, one write per command even within a
+  /// pipeline.
   pub fn should_flush(&self) -> bool {
     matches!(
       *self,
@@ -1476,8 +1479,7 @@ impl CommandKind {
         | CommandKind::EvalSha
         | CommandKind::Fcall
         | CommandKind::FcallRO
-        | CommandKind::_Custom(_)
-    )
+    ) || matches!(*self, CommandKind::_Custom(ref cmd) if cmd.blocking)
   }
 
   pub fn is_pubsub(&self) -> bool {
@@ -1546,6 +1548,9 @@ pub struct Command {
   ///
   /// Also used for commands like XREAD that block based on an argument.
   pub can_pipeline:           bool,
+  /// Reprise patch: more commands of the same pipeline follow this one, so its write is not flushed (the
+  /// pipeline's last command flushes). Cleared once written, so that a retry or redirection flushes.
+  pub more_follow:            bool,
   /// Whether to fail fast without retries if the connection ever closes unexpectedly.
   pub fail_fast:              bool,
   /// The internal ID of a transaction.
@@ -1620,6 +1625,7 @@ impl From<(CommandKind, Vec<Value>)> for Command {
       attempts_remaining: 0,
       redirections_remaining: 0,
       can_pipeline: true,
+      more_follow: false,
       transaction_id: None,
       use_replica: false,
       cluster_node: None,
@@ -1650,6 +1656,7 @@ impl From<(CommandKind, Vec<Value>, ResponseSender)> for Command {
       attempts_remaining: 0,
       redirections_remaining: 0,
       can_pipeline: true,
+      more_follow: false,
       transaction_id: None,
       use_replica: false,
       cluster_node: None,
@@ -1680,6 +1687,7 @@ impl From<(CommandKind, Vec<Value>, ResponseKind)> for Command {
       attempts_remaining: 0,
       redirections_remaining: 0,
       can_pipeline: true,
+      more_follow: false,
       transaction_id: None,
       use_replica: false,
       cluster_node: None,
@@ -1711,6 +1719,7 @@ impl Command {
       attempts_remaining: 1,
       redirections_remaining: 1,
       can_pipeline: true,
+      more_follow: false,
       transaction_id: None,
       use_replica: false,
       cluster_node: None,
@@ -1740,6 +1749,7 @@ impl Command {
       attempts_remaining:                         1,
       redirections_remaining:                     1,
       can_pipeline:                               true,
+      more_follow:                                false,
       transaction_id:                             None,
       use_replica:                                false,
       cluster_node:                               None,
@@ -1862,6 +1872,7 @@ impl Command {
       redirections_remaining: self.redirections_remaining,
       timeout_dur: self.timeout_dur,
       can_pipeline: self.can_pipeline,
+      more_follow: false,
       cluster_node: self.cluster_node.clone(),
       fail_fast: self.fail_fast,
       response,

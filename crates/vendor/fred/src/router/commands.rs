@@ -114,6 +114,8 @@ pub async fn write_command(
   }
   let closes_connection = command.kind.closes_connection();
   let is_blocking = command.blocks_connection();
+  // Reprise patch: see `process_pipeline`.
+  let more_follow = command.more_follow;
   #[cfg(feature = "replicas")]
   let use_replica = command.use_replica;
   #[cfg(not(feature = "replicas"))]
@@ -161,7 +163,7 @@ pub async fn write_command(
           if is_blocking {
             inner.backchannel.set_blocked(&conn.server);
           }
-          if !flushed && inner.counters.read_cmd_buffer_len() == 0 {
+          if !flushed && !more_follow && inner.counters.read_cmd_buffer_len() == 0 {
             let _ = conn.flush().await;
           }
 
@@ -234,7 +236,11 @@ async fn process_pipeline(
 ) -> Result<(), Error> {
   _debug!(inner, "Writing pipeline with {} commands", commands.len());
 
-  for mut command in commands.into_iter() {
+  // Reprise patch: the pipeline's commands are fed to their connections and flushed once, with the last one
+  // (`more_follow`), so that a pipeline costs one socket write, not one per command.
+  let count = commands.len();
+  for (i, mut command) in commands.into_iter().enumerate() {
+    command.more_follow = i + 1 < count;
     // trying to pipeline `SSUBSCRIBE` is problematic since successful responses arrive out-of-order via pubsub push
     // frames, but error redirections are returned in-order and the client is expected to follow them. this makes it
     // difficult to accurately associate redirections with `ssubscribe` calls within a pipeline. to avoid this we

@@ -53,7 +53,11 @@ pub fn prepare_command(
   // * the command does some form of authentication
   // * the command goes to multiple sockets at once
   // * the command blocks the router command loop
-  let should_flush = counters.should_send(inner) || command.kind.should_flush() || command.is_all_cluster_nodes();
+  // Reprise patch: not while more commands of the same pipeline follow (`more_follow`, cleared here so that a
+  // retry of this command flushes).
+  let more_follow = std::mem::take(&mut command.more_follow);
+  let should_flush = !more_follow
+    && (counters.should_send(inner) || command.kind.should_flush() || command.is_all_cluster_nodes());
   command.network_start = Some(Instant::now());
   set_command_trace(inner, command);
 
