@@ -1,9 +1,52 @@
-//! The wall clock, in the milliseconds the store's leases and metadata use.
+//! The wall clock, in the milliseconds the store's leases and metadata use,
+//! and the process's shared beats for periodic work.
 //! A leaf: imports nothing of the crate.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The next instant, within `period`, on a grid of `period`s shared by the
+/// whole process. Periodic work of many streams (store writes, lease
+/// renewals) done on it happens at once: one timer wake-up and a few
+/// pipelined socket writes per beat, not one of each per stream.
+pub(crate) fn next_beat(period: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let now = Instant::now();
+    let step = period.as_nanos().max(1);
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let at = (since / step + 1).saturating_mul(step);
+    let beat = epoch + Duration::from_nanos(u64::try_from(at).unwrap_or(u64::MAX));
+    // (An epoch taken on another runtime's paused clock, in tests, may lie
+    // ahead: never wait longer than `period`.)
+    beat.min(now + period)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Beats fall on one grid whenever they are asked for, never more than
+    /// a period away.
+    #[tokio::test]
+    async fn beats_share_a_grid_within_the_period() {
+        let period = Duration::from_millis(50);
+        let first = next_beat(period);
+        let now = Instant::now();
+        assert!(first > now && first <= now + period);
+        tokio::time::sleep(Duration::from_millis(7)).await;
+        let second = next_beat(period);
+        let now = Instant::now();
+        assert!(second > now && second <= now + period);
+        let apart = second.max(first) - second.min(first);
+        assert_eq!(apart.as_nanos() % period.as_nanos(), 0, "{apart:?}");
+    }
 }

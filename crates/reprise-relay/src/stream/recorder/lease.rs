@@ -8,16 +8,24 @@ use crate::state::Relay;
 use crate::stream::live::LiveStream;
 
 /// Renews this instance's lease on a stream it records, every third of the
-/// lease, until the stream ends; a renewal that reports a cancel request
+/// lease (on the process's beat: the renewals of all its streams go out
+/// together), until the stream ends; a renewal that reports a cancel request
 /// (`DELETE` on another instance) cancels the producer.
 pub(super) async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
     let lease = relay.config.streams.lease;
     // Not woken by every event: only by the end.
     let ended = live.wait_ended();
     tokio::pin!(ended);
+    let every = lease / 3;
     loop {
+        // The first renewal not sooner than half a period after the start
+        // (the lease was just written with the stream's record).
+        let mut at = crate::clock::next_beat(every);
+        if at.saturating_duration_since(tokio::time::Instant::now()) < every / 2 {
+            at += every;
+        }
         tokio::select! {
-            _ = tokio::time::sleep(lease / 3) => {}
+            _ = tokio::time::sleep_until(at) => {}
             _ = &mut ended => return,
             _ = relay.shutdown.stop().cancelled() => return,
         }

@@ -73,11 +73,15 @@ pub(super) async fn write(
                 .is_some_and(|e| matches!(e.body, EntryBody::End(_)));
         if !urgent {
             // Let more events join this append (fewer store round trips,
-            // commands and wake-ups), unless the stream ends meanwhile. A
+            // commands and wake-ups), unless the stream ends meanwhile. The
+            // writers of every stream flush on one beat, so that their
+            // appends reach the store in the same few socket writes and the
+            // store answers them in the same few wake-ups; each event still
+            // waits at most `linger`. A
             // stream with no event yet is started empty after the linger,
             // so that its record and key binding are stored soon anyway.
             tokio::select! {
-                _ = tokio::time::sleep_until(next_flush(linger)) => {}
+                _ = tokio::time::sleep_until(crate::clock::next_beat(linger)) => {}
                 _ = live.wait_ended() => {}
                 _ = stop.cancelled() => {}
             }
@@ -177,26 +181,6 @@ pub(super) async fn write(
         _ = stop.cancelled() => {}
     }
     relay.hub.remove(&live);
-}
-
-/// When a writer with events waiting appends them: the next instant, within
-/// `linger`, on a grid of `linger` periods shared by every writer of the
-/// process. Writers flush together, so their appends reach the store in
-/// the same few socket writes and the store answers them in the same few
-/// wake-ups (a timer and a store round trip per tick for the process, not
-/// per stream); each event still waits at most `linger`.
-fn next_flush(linger: Duration) -> tokio::time::Instant {
-    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(tokio::time::Instant::now);
-    let now = tokio::time::Instant::now();
-    let period = linger.as_nanos().max(1);
-    let since = now.saturating_duration_since(epoch).as_nanos();
-    let ticks = since / period + 1;
-    let at = ticks.saturating_mul(period);
-    let tick = epoch + Duration::from_nanos(u64::try_from(at).unwrap_or(u64::MAX));
-    // (An epoch taken on another runtime's paused clock, in tests, may lie
-    // ahead: never wait longer than `linger`.)
-    tick.min(now + linger)
 }
 
 /// The last seq a batch covers, and whether it ends the stream.
