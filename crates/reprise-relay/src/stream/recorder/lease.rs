@@ -20,7 +20,7 @@ pub(super) async fn keep_lease(relay: Arc<Relay>, live: Arc<LiveStream>) {
     loop {
         // The first renewal not sooner than half a period after the start
         // (the lease was just written with the stream's record).
-        let mut at = crate::clock::next_beat(every);
+        let mut at = crate::clock::next_beat(every, crate::clock::phase_of(live.id.as_bytes()));
         if at.saturating_duration_since(tokio::time::Instant::now()) < every / 2 {
             at += every;
         }

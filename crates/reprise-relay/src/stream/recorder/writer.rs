@@ -47,6 +47,7 @@ pub(super) async fn write(
         ..m.clone()
     };
     let linger = relay.config.streams.store_linger;
+    let phase = crate::clock::phase_of(live.id.as_bytes());
     // Whether the store holds the stream's record (a `start` succeeded and
     // nothing since said it was lost).
     let mut started = false;
@@ -56,13 +57,14 @@ pub(super) async fn write(
     // What the store said it holds after the last write (see `Written`).
     let mut records = 0u64;
     let mut rx = live.subscribe();
-    loop {
+    // Whether every entry, the terminal one included, is stored.
+    let stored_all = 'copy: loop {
         rx.borrow_and_update();
         let mut batch = live.entries_after(persisted, MAX_BATCH);
         if batch.is_empty() && started {
             tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
-                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { break 'copy false },
+                _ = stop.cancelled() => break 'copy false,
             }
             continue;
         }
@@ -74,21 +76,22 @@ pub(super) async fn write(
         if !urgent {
             // Let more events join this append (fewer store round trips,
             // commands and wake-ups), unless the stream ends meanwhile. The
-            // writers of every stream flush on one beat, so that their
+            // writers of every stream flush on one beat (in one of a few
+            // phases, by stream id), so that their
             // appends reach the store in the same few socket writes and the
             // store answers them in the same few wake-ups; each event still
             // waits at most `linger`. A
             // stream with no event yet is started empty after the linger,
             // so that its record and key binding are stored soon anyway.
             tokio::select! {
-                _ = tokio::time::sleep_until(crate::clock::next_beat(linger)) => {}
+                _ = tokio::time::sleep_until(crate::clock::next_beat(linger, phase)) => {}
                 _ = live.wait_ended() => {}
                 _ = stop.cancelled() => {}
             }
             batch = live.entries_after(persisted, MAX_BATCH);
             if batch.is_empty() && (started || stop.is_cancelled()) {
                 if stop.is_cancelled() {
-                    return;
+                    break 'copy false;
                 }
                 continue;
             }
@@ -104,7 +107,7 @@ pub(super) async fn write(
                         .await
                         .is_err()
                     {
-                        return;
+                        break 'copy false;
                     }
                     signals_stored = Some(dialect);
                 }
@@ -127,7 +130,7 @@ pub(super) async fn write(
                 persisted = last_seq;
                 live.mark_stored(persisted);
             }
-            Wrote::Stop => return,
+            Wrote::Stop => break 'copy false,
             // The store holds less than was appended (a failover to a
             // replica lacking the last writes, a restart without
             // persistence): start the stream again and rewrite it all from
@@ -159,25 +162,35 @@ pub(super) async fn write(
                     records = 0;
                     live.mark_stored(persisted);
                     if live.end().is_some_and(|(end, _)| end <= seq) {
-                        break;
+                        break 'copy true;
                     }
                     continue;
                 }
                 _ => {
                     tracing::error!("append conflict the writer cannot resolve (the stream was ended elsewhere, or replaced); the stream's record stays incomplete");
-                    return;
+                    break 'copy false;
                 }
             },
         }
         if ended {
-            break;
+            break 'copy true;
         }
-    }
-    tracing::debug!(entries = persisted.0, "stream stored");
+    };
     drop(busy);
-    // Keep the finished log in memory a little, for reconnects right after the end.
+    if stored_all {
+        tracing::debug!(entries = persisted.0, "stream stored");
+    } else if stop.is_cancelled() {
+        return;
+    }
+    // Keep the finished log in memory a little, for reconnects right after
+    // the end; a log the store refused (see the errors above) stays for its
+    // readers here until its stream ends, and is then released the same way.
+    let hot_linger = relay.config.streams.hot_linger;
     tokio::select! {
-        _ = tokio::time::sleep(relay.config.streams.hot_linger) => {}
+        _ = async {
+            live.wait_ended().await;
+            tokio::time::sleep(hot_linger).await;
+        } => {}
         _ = stop.cancelled() => {}
     }
     relay.hub.remove(&live);
