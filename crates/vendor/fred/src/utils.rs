@@ -369,7 +369,9 @@ async fn check_blocking_policy(inner: &RefCount<ClientInner>, command: &Command)
         "Error sending command while connection is blocked.",
       ));
     } else if inner.config.blocking == Blocking::Interrupt {
-      if let Err(e) = interrupt_blocked_connection(inner, ClientUnblockFlag::Error).await {
+      // Reprise patch: boxed, so that every command's future does not carry
+      // this rare path's state inline (it made each command future ~6.8 KiB).
+      if let Err(e) = Box::pin(interrupt_blocked_connection(inner, ClientUnblockFlag::Error)).await {
         _error!(inner, "Failed to interrupt blocked connection: {:?}", e);
       }
     }
