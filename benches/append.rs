@@ -36,19 +36,8 @@ fn options() -> StoreOptions {
 
 fn meta(id: StreamId) -> StreamMeta {
     StreamMeta {
-        id,
-        epoch: Epoch::random(),
-        created_ms: 0,
-        route: "/api/chat".into(),
         headers: vec![("content-type".into(), "text/event-stream".into())],
-        format: "sse".into(),
-        end: None,
-        lost_history: false,
-        lease_owner: None,
-        lease_until_ms: None,
-        cancel_requested: false,
-        caller: None,
-        signals: None,
+        ..StreamMeta::new(id, Epoch::random(), "/api/chat", "sse", 0)
     }
 }
 

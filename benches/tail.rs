@@ -37,19 +37,8 @@ fn options() -> StoreOptions {
 
 fn meta(id: StreamId) -> StreamMeta {
     StreamMeta {
-        id,
-        epoch: Epoch::random(),
-        created_ms: 0,
-        route: "#durable".into(),
         headers: vec![("content-type".into(), "application/json".into())],
-        format: "durable".into(),
-        end: None,
-        lost_history: false,
-        lease_owner: None,
-        lease_until_ms: None,
-        cancel_requested: false,
-        caller: None,
-        signals: None,
+        ..StreamMeta::new(id, Epoch::random(), "#durable", "durable", 0)
     }
 }
 

@@ -220,19 +220,18 @@ pub(crate) async fn forward(
         Format::Ndjson => None,
     };
     let meta = StreamMeta {
-        id: stream,
-        epoch,
-        created_ms: now_ms(),
-        route: route.path.clone(),
         headers: headers.clone(),
-        format: format.as_str().into(),
-        end: None,
-        lost_history: false,
         lease_owner: Some(relay.instance.clone()),
         lease_until_ms: Some(now_ms() + relay.config.streams.lease.as_millis() as u64),
-        cancel_requested: false,
         caller: Some(caller.clone()),
         signals,
+        ..StreamMeta::new(
+            stream,
+            epoch,
+            route.path.as_str(),
+            format.as_str(),
+            now_ms(),
+        )
     };
     let live = LiveStream::with_budget(
         stream,

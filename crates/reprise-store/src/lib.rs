@@ -121,6 +121,35 @@ pub struct StreamMeta {
     pub signals: Option<Dialect>,
 }
 
+impl StreamMeta {
+    /// A stream just started: its identity, route, entry format and start
+    /// time; nothing else known yet (no headers, end, lease, cancel request
+    /// or caller; dialect undecided). Set the rest with struct update syntax.
+    pub fn new(
+        id: StreamId,
+        epoch: Epoch,
+        route: impl Into<String>,
+        format: impl Into<String>,
+        created_ms: u64,
+    ) -> StreamMeta {
+        StreamMeta {
+            id,
+            epoch,
+            created_ms,
+            route: route.into(),
+            headers: Vec::new(),
+            format: format.into(),
+            end: None,
+            lost_history: false,
+            lease_owner: None,
+            lease_until_ms: None,
+            cancel_requested: false,
+            caller: None,
+            signals: None,
+        }
+    }
+}
+
 /// Where a stream stands in the store after a successful [`Store::start`]
 /// or [`Store::append_at`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -175,19 +175,8 @@ pub async fn create(
         headers.push(("stream-expires-at".into(), e.clone()));
     }
     let meta = StreamMeta {
-        id,
-        epoch: Epoch::random(),
-        created_ms: now_ms,
-        route: ROUTE.into(),
         headers,
-        format: FORMAT.into(),
-        end: None,
-        lost_history: false,
-        lease_owner: None,
-        lease_until_ms: None,
-        cancel_requested: false,
-        caller: None,
-        signals: None,
+        ..StreamMeta::new(id, Epoch::random(), ROUTE, FORMAT, now_ms)
     };
     store.create(&meta).await?;
     // A binding left by an expired or deleted stream is replaced; a live one

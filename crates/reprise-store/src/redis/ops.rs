@@ -417,31 +417,36 @@ impl Store for RedisStore {
                 vec![k.channel.as_str().into(), last.0.to_string().into()],
             ));
         }
-        let bind = async {
-            let Some(name) = &binding else { return Ok(()) };
-            self.run(
-                &self.inner.read_opts,
-                name,
-                Cmd::new(
-                    "SET",
-                    vec![
-                        name.as_str().into(),
-                        meta.id.to_string().into(),
-                        "PX".into(),
-                        ttl.clone(),
-                    ],
-                ),
-            )
-            .await
-            .map(|_| ())
-        };
         let write = self
             .inner
             .router
             .run_each(&self.inner.write_opts, &k.meta, &cmds);
-        let (bound, written) = tokio::join!(bind, write);
-        let replies = written.map_err(map_err)?;
-        bound.map_err(map_err)?;
+        let replies = match &binding {
+            None => write.await.map_err(map_err)?,
+            Some(name) => {
+                // The binding's key hashes to another slot: a command of its
+                // own, at the same time. Boxed, so that only keyed streams
+                // carry its state (every start's future is allocated and held
+                // while the commands are in flight).
+                let bind = Box::pin(self.run(
+                    &self.inner.read_opts,
+                    name,
+                    Cmd::new(
+                        "SET",
+                        vec![
+                            name.as_str().into(),
+                            meta.id.to_string().into(),
+                            "PX".into(),
+                            ttl.clone(),
+                        ],
+                    ),
+                ));
+                let (bound, written) = tokio::join!(bind, write);
+                let replies = written.map_err(map_err)?;
+                bound.map_err(map_err)?;
+                replies
+            }
+        };
         let mut held = None;
         for (i, reply) in replies.into_iter().enumerate() {
             let value = match reply {
@@ -993,21 +998,7 @@ mod tests {
             .await
             .expect("a lazy store needs no server");
         let id = StreamId::random();
-        let meta = StreamMeta {
-            id,
-            epoch: reprise_core::Epoch(1),
-            created_ms: 0,
-            route: "/r".into(),
-            headers: Vec::new(),
-            format: "sse".into(),
-            end: None,
-            lost_history: false,
-            lease_owner: None,
-            lease_until_ms: None,
-            cancel_requested: false,
-            caller: None,
-            signals: None,
-        };
+        let meta = StreamMeta::new(id, reprise_core::Epoch(1), "/r", "sse", 0);
         let sizes = [
             (
                 "start",
