@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use reprise_relay::config::Config;
-use reprise_tests::redis::RedisServer;
+use reprise_tests::redis::{raw_command, RedisServer};
 use reprise_tests::relay::{config, Backend, RelayProcess, TestRelay};
 use reprise_tests::upstream::{numbered_event, numbered_event_data};
 use reprise_tests::{data, numbered};
@@ -488,5 +488,65 @@ async fn rate_limits_hold_again_once_redis_is_back() {
     assert_eq!(start().await, 200);
     assert_eq!(start().await, 200);
     assert_eq!(start().await, 429, "the limit holds again");
+    relay.stop().await;
+}
+
+/// A stream whose record the store refuses for good (its entries key
+/// replaced by a string under the writer: every append answers `WRONGTYPE`)
+/// is still served whole from memory to its reader; and its log leaves
+/// memory once the stream has ended and `hot_linger` passed, as every
+/// stream's does, instead of staying for the process's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_store_refuses_leaves_memory_once_it_ends() {
+    let redis = RedisServer::start().await.expect("start redis-server");
+    let upstream = Upstream::start().await;
+    let c = config(&upstream.url(), &Backend::Redis(redis.url()));
+    let prefix = c.store.key_prefix.clone();
+    let relay = TestRelay::start(c).await;
+    let ctl = upstream.controlled_stream();
+    let mut live = SseClient::new()
+        .open_get(&format!("{}/gen", relay.url()))
+        .await;
+    let stream_id = live
+        .header("reprise-stream-id")
+        .expect("stream id")
+        .to_string();
+    for i in 1..=3 {
+        ctl.send(numbered_event(i)).await;
+    }
+    assert_eq!(data(&live.next_events(3).await), numbered(1..=3));
+    // Once the writer has stored the first events, their key becomes a
+    // string.
+    let entries = format!("{prefix}{{{stream_id}}}:e");
+    with_timeout("the first events to be stored", async {
+        loop {
+            let n = raw_command(redis.port(), &["XLEN", &entries])
+                .await
+                .expect("XLEN");
+            if n != b":0\r\n" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let set = raw_command(redis.port(), &["SET", &entries, "not a stream"])
+        .await
+        .expect("SET");
+    assert_eq!(set, b"+OK\r\n");
+    for i in 4..=6 {
+        ctl.send(numbered_event(i)).await;
+    }
+    ctl.finish();
+    assert_eq!(data(&live.collect_until_end().await), numbered(4..=6));
+    with_timeout("the refused stream's log to leave memory", async {
+        loop {
+            if metric(&relay.url(), "reprise_log_bytes ").await == Some(0.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     relay.stop().await;
 }
