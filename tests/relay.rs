@@ -817,3 +817,47 @@ async fn metrics_reflect_streams_and_resumes() {
     assert_eq!(value("reprise_streams_active"), 0.0);
     relay.stop().await;
 }
+
+/// Upstream connections (plain HTTP: driven by the stream's own task, see
+/// `upstream::direct`) are reused once a response has been read to its
+/// end, recorded or not; one the upstream closes after its response
+/// (`Connection: close`) is not, and the next request gets a new one.
+// One thread, as each of Reprise's serving runtimes (the idle connections
+// are a thread's own).
+#[tokio::test]
+async fn upstream_connections_are_reused_and_a_closed_one_is_replaced() {
+    let upstream = Upstream::start().await;
+    upstream.respond(|req| match req.path() {
+        "/plain/json" => Reply::json(200, &json!({"answer": 42})),
+        "/close" => Reply::sse([event("last on this connection")]).header("connection", "close"),
+        _ => Reply::sse([event("a"), event("b")]),
+    });
+    let mut c = chat_config(&upstream.url(), &Backend::Memory);
+    // One serving thread: one thread's idle connections.
+    c.threads = 1;
+    let relay = TestRelay::start(c).await;
+    let client = SseClient::new();
+    for i in 0..8 {
+        let path = if i % 2 == 0 { "/chat" } else { "/plain/json" };
+        let (status, _, body) = read_raw(client.get(&format!("{}{path}", relay.url()))).await;
+        assert_eq!(status, 200, "request {i}");
+        assert!(!body.bytes.is_empty(), "request {i}");
+    }
+    assert_eq!(upstream.request_count(), 8);
+    let reused = upstream.connection_count();
+    assert_eq!(
+        reused, 1,
+        "8 sequential requests took {reused} upstream connections"
+    );
+
+    // The upstream ends the connection after this response: the next
+    // request goes out on a new one and succeeds.
+    let (status, _, body) = read_raw(client.get(&format!("{}/close", relay.url()))).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body.bytes).contains("last on this connection"));
+    let (status, _, body) = read_raw(client.get(&format!("{}/chat", relay.url()))).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body.bytes).contains("data: b"));
+    assert_eq!(upstream.connection_count(), 2);
+    relay.stop().await;
+}

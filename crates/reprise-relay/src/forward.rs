@@ -29,6 +29,7 @@ use crate::routes::Route;
 use crate::state::Relay;
 use crate::stream::live::LiveStream;
 use crate::stream::{reader, recorder};
+use crate::upstream::UpstreamBody;
 use crate::uri::query_param;
 
 /// Response headers kept with a stream and replayed to resuming readers:
@@ -154,7 +155,24 @@ pub(crate) async fn forward(
             })
             .inc();
     };
-    let resp = match tokio::time::timeout(timeout, relay.client_for(route).request(up_req)).await {
+    // Plain-HTTP upstreams: the connection is driven by whoever reads the
+    // response (one task less per event, see `upstream::direct`); HTTPS
+    // ones (TLS, HTTP/2) go through the pooled client.
+    let sending = async {
+        if route.scheme == http::uri::Scheme::HTTP {
+            crate::upstream::direct::send(up_req, relay.config.timeouts.connect)
+                .await
+                .map_err(BoxError::from)
+        } else {
+            relay
+                .client_for(route)
+                .request(up_req)
+                .await
+                .map(|r| r.map(UpstreamBody::pooled))
+                .map_err(BoxError::from)
+        }
+    };
+    let resp = match tokio::time::timeout(timeout, sending).await {
         Err(_) => {
             upstream_error("timeout");
             return Err(RelayError::UpstreamTimeout(format!(
@@ -167,8 +185,8 @@ pub(crate) async fn forward(
             return Err(RelayError::PayloadTooLarge { limit: body_limit });
         }
         Ok(Err(e)) => {
-            let detail = error_chain(&e);
-            if is_timeout(&e) {
+            let detail = error_chain(&*e);
+            if is_timeout(&*e) {
                 upstream_error("timeout");
                 return Err(RelayError::UpstreamTimeout(detail));
             }

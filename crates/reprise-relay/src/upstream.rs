@@ -18,6 +18,10 @@ use crate::forwarded::Forwarding;
 use crate::routes::Route;
 use crate::tls::{self, TlsError};
 
+pub mod direct;
+
+pub use direct::UpstreamBody;
+
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 thread_local! {

@@ -27,7 +27,7 @@ mod writer;
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use crate::upstream::UpstreamBody;
 use reprise_store::{KeyRef, StreamMeta};
 use tracing::Instrument;
 
@@ -41,7 +41,7 @@ use crate::stream::live::LiveStream;
 pub fn spawn(
     relay: &Arc<Relay>,
     live: Arc<LiveStream>,
-    body: Incoming,
+    body: UpstreamBody,
     coding: Option<Coding>,
     meta: StreamMeta,
     key: Option<KeyRef>,

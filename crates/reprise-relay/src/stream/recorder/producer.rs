@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use reprise_core::sse::Limits;
 use reprise_core::wire::{Span, WireEncoder};
 use reprise_core::{Dialect, FailReason, Format, Outcome, Seq};
@@ -113,7 +113,7 @@ impl Batch {
 pub(super) async fn produce(
     relay: Arc<Relay>,
     live: Arc<LiveStream>,
-    body: Incoming,
+    body: UpstreamBody,
     mut decoder: Option<Decoder>,
     route: String,
 ) {
