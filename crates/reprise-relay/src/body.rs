@@ -152,8 +152,15 @@ const MAX_CHUNKS: u32 = 64;
 /// to that task after each chunk instead of returning it, and returns what
 /// it gathered once the upstream has nothing more ready. An isolated chunk
 /// (a chat token every few ms) is returned at once: no added latency.
+///
+/// A body that reads its connection itself when polled
+/// ([`Coalesce::inline`], `upstream::direct`) needs no yielding: every
+/// chunk already read is gathered in one poll, and the first poll that
+/// finds nothing more returns what was gathered.
 pub struct Coalesce<B: http_body::Body> {
     inner: B,
+    /// The inner body drives its own connection: gather without yielding.
+    inline: bool,
     /// Gathered during the current burst, not yet returned.
     buf: BytesMut,
     chunks: u32,
@@ -166,10 +173,19 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> Coalesce<B> {
     pub fn new(inner: B) -> Self {
         Coalesce {
             inner,
+            inline: false,
             buf: BytesMut::new(),
             chunks: 0,
             held: None,
             last_chunk: None,
+        }
+    }
+
+    /// For a body whose poll reads its connection (nothing to yield to).
+    pub fn inline(inner: B) -> Self {
+        Coalesce {
+            inline: true,
+            ..Coalesce::new(inner)
         }
     }
 
@@ -198,6 +214,9 @@ where
             }
             this.held = Some(held);
             return Poll::Ready(Some(Ok(this.take())));
+        }
+        if this.inline {
+            return this.gather(cx);
         }
         let next = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending if this.buf.is_empty() => return Poll::Pending,
@@ -236,6 +255,59 @@ where
 }
 
 impl<B: http_body::Body<Data = Bytes> + Unpin> Coalesce<B> {
+    /// Inline: every chunk the inner body has ready now, as one frame (a
+    /// lone chunk as it came, without a copy).
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut first: Option<Bytes> = None;
+        loop {
+            let next = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    return match first {
+                        Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                        None if self.buf.is_empty() => Poll::Pending,
+                        None => Poll::Ready(Some(Ok(self.take()))),
+                    }
+                }
+                Poll::Ready(next) => next,
+            };
+            let data = match next {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => return Poll::Ready(self.hold_after(first, Some(Ok(frame)))),
+                },
+                other => return Poll::Ready(self.hold_after(first, other)),
+            };
+            if first.is_none() && self.buf.is_empty() {
+                first = Some(data);
+                continue;
+            }
+            if let Some(first) = first.take() {
+                self.buf.extend_from_slice(&first);
+                self.chunks += 1;
+            }
+            self.buf.extend_from_slice(&data);
+            self.chunks += 1;
+            if self.buf.len() >= MAX_JOINED || self.chunks >= MAX_CHUNKS {
+                return Poll::Ready(Some(Ok(self.take())));
+            }
+        }
+    }
+
+    /// [`Coalesce::hold`], with a lone chunk not yet in the buffer.
+    fn hold_after(
+        &mut self,
+        first: Option<Bytes>,
+        next: Option<Result<Frame<Bytes>, B::Error>>,
+    ) -> Option<Result<Frame<Bytes>, B::Error>> {
+        match first {
+            Some(data) => {
+                self.held = Some(next);
+                Some(Ok(Frame::data(data)))
+            }
+            None => self.hold(next),
+        }
+    }
+
     /// Returns `next` now if nothing is gathered, else the gathered data
     /// now and `next` after it.
     fn hold(
@@ -321,28 +393,54 @@ mod tests {
             .collect()
     }
 
+    fn inline(
+        items: Vec<Item>,
+    ) -> Coalesce<StreamBody<futures::stream::Iter<std::vec::IntoIter<Item>>>> {
+        Coalesce::inline(StreamBody::new(futures::stream::iter(items)))
+    }
+
     #[tokio::test]
     async fn joined_chunks_keep_every_byte_in_order_then_the_end() {
         // More chunks than one frame may join, so that joining restarts.
         let n = 2 * MAX_CHUNKS as usize + 3;
-        let mut b = body(chunks(n));
-        assert_eq!(drain(&mut b).await, (expected(n), None));
-        assert!(b.frame().await.is_none());
+        for make in [body, inline] {
+            let mut b = make(chunks(n));
+            assert_eq!(drain(&mut b).await, (expected(n), None));
+            assert!(b.frame().await.is_none());
+        }
     }
 
     #[tokio::test]
     async fn an_error_or_trailers_come_after_the_gathered_data() {
-        let mut items = chunks(5);
-        items.push(Err(std::io::Error::other("reset")));
-        assert_eq!(
-            drain(&mut body(items)).await,
-            (expected(5), Some("reset".into()))
-        );
-        let mut items = chunks(5);
-        items.push(Ok(Frame::trailers(http::HeaderMap::new())));
-        assert_eq!(
-            drain(&mut body(items)).await,
-            (expected(5), Some("trailers".into()))
-        );
+        for make in [body, inline] {
+            for n in [1, 5] {
+                let mut items = chunks(n);
+                items.push(Err(std::io::Error::other("reset")));
+                assert_eq!(
+                    drain(&mut make(items)).await,
+                    (expected(n), Some("reset".into()))
+                );
+                let mut items = chunks(n);
+                items.push(Ok(Frame::trailers(http::HeaderMap::new())));
+                assert_eq!(
+                    drain(&mut make(items)).await,
+                    (expected(n), Some("trailers".into()))
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_joins_what_is_ready_in_frames_of_at_most_max_chunks() {
+        let n = 2 * MAX_CHUNKS as usize + 3;
+        let mut b = inline(chunks(n));
+        let mut sizes = Vec::new();
+        while let Some(frame) = b.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            sizes.push(data.len());
+        }
+        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert_eq!(sizes[0], expected(MAX_CHUNKS as usize).len());
+        assert_eq!(sizes.iter().sum::<usize>(), expected(n).len());
     }
 }

@@ -250,6 +250,12 @@ impl UpstreamBody {
         UpstreamBody { body, held: None }
     }
 
+    /// Whether polling this body reads its connection (no task of its own
+    /// to yield to: see `body::Coalesce::inline`).
+    pub fn is_driven(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Returns `frame`; at the end of the body (which readers that stop at
     /// `is_end_stream` never poll for), the connection goes to the pool.
     fn finish(
