@@ -27,13 +27,13 @@ mod writer;
 
 use std::sync::Arc;
 
-use crate::upstream::UpstreamBody;
 use reprise_store::{KeyRef, StreamMeta};
 use tracing::Instrument;
 
 use crate::decode::{Coding, Decoder};
 use crate::state::Relay;
 use crate::stream::live::LiveStream;
+use crate::upstream::UpstreamBody;
 
 /// Starts recording `body` into `live` (already registered in the hub).
 /// `coding`: the content coding to decode the body from, if the upstream

@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use reprise_core::sse::Limits;
@@ -24,6 +23,7 @@ use crate::metrics::{EndLabels, GaugeGuard, RouteLabels};
 use crate::state::Relay;
 use crate::stream::live::LiveStream;
 use crate::stream::recorder::framer::Framer;
+use crate::upstream::UpstreamBody;
 
 /// The events of one upstream read, encoded as wire frames (`id:` line
 /// included, by the stream's [`WireEncoder`]) into one buffer, so that a
