@@ -90,6 +90,8 @@ pub enum DirectError {
     },
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error("request target: {0}")]
+    Target(#[from] http::uri::InvalidUriParts),
 }
 
 /// Sends `req` (an absolute `http://` URI) on an idle connection to its
@@ -101,14 +103,14 @@ pub async fn send(
 ) -> Result<Response<UpstreamBody>, DirectError> {
     let target = target_of(req.uri());
     // HTTP/1 wants the origin form; `Host` is already set.
-    let origin = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    *req.uri_mut() = origin;
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    *req.uri_mut() = Uri::from_parts(origin)?;
     loop {
         let (mut parts, reused) = match take_idle(&target).await {
             Some(parts) => (parts, true),
