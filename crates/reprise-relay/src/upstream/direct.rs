@@ -153,8 +153,8 @@ async fn connect(target: Target, timeout: Duration) -> Result<Parts, DirectError
         target: target.to_string(),
         source,
     };
-    // `[::1]:80` is what `host()` gives for an IPv6 literal; lookup_host
-    // takes it as is.
+    // `[::1]:80` (what `host()` gives for an IPv6 literal) parses as a
+    // socket address as it is.
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&*target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(connect_error(e)),
@@ -204,9 +204,11 @@ fn give_back(parts: Parts) {
 /// Drives an idle connection until a request takes it back, the upstream
 /// closes it, or it has been idle for [`IDLE_TIMEOUT`].
 async fn keep(mut parts: Parts, pool: Arc<Pool>) {
-    // Ready for another request once hyper has seen the last response out.
+    let mut expiry = std::pin::pin!(tokio::time::sleep(IDLE_TIMEOUT));
+    // Ready for another request once hyper has seen the last response out
+    // (a connection that never gets there is closed at the expiry too).
     let ready = std::future::poll_fn(|cx| {
-        if Pin::new(&mut parts.conn).poll(cx).is_ready() {
+        if Pin::new(&mut parts.conn).poll(cx).is_ready() || expiry.as_mut().poll(cx).is_ready() {
             return Poll::Ready(false);
         }
         parts.sender.poll_ready(cx).map(|r| r.is_ok())
@@ -225,7 +227,6 @@ async fn keep(mut parts: Parts, pool: Arc<Pool>) {
         }
         list.push(Idle { reclaim });
     }
-    let mut expiry = std::pin::pin!(tokio::time::sleep(IDLE_TIMEOUT));
     let reply = std::future::poll_fn(|cx| {
         if Pin::new(&mut parts.conn).poll(cx).is_ready() || expiry.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
