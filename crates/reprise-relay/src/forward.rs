@@ -214,12 +214,10 @@ pub(crate) async fn forward(
     let Some((format, coding)) = format else {
         tracing::debug!(status = %resp_parts.status, "passing response through unrecorded");
         // Bursts go out in one write (see `Coalesce`).
-        let body = if resp_body.is_driven() {
-            crate::body::Coalesce::inline(resp_body)
-        } else {
-            crate::body::Coalesce::new(resp_body)
-        };
-        let body = body.map_err(|e| Box::new(e) as BoxError).boxed();
+        let body = resp_body
+            .coalesced()
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed();
         let body = match slot {
             // The caller's slot is held while the response streams.
             Some(slot) => Holding::new(body, slot).boxed(),

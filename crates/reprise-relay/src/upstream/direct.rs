@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::body::Body;
+use crate::body::{Body, Coalesce};
 
 /// How long an unused connection is kept (as the pooled client's
 /// `pool_idle_timeout`).
@@ -253,10 +253,15 @@ impl UpstreamBody {
         UpstreamBody { body, held: None }
     }
 
-    /// Whether polling this body reads its connection (no task of its own
-    /// to yield to: see `body::Coalesce::inline`).
-    pub fn is_driven(&self) -> bool {
-        self.held.is_some()
+    /// This body with the bursts it delivers joined into single frames
+    /// ([`Coalesce`]); inline when polling it reads its connection (no
+    /// task of its own to yield to).
+    pub fn coalesced(self) -> Coalesce<UpstreamBody> {
+        if self.held.is_some() {
+            Coalesce::inline(self)
+        } else {
+            Coalesce::new(self)
+        }
     }
 
     /// Returns `frame`; at the end of the body (which readers that stop at

@@ -119,11 +119,7 @@ pub(super) async fn produce(
 ) {
     // A burst of upstream chunks becomes one batch: one append to the log,
     // one wake-up of its readers and writer (see `Coalesce`).
-    let mut body = if body.is_driven() {
-        crate::body::Coalesce::inline(body)
-    } else {
-        crate::body::Coalesce::new(body)
-    };
+    let mut body = body.coalesced();
     let cfg = &relay.config;
     let metrics = relay.metrics.clone();
     metrics
